@@ -1,0 +1,288 @@
+"""Fitting a fused level to its targets: closed-form least squares and gradient descent.
+
+Closed form (Linear variants, paper appendix B.2). An affine layer computes ``Y = X W`` where each
+row of ``X`` is one input patch (a sample for ``Linear``, a sample x position for convolutions,
+with a column of ones for the bias). Given targets ``T`` the fit is
+
+    W* = argmin_W ||X W - T||_F^2 + lambda ||W||_F^2 = (X^T X + lambda I)^{-1} X^T T.
+
+It is computed from the Gram matrix ``G = X^T X`` (p x p) and ``X^T Y`` accumulated over chunks,
+so the (samples * positions) x p matrix ``X`` is never held whole (DESIGN.md section 5). With the
+Cholesky factor ``G + lambda I = L L^T``, the coordinates ``c_j = L^{-1} X^T y_j`` of every target
+column satisfy ``||c_i - c_j|| = ||P y_i - P y_j||`` where ``P = X X^+`` projects onto the column
+space of ``X``: clustering the projected outputs can be done in p dimensions instead of N.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------- closed form
+
+
+def _conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], ...]:
+    if layer.groups != 1:
+        raise NotImplementedError(
+            f"{layer} is a grouped convolution; the Linear variants support groups=1 only. "
+            "Use a gradient variant (kf_gradient) for this model."
+        )
+    if layer.padding_mode != "zeros":
+        raise NotImplementedError(
+            f"{layer} uses padding_mode={layer.padding_mode!r}; the Linear variants support "
+            "zero padding only. Use a gradient variant (kf_gradient)."
+        )
+    k = tuple(layer.kernel_size)
+    d = tuple(layer.dilation)
+    s = tuple(layer.stride)
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            p = tuple(0 for _ in k)
+        elif any(si != 1 for si in s):
+            raise NotImplementedError("padding='same' with stride > 1 is not supported")
+        else:  # 'same': zero padding of d*(k-1)/2 on each side (symmetric kernels)
+            if any((di * (ki - 1)) % 2 for ki, di in zip(k, d, strict=True)):
+                raise NotImplementedError("padding='same' with an even kernel is not supported")
+            p = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
+    else:
+        p = tuple(layer.padding)
+    if isinstance(layer, nn.Conv1d):
+        return (1, k[0]), (1, d[0]), (0, p[0]), (1, s[0])
+    return k, d, p, s  # type: ignore[return-value]
+
+
+def affine_inputs(layer: nn.Module, x: Tensor) -> Tensor:
+    """Rows of ``X`` (without the bias column) for ``layer`` applied to the batch ``x``.
+
+    Row order matches :func:`affine_output_rows` of the layer's output."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        k, d, p, s = _conv_geometry(layer)
+        if isinstance(layer, nn.Conv1d):
+            x = x.unsqueeze(2)
+        cols = F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # (B, C*k, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise TypeError(f"{type(layer).__name__} is not an affine layer (Linear, Conv1d, Conv2d)")
+
+
+def affine_output_rows(layer: nn.Module, y: Tensor) -> Tensor:
+    """(N, d) rows of a layer output in the order of :func:`affine_inputs`."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def set_affine_weights(layer: nn.Module, w: Tensor, bias: Tensor | None) -> None:
+    """Write a fitted (p, d) weight matrix (rows in :func:`affine_inputs` order) into ``layer``."""
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            layer.weight.copy_(w.T.to(layer.weight))
+        else:
+            layer.weight.copy_(w.T.reshape(layer.weight.shape).to(layer.weight))
+        if bias is not None:
+            if layer.bias is None:
+                raise ValueError("cannot set a bias on a layer without one")
+            layer.bias.copy_(bias.to(layer.bias))
+        elif layer.bias is not None:
+            layer.bias.zero_()
+
+
+@dataclass
+class LeastSquares:
+    """Normal equations of one least-squares problem, accumulated chunk by chunk.
+
+    ``gram`` is ``X^T X`` and ``cross`` is ``X^T Y`` for the columns ``Y`` passed to
+    :meth:`add`; with ``bias=True`` a column of ones is appended to ``X``.
+    """
+
+    gram: Tensor
+    cross: Tensor
+    bias: bool
+    rows: int = 0
+
+    @classmethod
+    def empty(
+        cls, p: int, d: int, bias: bool, device: torch.device, dtype: torch.dtype
+    ) -> LeastSquares:
+        q = p + int(bias)
+        return cls(torch.zeros(q, q, device=device, dtype=dtype), torch.zeros(q, d, device=device, dtype=dtype), bias)
+
+    def add(self, x_rows: Tensor, y_rows: Tensor) -> None:
+        x_rows = x_rows.to(self.gram.dtype)
+        if self.bias:
+            x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)
+        self.gram += x_rows.T @ x_rows
+        self.cross += x_rows.T @ y_rows.to(self.gram.dtype)
+        self.rows += x_rows.shape[0]
+
+    def factor(self, ridge: float = 1e-6) -> Tensor:
+        """Lower Cholesky factor of ``G + lambda I`` with ``lambda = ridge * mean(diag G)``:
+        the small ridge keeps rank-deficient inputs (dead neurons, constant channels) solvable."""
+        g = self.gram
+        scale = float(torch.diagonal(g).mean().clamp_min(1e-12))
+        eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+        lam = ridge * scale
+        for _ in range(8):
+            chol, info = torch.linalg.cholesky_ex(g + lam * eye)
+            if int(info) == 0:
+                return chol
+            lam = max(lam * 100, 1e-10 * scale)
+        raise RuntimeError("least squares: Gram matrix is not positive definite even with ridge")
+
+    def coordinates(self, chol: Tensor, cross: Tensor | None = None) -> Tensor:
+        """``L^{-1} X^T Y``: columns of Y in an orthonormal basis of the column space of X."""
+        c = self.cross if cross is None else cross
+        return torch.linalg.solve_triangular(chol, c, upper=False)
+
+    @staticmethod
+    def weights_from_coordinates(chol: Tensor, coords: Tensor) -> Tensor:
+        """``L^{-T} c``: the weights whose output is the projection with coordinates ``c``."""
+        return torch.linalg.solve_triangular(chol.T, coords, upper=True)
+
+    def solve(self, ridge: float = 1e-6, cross: Tensor | None = None) -> Tensor:
+        chol = self.factor(ridge)
+        return self.weights_from_coordinates(chol, self.coordinates(chol, cross))
+
+
+def least_squares(x: Tensor, y: Tensor, bias: bool = True, ridge: float = 0.0) -> Tensor:
+    """Closed-form ``argmin_W ||[X, 1] W - Y||^2 (+ ridge)`` for explicit matrices (reference)."""
+    ls = LeastSquares.empty(x.shape[1], y.shape[1], bias, x.device, torch.float64)
+    ls.add(x, y)
+    return ls.solve(ridge)
+
+
+# --------------------------------------------------------------------------- gradient fitting
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+@dataclass
+class GradientConfig:
+    """How one level is fitted by gradient descent (paper Table 9)."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 100
+    batch_size: int = 32
+    val_split: float = 0.1
+    patience: int = 20
+    loss: str = "mse"  # "mse" or "kl" (head only: KL to the averaged soft predictions)
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.loss not in ("mse", "kl"):
+            raise ValueError(f"loss must be 'mse' or 'kl', got {self.loss!r}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+
+def perturb_(module: nn.Module, eps: float, generator: torch.Generator) -> None:
+    """Add ``eps * std(p) * N(0, 1)`` noise to every parameter of ``module`` and all its
+    submodules (relative noise, so one ``eps`` suits layers of any scale)."""
+    if eps <= 0:
+        return
+    with torch.no_grad():
+        for p in module.parameters():
+            scale = float(p.std()) if p.numel() > 1 else float(p.abs().mean())
+            noise = torch.randn(p.shape, generator=generator, device="cpu", dtype=torch.float32)
+            p.add_(eps * max(scale, 1e-3) * noise.to(p))
+
+
+def _level_loss(out: Tensor, target: Tensor, cfg: GradientConfig) -> Tensor:
+    if cfg.loss == "kl":
+        t = cfg.temperature
+        return (
+            F.kl_div(
+                F.log_softmax(out / t, dim=-1), F.log_softmax(target / t, dim=-1), log_target=True,
+                reduction="batchmean",
+            )
+            * t
+            * t
+        )
+    return F.mse_loss(out, target)
+
+
+def fit_gradient(
+    level: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    cfg: GradientConfig,
+    generator: torch.Generator,
+    parameters: Sequence[nn.Parameter] | None = None,
+) -> dict[str, float]:
+    """Minimise the loss between ``level(inputs)`` and ``targets`` over the level's parameters.
+
+    A ``val_split`` fraction of the samples is held out; training stops after ``patience``
+    epochs without a better validation loss and the best validation weights are restored.
+    The level runs in eval mode (BatchNorm as a fixed affine map, dropout off); its
+    parameters are trained. Returns the best validation and final train losses.
+    """
+    n = inputs.shape[0]
+    perm = torch.randperm(n, generator=generator).to(inputs.device)
+    n_val = int(round(cfg.val_split * n)) if n >= 10 else 0
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    params = list(parameters) if parameters is not None else [p for p in level.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    kwargs: dict[str, float] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        kwargs["momentum"] = cfg.momentum
+    opt = OPTIMIZERS[cfg.optimizer](params, **kwargs)
+    was_training = level.training
+    level.eval()
+
+    def evaluate(idx: Tensor) -> float:
+        with torch.no_grad():
+            total = 0.0
+            for s in range(0, len(idx), 512):
+                b = idx[s : s + 512]
+                total += float(_level_loss(level(inputs[b]), targets[b], cfg)) * len(b)
+            return total / max(len(idx), 1)
+
+    best = math.inf
+    best_state = copy.deepcopy(level.state_dict())
+    stale = 0
+    train_loss = math.nan
+    for _ in range(cfg.epochs):
+        order = tr_idx[torch.randperm(len(tr_idx), generator=generator).to(tr_idx.device)]
+        running, count = 0.0, 0
+        for s in range(0, len(order), cfg.batch_size):
+            b = order[s : s + cfg.batch_size]
+            loss = _level_loss(level(inputs[b]), targets[b], cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss.detach()) * len(b)
+            count += len(b)
+        train_loss = running / max(count, 1)
+        score = evaluate(val_idx) if n_val else train_loss
+        if score < best - 1e-12:
+            best, stale = score, 0
+            best_state = copy.deepcopy(level.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    level.load_state_dict(best_state)
+    level.train(was_training)
+    for p in params:
+        p.requires_grad_(False)
+    return {"val_loss": best, "train_loss": train_loss}

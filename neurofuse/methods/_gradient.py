@@ -1,0 +1,207 @@
+"""Engine of the Gradient variants (HF Gradient, KF Gradient): any differentiable level.
+
+Level by level from the input (paper section 4.2.2(b), appendix B.2 and F.1): the base models'
+level outputs are grouped (Hungarian matching or importance-weighted k-means over the neurons'
+values on the fusion set), the group centroids become the targets, and the fused level,
+initialised from a base model's level plus noise, is trained with plain MSE to reach them from
+the input that the *already fused* levels give it. The last level (the classifier head) targets
+the importance-weighted mean of the base logits, by MSE or by KL to the averaged soft predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from neurofuse.fitting import GradientConfig, fit_gradient, perturb_
+from neurofuse.grouping import group
+from neurofuse.levels import (
+    from_neurons,
+    layer_width,
+    neuron_axis,
+    producing_layer,
+    split,
+    to_neurons,
+    trace,
+)
+from neurofuse.methods.registry import FusionContext
+from neurofuse.progress import progress_bar
+
+#: The two hyperparameter sets of the paper's Table 9.
+PRESETS: dict[str, dict[str, object]] = {
+    "setting1": dict(
+        optimizer="adamw", lr=1e-3, epochs=100, weight_decay=1e-4, eps=1.0,
+        last_optimizer="adamw", last_lr=1e-3, last_epochs=100, batch_size=32, val_split=0.1,
+    ),
+    "setting2": dict(
+        optimizer="sgd", lr=1e-4, epochs=50, weight_decay=1e-4, eps=0.1,
+        last_optimizer="adam", last_lr=1e-3, last_epochs=100, batch_size=32, val_split=0.1,
+    ),
+}
+
+
+@dataclass
+class GradientOptions:
+    """Options of the Gradient variants; ``None`` takes the value of ``preset``.
+
+    Attributes:
+        preset: ``"setting1"`` (AdamW, lr 1e-3, 100 epochs, eps 1.0: moves far from the
+            initialisation) or ``"setting2"`` (SGD, lr 1e-4, 50 epochs, eps 0.1: stays near it),
+            the paper's Table 9.
+        optimizer, lr, epochs, weight_decay: for every level but the last.
+        last_optimizer, last_lr, last_epochs: for the last level (the head).
+        eps: relative noise added to the initial weights (``eps * std(param) * N(0, 1)``).
+        batch_size, val_split, patience: mini-batches, held-out fraction for early stopping, and
+            epochs without improvement before stopping (best validation weights are restored).
+        head_loss: ``"mse"`` to the mean logits, or ``"kl"`` to the averaged soft predictions.
+        temperature: softmax temperature of the KL head loss.
+        init_model: index of the base model whose levels initialise the fused levels.
+        n_init, max_iter: k-means restarts and iterations (KF only).
+    """
+
+    preset: str = "setting1"
+    optimizer: str | None = None
+    lr: float | None = None
+    epochs: int | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    last_optimizer: str | None = None
+    last_lr: float | None = None
+    last_epochs: int | None = None
+    batch_size: int | None = None
+    val_split: float | None = None
+    patience: int = 20
+    head_loss: str = "mse"
+    temperature: float = 1.0
+    init_model: int = 0
+    n_init: int = 4
+    max_iter: int = 100
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
+        for f in fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, PRESETS[self.preset][f.name])
+        if self.head_loss not in ("mse", "kl"):
+            raise ValueError(f"head_loss must be 'mse' or 'kl', got {self.head_loss!r}")
+        self.level_config(last=False)  # validates optimizer names and ranges
+        self.level_config(last=True)
+
+    def level_config(self, last: bool) -> GradientConfig:
+        return GradientConfig(
+            optimizer=self.last_optimizer if last else self.optimizer,  # type: ignore[arg-type]
+            lr=self.last_lr if last else self.lr,  # type: ignore[arg-type]
+            epochs=self.last_epochs if last else self.epochs,  # type: ignore[arg-type]
+            weight_decay=self.weight_decay,  # type: ignore[arg-type]
+            batch_size=self.batch_size,  # type: ignore[arg-type]
+            val_split=self.val_split,  # type: ignore[arg-type]
+            patience=self.patience,
+            loss=self.head_loss if last else "mse",
+            temperature=self.temperature,
+        )
+
+
+def _forward(level: nn.Module, x: Tensor, chunk: int = 1024) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([level(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
+    opt: GradientOptions = ctx.options
+    n = len(ctx.models)
+    if not 0 <= opt.init_model < n:
+        raise ValueError(f"init_model={opt.init_model} is not a model index (0..{n - 1})")
+    fgm = trace(ctx.target)
+    bgms = [trace(m) for m in ctx.models]
+    cut_names = [c.name for c in ctx.levels.cut_nodes(fgm)]
+    for i, g in enumerate(bgms):
+        theirs = [c.name for c in ctx.levels.cut_nodes(g)]
+        if theirs != cut_names:
+            raise ValueError(
+                f"model {i} splits into levels {theirs}, the fused model into {cut_names}: "
+                "models must have the same number of levels, ending at the same layers"
+            )
+    f_levels = split(ctx.target, ctx.levels, gm=fgm)
+    b_levels = [split(m, ctx.levels, gm=g) for m, g in zip(ctx.models, bgms, strict=True)]
+    producers = [producing_layer(fgm, c) for c in ctx.levels.cut_nodes(fgm)]
+    gen = ctx.generator()
+    f_in: Tensor = ctx.inputs
+    b_in: list[Tensor] = [ctx.inputs] * n
+    last = len(f_levels) - 1
+    history = []
+    with progress_bar(ctx.progress, "gradient fusion", len(f_levels)) as advance:
+        for li, f_level in enumerate(f_levels):
+            b_out = [_forward(b_levels[k][li], b_in[k]) for k in range(n)]
+            probe = _forward(f_level, f_in[:2])
+            if li == last:
+                target = _mean_logits(ctx, cut_names[li], b_out)
+            else:
+                hint, channels_first = layer_width(producers[li])
+                axis = ctx.levels.neuron_axes.get(li, neuron_axis(probe, hint, channels_first))
+                d_f = probe.shape[axis]
+                rows = [to_neurons(o, axis) for o in b_out]
+                widths = [r.shape[0] for r in rows]
+                s = torch.cat(
+                    [ctx.importance.scores(k, cut_names[li], b_out[k], widths[k]) for k in range(n)]
+                )
+                points = torch.cat(rows)
+                if grouping_method == "hungarian":
+                    if n != 2 or widths[0] != widths[1] or widths[0] != d_f:
+                        raise ValueError(
+                            f"Hungarian fusion needs two models of equal width fused into the "
+                            f"same width; level {li} has base widths {widths} and fused width "
+                            f"{d_f}. Use kf_gradient instead."
+                        )
+                    g = group(points, s, d_f, method="hungarian", sizes=widths)
+                else:
+                    g = group(
+                        points, s, d_f, method="kmeans", seed=ctx.seed + li, n_init=opt.n_init,
+                        max_iter=opt.max_iter,
+                    )
+                a = g.assignment_matrix(s).to(points)
+                a = _order_like(a, points, rows[opt.init_model])
+                target = from_neurons(a @ points, b_out[0], axis)
+            source = b_levels[opt.init_model][li]
+            if _same_shapes(source, f_level):
+                f_level.load_state_dict(source.state_dict())
+            perturb_(f_level, float(opt.eps), gen)  # type: ignore[arg-type]
+            stats = fit_gradient(f_level, f_in, target, opt.level_config(li == last), gen)
+            history.append({"level": cut_names[li], **stats})
+            f_in = _forward(f_level, f_in)
+            b_in = b_out
+            advance(li + 1)
+    ctx.report["levels"] = history
+    return ctx.target.eval()
+
+
+def _order_like(a: Tensor, points: Tensor, reference: Tensor) -> Tensor:
+    """Reorder the groups so that group j is the one closest to neuron j of the model that
+    initialises the level (a Hungarian matching of centroids to its neurons). The order of
+    k-means clusters is arbitrary; this makes "initialise from a base model" meaningful, since
+    the next level's input neurons then come in that model's order too."""
+    if a.shape[0] != reference.shape[0]:
+        return a
+    centroids = a @ points
+    cost = torch.cdist(centroids.to(torch.float64), reference.to(torch.float64)).pow(2)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    order = torch.as_tensor(rows[np.argsort(cols)], device=a.device)
+    return a[order]
+
+
+def _mean_logits(ctx: FusionContext, name: str, outs: list[Tensor]) -> Tensor:
+    widths = [o.shape[-1] for o in outs]
+    if any(w != widths[0] for w in widths):
+        raise ValueError(f"the models have different numbers of classes {widths}")
+    s = torch.stack([ctx.importance.scores(k, name, o, widths[k]) for k, o in enumerate(outs)])
+    s = s / s.sum(0, keepdim=True)
+    return sum(o * s[k] for k, o in enumerate(outs))  # type: ignore[return-value]

@@ -1,0 +1,137 @@
+"""Closed-form fitting: Gram-based least squares, unfold features, projected coordinates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurofuse.fitting import (
+    GradientConfig,
+    LeastSquares,
+    affine_inputs,
+    affine_output_rows,
+    fit_gradient,
+    least_squares,
+    perturb_,
+    set_affine_weights,
+)
+
+
+def test_least_squares_matches_torch_lstsq():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 7, generator=g, dtype=torch.float64)
+    y = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    w = least_squares(x, y, bias=True)
+    ref = torch.linalg.lstsq(torch.cat([x, torch.ones(200, 1, dtype=x.dtype)], 1), y).solution
+    torch.testing.assert_close(w, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_chunked_accumulation_equals_one_shot():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 5, generator=g)
+    y = torch.randn(300, 4, generator=g)
+    one = LeastSquares.empty(5, 4, True, x.device, torch.float64)
+    one.add(x, y)
+    chunked = LeastSquares.empty(5, 4, True, x.device, torch.float64)
+    for lo in range(0, 300, 37):
+        chunked.add(x[lo : lo + 37], y[lo : lo + 37])
+    torch.testing.assert_close(one.solve(0.0), chunked.solve(0.0))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.Conv2d(3, 4, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2)),
+        nn.Conv1d(2, 6, 5, padding=2, stride=2),
+        nn.Linear(6, 3),
+    ],
+)
+def test_affine_rows_reproduce_layer(layer):
+    shape = {nn.Conv2d: (4, 3, 9, 8), nn.Conv1d: (4, 2, 17), nn.Linear: (4, 7, 6)}[type(layer)]
+    x = torch.randn(*shape)
+    rows = affine_inputs(layer, x)
+    if isinstance(layer, nn.Linear):
+        w = layer.weight.T
+    else:
+        w = layer.weight.reshape(layer.out_channels, -1).T
+    out_rows = rows @ w + layer.bias
+    torch.testing.assert_close(out_rows, affine_output_rows(layer, layer(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fit_recovers_conv_weights_exactly():
+    torch.manual_seed(0)
+    teacher = nn.Conv2d(3, 4, 3, padding=1)
+    student = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(16, 3, 6, 6)
+    y = teacher(x).detach()
+    ls = LeastSquares.empty(27, 4, True, x.device, torch.float64)
+    ls.add(affine_inputs(student, x), affine_output_rows(student, y))
+    w = ls.solve(0.0)
+    set_affine_weights(student, w[:-1], w[-1])
+    torch.testing.assert_close(student.weight, teacher.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_coordinates_preserve_projected_distances():
+    """||c_i - c_j|| == ||P y_i - P y_j|| with P the projection onto the column space of X."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(120, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(120, 9, generator=g, dtype=torch.float64)
+    ls = LeastSquares.empty(6, 9, True, x.device, torch.float64)
+    ls.add(x, y)
+    coords = ls.coordinates(ls.factor(0.0))  # (7, 9)
+    xb = torch.cat([x, torch.ones(120, 1, dtype=x.dtype)], 1)
+    proj = xb @ torch.linalg.pinv(xb) @ y
+    torch.testing.assert_close(torch.cdist(coords.T, coords.T), torch.cdist(proj.T, proj.T))
+    # the weights recovered from coordinates reproduce the projections
+    w = LeastSquares.weights_from_coordinates(ls.factor(0.0), coords)
+    torch.testing.assert_close(xb @ w, proj)
+
+
+def test_ridge_makes_rank_deficient_inputs_solvable():
+    x = torch.randn(50, 4, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1], torch.zeros(50, 1, dtype=x.dtype)], 1)  # duplicate + dead column
+    y = x[:, :2] @ torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=x.dtype)
+    w = least_squares(x, y, ridge=1e-9)
+    assert torch.isfinite(w).all()
+    xb = torch.cat([x, torch.ones(50, 1, dtype=x.dtype)], 1)
+    torch.testing.assert_close(xb @ w, y, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_fit_reaches_target_and_restores_best():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(400, 5)
+    y = teacher(x).detach()
+    before = F.mse_loss(student(x), y).item()
+    cfg = GradientConfig(optimizer="adam", lr=1e-2, epochs=60, patience=100)
+    stats = fit_gradient(student, x, y, cfg, torch.Generator().manual_seed(0))
+    after = F.mse_loss(student(x), y).item()
+    assert after < 0.2 * before
+    assert stats["val_loss"] <= stats["train_loss"] * 5
+    assert all(not p.requires_grad for p in student.parameters())
+
+
+def test_perturb_reaches_every_submodule_and_is_seeded():
+    a = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    b = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    b.load_state_dict(a.state_dict())
+    perturb_(b, 0.5, torch.Generator().manual_seed(0))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert not torch.equal(pa, pb), name
+    c = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+    c.load_state_dict(a.state_dict())
+    perturb_(c, 0.5, torch.Generator().manual_seed(0))
+    for pb, pc in zip(b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pb, pc)
+
+
+def test_gradient_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="optimizer"):
+        GradientConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="val_split"):
+        GradientConfig(val_split=1.5)

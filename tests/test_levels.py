@@ -1,0 +1,148 @@
+"""Cutting models into levels and finding neuron axes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurofuse.levels import (
+    GraphRunner,
+    Levels,
+    TraceError,
+    from_neurons,
+    neuron_axis,
+    split,
+    to_neurons,
+    trace,
+)
+from neurofuse.models import build
+
+
+def _compose(levels, x):
+    for level in levels:
+        x = level(x)
+    return x
+
+
+def test_auto_levels_end_at_every_affine_layer_pre_activation():
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
+    )
+    gm = trace(model)
+    cuts = [n.target for n in Levels().cut_nodes(gm)]
+    assert cuts == ["1", "3", "5"]
+    post = [n.target for n in Levels(cut="post").cut_nodes(gm)]
+    assert post == ["2", "4", "5"]
+    x = torch.randn(7, 6)
+    parts = split(model, Levels())
+    torch.testing.assert_close(_compose(parts, x), model(x))
+    # the second level starts with the activation (pre-activation cut)
+    assert any(isinstance(m, nn.ReLU) for m in parts[1].modules())
+
+
+def test_batchnorm_joins_its_layer_and_residual_blocks_become_one_level():
+    model = build("resnet18", in_channels=3, num_classes=4, width=4).eval()
+    gm = trace(model)
+    cuts = Levels().cut_nodes(gm)
+    # stem conv+bn, then one level per block (8 blocks), then the head
+    assert len(cuts) == 1 + 8 + 1
+    assert cuts[0].target == "bn1"
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(_compose(split(model, Levels()), x), model(x))
+
+
+def test_explicit_levels_by_module_name_and_errors():
+    model = build("resnet18", in_channels=3, num_classes=4, width=4).eval()
+    levels = Levels(["layer1", "layer2", "layer3", "layer4"])
+    parts = split(model, levels)
+    assert len(parts) == 5
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(_compose(parts, x), model(x))
+    with pytest.raises(ValueError, match="skip connection"):
+        Levels(["layer1.0.bn1"]).cut_nodes(trace(model))
+    with pytest.raises(ValueError, match="neither a module"):
+        Levels(["layer9"]).cut_nodes(trace(model))
+
+
+def test_vit_block_levels_compose():
+    model = build("vit_tiny", image_size=16, patch_size=4, num_classes=5).eval()
+    names = ["embed"] + [f"blocks.{i}" for i in range(2)]
+    parts = split(model, Levels(names))
+    assert len(parts) == 4
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(_compose(parts, x), model(x))
+    assert parts[1](parts[0](x)).dim() == 3  # token tensors (B, T, C)
+
+
+def test_untraceable_model_error_says_how_to_give_levels():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = F.relu(x)
+            return self.b(self.a(x))
+
+    with pytest.raises(TraceError, match="explicit levels"):
+        split(Branchy(), Levels())
+
+
+def test_sequential_fallback_for_untraceable_children():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return F.relu(x) if x.sum() > 0 else x
+
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 3))
+    parts = split(model, Levels(["0", "2"]))
+    x = torch.randn(5, 4) + 1.0
+    assert len(parts) == 2
+    torch.testing.assert_close(_compose(parts, x), model(x))
+
+
+@pytest.mark.parametrize(
+    "shape,hint,channels_first,axis",
+    [
+        ((4, 7), None, True, 1),
+        ((4, 7, 9), 7, True, 1),
+        ((4, 7, 9, 9), None, True, 1),
+        ((4, 17, 32), 32, False, 2),
+        ((4, 8, 8), 8, False, 2),
+        ((4, 8, 8), 8, True, 1),
+    ],
+)
+def test_neuron_axis(shape, hint, channels_first, axis):
+    assert neuron_axis(torch.zeros(shape), hint, channels_first) == axis
+
+
+def test_neuron_rows_round_trip():
+    y = torch.randn(3, 5, 4, 2)
+    rows = to_neurons(y, 1)
+    assert rows.shape == (5, 3 * 4 * 2)
+    torch.testing.assert_close(rows[2], y[:, 2].reshape(-1))
+    torch.testing.assert_close(from_neurons(rows, y, 1), y)
+    tokens = torch.randn(3, 6, 8)
+    torch.testing.assert_close(from_neurons(to_neurons(tokens, 2), tokens, 2), tokens)
+
+
+def test_graph_runner_computes_each_node_once():
+    calls = {"n": 0}
+
+    class Counting(nn.Linear):
+        def forward(self, x):
+            calls["n"] += 1
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Linear(3, 3), Counting(3, 3), nn.Linear(3, 2))
+    gm = trace(model)
+    runner = GraphRunner(gm, torch.randn(4, 3))
+    nodes = list(gm.graph.nodes)
+    out = runner.value(nodes[-2])
+    again = runner.value(nodes[-2])
+    assert out is again
+    assert calls["n"] == 1
+    torch.testing.assert_close(out, model(runner.values[nodes[0]]))
