@@ -144,5 +144,11 @@ def fuse(
     fused = info.fn(ctx)
     for p in fused.parameters():
         p.requires_grad_(True)
-    fused.neurofuse_report = {"method": method, "options": vars(opts), "seed": seed, **ctx.report}
+    fused.neurofuse_report = {
+        "method": method,
+        "options": vars(opts),
+        "seed": seed,
+        "seconds": ctx.timer.as_dict(),
+        **ctx.report,
+    }
     return fused.eval()

@@ -112,7 +112,11 @@ class LeastSquares:
         cls, p: int, d: int, bias: bool, device: torch.device, dtype: torch.dtype
     ) -> LeastSquares:
         q = p + int(bias)
-        return cls(torch.zeros(q, q, device=device, dtype=dtype), torch.zeros(q, d, device=device, dtype=dtype), bias)
+        return cls(
+            torch.zeros(q, q, device=device, dtype=dtype),
+            torch.zeros(q, d, device=device, dtype=dtype),
+            bias,
+        )
 
     def add(self, x_rows: Tensor, y_rows: Tensor) -> None:
         x_rows = x_rows.to(self.gram.dtype)
@@ -185,7 +189,9 @@ class GradientConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ValueError(
+                f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if self.loss not in ("mse", "kl"):
             raise ValueError(f"loss must be 'mse' or 'kl', got {self.loss!r}")
         if not 0.0 <= self.val_split < 1.0:
@@ -211,7 +217,9 @@ def _level_loss(out: Tensor, target: Tensor, cfg: GradientConfig) -> Tensor:
         t = cfg.temperature
         return (
             F.kl_div(
-                F.log_softmax(out / t, dim=-1), F.log_softmax(target / t, dim=-1), log_target=True,
+                F.log_softmax(out / t, dim=-1),
+                F.log_softmax(target / t, dim=-1),
+                log_target=True,
                 reduction="batchmean",
             )
             * t

@@ -103,7 +103,9 @@ def _perm_in(layer: nn.Module, p: Tensor, repeat: int = 1) -> None:
     layer.weight.data = w
 
 
-def permute_sequential(model: nn.Sequential, seed: int = 1, flatten_repeat: int = 1) -> nn.Sequential:
+def permute_sequential(
+    model: nn.Sequential, seed: int = 1, flatten_repeat: int = 1
+) -> nn.Sequential:
     """A copy of a Linear/Conv/BatchNorm chain with every hidden neuron randomly permuted."""
     model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
@@ -156,9 +158,7 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 # ----------------------------------------------------------------------------- a toy task
 
 
-def toy_task(
-    n: int = 1200, d: int = 10, classes: int = 3, seed: int = 0
-) -> tuple[Tensor, Tensor]:
+def toy_task(n: int = 1200, d: int = 10, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Gaussian class blobs pushed through a fixed random nonlinearity (learnable, not linear)."""
     g = torch.Generator().manual_seed(seed)
     centres = 2.5 * torch.randn(classes, d, generator=g)
@@ -168,7 +168,9 @@ def toy_task(
     return torch.tanh(x @ mix) + 0.5 * x, y
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int = 60, lr: float = 1e-2, seed: int = 0) -> nn.Module:
+def train(
+    model: nn.Module, x: Tensor, y: Tensor, epochs: int = 60, lr: float = 1e-2, seed: int = 0
+) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

@@ -34,12 +34,28 @@ from neurofuse.progress import progress_bar
 #: The two hyperparameter sets of the paper's Table 9.
 PRESETS: dict[str, dict[str, object]] = {
     "setting1": dict(
-        optimizer="adamw", lr=1e-3, epochs=100, weight_decay=1e-4, eps=1.0,
-        last_optimizer="adamw", last_lr=1e-3, last_epochs=100, batch_size=32, val_split=0.1,
+        optimizer="adamw",
+        lr=1e-3,
+        epochs=100,
+        weight_decay=1e-4,
+        eps=1.0,
+        last_optimizer="adamw",
+        last_lr=1e-3,
+        last_epochs=100,
+        batch_size=32,
+        val_split=0.1,
     ),
     "setting2": dict(
-        optimizer="sgd", lr=1e-4, epochs=50, weight_decay=1e-4, eps=0.1,
-        last_optimizer="adam", last_lr=1e-3, last_epochs=100, batch_size=32, val_split=0.1,
+        optimizer="sgd",
+        lr=1e-4,
+        epochs=50,
+        weight_decay=1e-4,
+        eps=0.1,
+        last_optimizer="adam",
+        last_lr=1e-3,
+        last_epochs=100,
+        batch_size=32,
+        val_split=0.1,
     ),
 }
 
@@ -141,47 +157,67 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
     history = []
     with progress_bar(ctx.progress, "gradient fusion", len(f_levels)) as advance:
         for li, f_level in enumerate(f_levels):
-            b_out = [_forward(b_levels[k][li], b_in[k]) for k in range(n)]
-            probe = _forward(f_level, f_in[:2])
+            with ctx.timer("forward"):
+                b_out = [_forward(b_levels[k][li], b_in[k]) for k in range(n)]
+                probe = _forward(f_level, f_in[:2])
             if li == last:
                 target = _mean_logits(ctx, cut_names[li], b_out)
             else:
                 hint, channels_first = layer_width(producers[li])
                 axis = ctx.levels.neuron_axes.get(li, neuron_axis(probe, hint, channels_first))
-                d_f = probe.shape[axis]
                 rows = [to_neurons(o, axis) for o in b_out]
-                widths = [r.shape[0] for r in rows]
                 s = torch.cat(
-                    [ctx.importance.scores(k, cut_names[li], b_out[k], widths[k]) for k in range(n)]
+                    [
+                        ctx.importance.scores(k, cut_names[li], b_out[k], r.shape[0])
+                        for k, r in enumerate(rows)
+                    ]
                 )
                 points = torch.cat(rows)
-                if grouping_method == "hungarian":
-                    if n != 2 or widths[0] != widths[1] or widths[0] != d_f:
-                        raise ValueError(
-                            f"Hungarian fusion needs two models of equal width fused into the "
-                            f"same width; level {li} has base widths {widths} and fused width "
-                            f"{d_f}. Use kf_gradient instead."
-                        )
-                    g = group(points, s, d_f, method="hungarian", sizes=widths)
-                else:
-                    g = group(
-                        points, s, d_f, method="kmeans", seed=ctx.seed + li, n_init=opt.n_init,
-                        max_iter=opt.max_iter,
-                    )
-                a = g.assignment_matrix(s).to(points)
-                a = _order_like(a, points, rows[opt.init_model])
+                with ctx.timer("grouping"):
+                    a = _group_level(ctx, grouping_method, li, rows, s, probe.shape[axis])
                 target = from_neurons(a @ points, b_out[0], axis)
             source = b_levels[opt.init_model][li]
             if _same_shapes(source, f_level):
                 f_level.load_state_dict(source.state_dict())
             perturb_(f_level, float(opt.eps), gen)  # type: ignore[arg-type]
-            stats = fit_gradient(f_level, f_in, target, opt.level_config(li == last), gen)
+            with ctx.timer("fitting"):
+                stats = fit_gradient(f_level, f_in, target, opt.level_config(li == last), gen)
             history.append({"level": cut_names[li], **stats})
-            f_in = _forward(f_level, f_in)
+            with ctx.timer("forward"):
+                f_in = _forward(f_level, f_in)
             b_in = b_out
             advance(li + 1)
     ctx.report["levels"] = history
     return ctx.target.eval()
+
+
+def _group_level(
+    ctx: FusionContext, method: str, li: int, rows: list[Tensor], s: Tensor, d_f: int
+) -> Tensor:
+    """The (d_f, d_M) averaging matrix of level ``li``'s groups, ordered like the init model."""
+    opt: GradientOptions = ctx.options
+    widths = [r.shape[0] for r in rows]
+    points = torch.cat(rows)
+    if method == "hungarian":
+        if len(rows) != 2 or widths[0] != widths[1] or widths[0] != d_f:
+            raise ValueError(
+                f"Hungarian fusion needs two models of equal width fused into the same width; "
+                f"level {li} has base widths {widths} and fused width {d_f}. "
+                "Use kf_gradient instead."
+            )
+        g = group(points, s, d_f, method="hungarian", sizes=widths)
+    else:
+        g = group(
+            points,
+            s,
+            d_f,
+            method="kmeans",
+            seed=ctx.seed + li,
+            n_init=opt.n_init,
+            max_iter=opt.max_iter,
+        )
+    a = g.assignment_matrix(s).to(points)
+    return _order_like(a, points, rows[opt.init_model])
 
 
 def _order_like(a: Tensor, points: Tensor, reference: Tensor) -> Tensor:

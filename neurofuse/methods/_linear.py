@@ -69,7 +69,7 @@ class LinearOptions:
         local_search: refine k-means with Kanungo et al.'s swap local search (KF only).
     """
 
-    ridge: float = 1e-7
+    ridge: float = 1e-9
     chunk_size: int = 128
     n_init: int = 4
     max_iter: int = 100
@@ -136,13 +136,18 @@ class _LinearFusion:
         for i, g in enumerate(self.bgms):
             other = [n.name for n in g.graph.nodes]
             if other != names:
-                diff = next((a, b) for a, b in zip(names + [None], other + [None]) if a != b)
+                diff = next(
+                    (a, b) for a, b in zip(names + [None], other + [None], strict=False) if a != b
+                )
                 raise ValueError(
                     f"model {i} does not have the architecture of the fused model (graphs differ "
                     f"at {diff}); the Linear variants need models with the same layers (widths "
                     "may differ)"
                 )
         _check_supported(self.fgm)
+        # Every affine unit is fitted as its own level (a Linear-variant level must be affine in
+        # its weights); explicit level names are still checked so that a typo is an error.
+        ctx.levels.cut_nodes(self.fgm)
         self.fnode = {n.name: n for n in self.fgm.graph.nodes}
         self.bnode = [{n.name: n for n in g.graph.nodes} for g in self.bgms]
         self.frun = GraphRunner(self.fgm, ctx.inputs)
@@ -155,7 +160,8 @@ class _LinearFusion:
 
     # ------------------------------------------------------------------ helpers
     def base_rows(self, node: fx.Node, layer: nn.Module) -> tuple[Tensor, list[int], list[Tensor]]:
-        ys = [r.value(self.bnode[i][node.name]) for i, r in enumerate(self.bruns)]
+        with self.ctx.timer("forward"):
+            ys = [r.value(self.bnode[i][node.name]) for i, r in enumerate(self.bruns)]
         rows = [affine_output_rows(layer, y.detach()) for y in ys]
         return torch.cat(rows, dim=1), [r.shape[1] for r in rows], ys
 
@@ -166,6 +172,10 @@ class _LinearFusion:
                 for i, (y, w) in enumerate(zip(ys, widths, strict=True))
             ]
         ).to(torch.float64)
+
+    def fused_value(self, node: fx.Node) -> Tensor:
+        with self.ctx.timer("forward"):
+            return self.frun.value(node)
 
     def inherited(self, node: fx.Node) -> Tensor | None:
         """The grouping of ``node``'s neurons, following per-neuron ops back to where it was set."""
@@ -178,7 +188,9 @@ class _LinearFusion:
             node = inputs[0]
         return self.assignments[node]
 
-    def accumulate(self, layers: list[nn.Module], xs: list[Tensor], bias: bool, y_rows) -> LeastSquares:
+    def accumulate(
+        self, layers: list[nn.Module], xs: list[Tensor], bias: bool, y_rows
+    ) -> LeastSquares:
         """Normal equations of the joint fit ``sum_i X_i W_i (+ b) ~ Y`` over sample chunks;
         ``y_rows(lo, hi)`` gives the target rows of rows lo..hi."""
         feats = [affine_inputs(layer, x[:1]).shape for layer, x in zip(layers, xs, strict=True)]
@@ -196,6 +208,10 @@ class _LinearFusion:
         return ls
 
     def group(self, coords: Tensor, s: Tensor, k: int, widths: list[int]) -> Tensor:
+        with self.ctx.timer("grouping"):
+            return self._group(coords, s, k, widths)
+
+    def _group(self, coords: Tensor, s: Tensor, k: int, widths: list[int]) -> Tensor:
         if self.method == "hungarian":
             if len(widths) != 2 or widths[0] != widths[1] or widths[0] != k:
                 raise ValueError(
@@ -205,8 +221,14 @@ class _LinearFusion:
             g = group(coords, s, k, method="hungarian", sizes=widths)
         else:
             g = group(
-                coords, s, k, method="kmeans", seed=self.ctx.seed, n_init=self.opt.n_init,
-                max_iter=self.opt.max_iter, local_search=self.opt.local_search,
+                coords,
+                s,
+                k,
+                method="kmeans",
+                seed=self.ctx.seed,
+                n_init=self.opt.n_init,
+                max_iter=self.opt.max_iter,
+                local_search=self.opt.local_search,
             )
         a = g.assignment_matrix(s).to(torch.float64)
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
@@ -217,7 +239,7 @@ class _LinearFusion:
         intercept = w[-1] if ls.bias else None
         for j, u in enumerate(units):
             layer = module_of(self.fgm, u)
-            p = affine_inputs(layer, self.frun.value(u.args[0])[:1]).shape[1]  # type: ignore[arg-type]
+            p = affine_inputs(layer, self.fused_value(u.args[0])[:1]).shape[1]  # type: ignore[arg-type]
             end = unit_end(self.fgm, u)
             bn = module_of(self.fgm, end) if end is not u else None
             _set_unit(layer, bn, w[start : start + p], intercept if j == 0 else None)  # type: ignore[arg-type]
@@ -232,7 +254,7 @@ class _LinearFusion:
         end = unit_end(self.fgm, u)
         y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
         k = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels  # type: ignore[union-attr]
-        x = self.frun.value(u.args[0])  # type: ignore[arg-type]
+        x = self.fused_value(u.args[0])  # type: ignore[arg-type]
         ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi])  # type: ignore[list-item]
         chol = ls.factor(self.opt.ridge)
         coords = ls.coordinates(chol)  # (q, d_M)
@@ -247,12 +269,16 @@ class _LinearFusion:
         y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
         c = widths[0]
         if any(w != c for w in widths):
-            raise ValueError(f"the models have different numbers of classes {widths}; fusion needs the same classes")
+            raise ValueError(
+                f"the models have different numbers of classes {widths}; fusion needs the same classes"
+            )
         s = self.scores(end, ys, widths).view(len(widths), c)
         s = s / s.sum(0, keepdim=True)  # per class, a convex combination of the models
         a = torch.cat([torch.diag(s[i]) for i in range(len(widths))], dim=1)  # (c, n*c)
-        x = self.frun.value(u.args[0])  # type: ignore[arg-type]
-        ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi] @ a.T.to(y))  # type: ignore[list-item]
+        x = self.fused_value(u.args[0])  # type: ignore[arg-type]
+        ls = self.accumulate(
+            [layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi] @ a.T.to(y)
+        )  # type: ignore[list-item]
         self.write([u], ls, ls.solve(self.opt.ridge))
         self.assignments[end] = a
 
@@ -264,7 +290,7 @@ class _LinearFusion:
         layer0 = module_of(self.fgm, units[0])
         y, widths, ys = self.base_rows(add, layer0)  # type: ignore[arg-type]
         layers = [module_of(self.fgm, u) for u in units]
-        xs = [self.frun.value(u.args[0]) for u in units]  # type: ignore[arg-type]
+        xs = [self.fused_value(u.args[0]) for u in units]  # type: ignore[arg-type]
         bias = self.can_carry_bias(units[0])
         if fixed:
             inherited = [self.inherited(f) for f in fixed]
@@ -274,8 +300,12 @@ class _LinearFusion:
                     "variants cannot trace back to a fitted layer; use kf_gradient"
                 )
             a = inherited[0]
-            skip = sum(affine_output_rows(layer0, self.frun.value(f)).to(torch.float64) for f in fixed)  # type: ignore[arg-type]
-            ls = self.accumulate(layers, xs, bias, lambda lo, hi: y[lo:hi].to(a) @ a.T - skip[lo:hi])  # type: ignore[union-attr,index]
+            skip = sum(
+                affine_output_rows(layer0, self.fused_value(f)).to(torch.float64) for f in fixed
+            )  # type: ignore[arg-type]
+            ls = self.accumulate(
+                layers, xs, bias, lambda lo, hi: y[lo:hi].to(a) @ a.T - skip[lo:hi]
+            )  # type: ignore[union-attr,index]
             w = ls.solve(self.opt.ridge)
         else:
             k = layer0.out_features if isinstance(layer0, nn.Linear) else layer0.out_channels  # type: ignore[union-attr]
@@ -304,14 +334,15 @@ class _LinearFusion:
                 if u in done:
                     continue
                 add = self.sum_node(u)
-                if unit_end(self.fgm, u) is self.final:
-                    self.fit_head(u)
-                    done.add(u)
-                elif add is not None:
-                    done.update(self.fit_sum(add))
-                else:
-                    self.fit_free(u)
-                    done.add(u)
+                with self.ctx.timer("fitting"):
+                    if unit_end(self.fgm, u) is self.final:
+                        self.fit_head(u)
+                        done.add(u)
+                    elif add is not None:
+                        done.update(self.fit_sum(add))
+                    else:
+                        self.fit_free(u)
+                        done.add(u)
                 for r in self.bruns:
                     r.release_consumed()
                 advance(len(done))

@@ -8,6 +8,10 @@ from neurofuse.methods._gradient import GradientOptions, fuse_gradient
 from neurofuse.methods.registry import FusionContext, register_method
 
 
-@register_method("kf_gradient", "K-means Fusion, Gradient: k-means grouping, each level trained to the centroids (Table 9 presets)", GradientOptions)
+@register_method(
+    "kf_gradient",
+    "K-means Fusion, Gradient: k-means grouping, each level trained to the centroids (Table 9 presets)",
+    GradientOptions,
+)
 def kf_gradient(ctx: FusionContext) -> nn.Module:
     return fuse_gradient(ctx, grouping_method="kmeans")

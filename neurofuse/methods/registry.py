@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from neurofuse.importance import ImportanceProvider
 from neurofuse.levels import Levels
+from neurofuse.timing import PhaseTimer
 
 
 @dataclass
@@ -39,6 +40,7 @@ class FusionContext:
     options: Any
     progress: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)
@@ -71,7 +73,9 @@ def register_method(name: str, description: str, options: type = NoOptions, *, n
 def get_method(name: str) -> MethodInfo:
     _load_builtin()
     if name not in _METHODS:
-        raise ValueError(f"unknown fusion method {name!r}; valid methods: {', '.join(sorted(_METHODS))}")
+        raise ValueError(
+            f"unknown fusion method {name!r}; valid methods: {', '.join(sorted(_METHODS))}"
+        )
     return _METHODS[name]
 
 
@@ -95,7 +99,9 @@ def build_options(info: MethodInfo, options: dict[str, Any]) -> Any:
     unknown = sorted(set(options) - set(names))
     if unknown:
         valid = ", ".join(names) if names else "none"
-        raise ValueError(f"unknown option(s) {unknown} for method {info.name!r}; valid options: {valid}")
+        raise ValueError(
+            f"unknown option(s) {unknown} for method {info.name!r}; valid options: {valid}"
+        )
     try:
         return info.options(**options)
     except TypeError as exc:
