@@ -265,7 +265,9 @@ def fit_gradient(
                 total += float(_level_loss(level(inputs[b]), targets[b], cfg)) * len(b)
             return total / max(len(idx), 1)
 
-    best = math.inf
+    # The starting weights are a candidate too: training that only makes things worse returns
+    # them unchanged (matters for a good initialisation, e.g. Setting 2 or fine-tuning).
+    best = evaluate(val_idx) if n_val else evaluate(tr_idx)
     best_state = copy.deepcopy(level.state_dict())
     stale = 0
     train_loss = math.nan

@@ -1,0 +1,392 @@
+"""Grouping core: weighted k-means, Hungarian matching, local search, the dispatcher."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurofuse.grouping import (
+    GROUPING_METHODS,
+    Grouping,
+    _gram_coordinates,
+    group,
+    hungarian_matching,
+    kmeans_cost,
+    local_search_kmeans,
+    weighted_centroids,
+    weighted_kmeans,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _blobs(n_blobs: int, per_blob: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well-separated Gaussian blobs (centres ~50 apart, spread 1) and their true labels."""
+    g = _gen(seed)
+    centres = torch.randn(n_blobs, dim, generator=g, dtype=torch.float64) * 50
+    truth = torch.arange(n_blobs).repeat_interleave(per_blob)
+    points = centres[truth] + torch.randn(len(truth), dim, generator=g, dtype=torch.float64)
+    return points, truth
+
+
+def _same_partition(labels: torch.Tensor, truth: torch.Tensor) -> bool:
+    """True when ``labels`` equals ``truth`` up to a renaming of the groups."""
+    pairs = set(zip(labels.tolist(), truth.tolist(), strict=True))
+    return len(pairs) == len(set(truth.tolist())) == len(set(labels.tolist()))
+
+
+def _manual_centroids(points, weights, labels, k):
+    out = torch.zeros(k, points.shape[1], dtype=points.dtype)
+    for i in range(k):
+        members = [j for j in range(len(labels)) if labels[j] == i]
+        if not members:
+            continue
+        total = sum(float(weights[j]) for j in members)
+        if total > 0:
+            out[i] = sum(float(weights[j]) * points[j] for j in members) / total
+        else:
+            out[i] = sum(points[j] for j in members) / len(members)
+    return out
+
+
+def _brute_force_optimum(points: torch.Tensor, weights: torch.Tensor, k: int) -> float:
+    """Exact weighted k-means optimum by enumerating all k^n labelings (tiny n only)."""
+    n = points.shape[0]
+    labelings = torch.tensor(list(itertools.product(range(k), repeat=n)))
+    onehot = F.one_hot(labelings, k).to(points.dtype)  # (L, n, k)
+    weighted = onehot * weights[None, :, None]
+    totals = weighted.sum(1)  # (L, k)
+    centres = torch.einsum("lnk,nd->lkd", weighted, points) / totals.clamp_min(1e-300)[..., None]
+    assigned = torch.einsum("lnk,lkd->lnd", onehot, centres)
+    costs = (weights * (points[None] - assigned).square().sum(-1)).sum(1)
+    return float(costs.min())
+
+
+# ---------------------------------------------------------------------------------------------
+# centroids and cost
+
+
+def test_weighted_centroids_equal_a_manual_loop():
+    g = _gen(0)
+    points = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    weights = torch.rand(30, generator=g, dtype=torch.float64) + 0.1
+    labels = torch.randint(0, 5, (30,), generator=g)  # group 5 stays empty
+    labels[:3] = 4
+    labels[labels == 4] = 4
+    weights[labels == 4] = 0.0  # a group whose members all weigh zero: plain mean
+    got = weighted_centroids(points, weights, labels, 6)
+    want = _manual_centroids(points, weights, labels, 6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.all(got[5] == 0)
+
+
+def test_kmeans_cost_equals_a_manual_sum():
+    g = _gen(1)
+    points = torch.randn(25, 4, generator=g, dtype=torch.float64)
+    weights = torch.rand(25, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (25,), generator=g)
+    centroids = torch.randn(3, 4, generator=g, dtype=torch.float64)  # any centres, not means
+    manual = sum(
+        float(weights[j]) * float(((points[j] - centroids[labels[j]]) ** 2).sum())
+        for j in range(25)
+    )
+    assert kmeans_cost(points, weights, labels, centroids) == pytest.approx(manual, rel=1e-12)
+
+
+@pytest.mark.parametrize("dim", [6, 200])  # 200 >= 2n: Gram coordinates
+def test_kmeans_result_is_self_consistent(dim):
+    g = _gen(2)
+    points = torch.randn(40, dim, generator=g, dtype=torch.float64)
+    weights = torch.rand(40, generator=g, dtype=torch.float64) + 0.05
+    res = weighted_kmeans(points, weights, 7, seed=0)
+    assert isinstance(res, Grouping) and res.k == 7
+    assert res.labels.dtype == torch.int64 and res.labels.shape == (40,)
+    torch.testing.assert_close(res.centroids, _manual_centroids(points, weights, res.labels, 7))
+    assert res.cost == pytest.approx(
+        kmeans_cost(points, weights, res.labels, res.centroids), rel=1e-9
+    )
+    a = res.assignment_matrix()
+    torch.testing.assert_close(a @ points, res.centroids)
+    torch.testing.assert_close(a.sum(1), torch.ones(7, dtype=a.dtype))
+    members = torch.cat([res.members(i) for i in range(7)]).sort().values
+    assert torch.equal(members, torch.arange(40))
+    with pytest.raises(IndexError):
+        res.members(7)
+
+
+def test_lloyd_reaches_a_fixed_point_of_the_assignment():
+    g = _gen(3)
+    points = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    weights = torch.rand(300, generator=g, dtype=torch.float64) + 0.1
+    res = weighted_kmeans(points, weights, 15, seed=0, tol=0.0, max_iter=1000)
+    dists = torch.cdist(points, res.centroids).square()
+    own = dists.gather(1, res.labels[:, None]).squeeze(1)
+    assert torch.all(own <= dists.min(1).values + 1e-9)
+
+
+def test_gram_coordinates_preserve_distances():
+    g = _gen(4)
+    points = torch.randn(20, 500, generator=g, dtype=torch.float64) + 3.0
+    points[5] = points[4]  # a duplicate makes the Gram matrix singular
+    coords = _gram_coordinates(points, torch.float64)
+    assert coords.shape[0] == 20 and coords.shape[1] <= 20
+    torch.testing.assert_close(
+        torch.cdist(coords, coords), torch.cdist(points, points), atol=1e-6, rtol=1e-9
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Lloyd behaviour
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_objective_never_increases_across_iterations(init):
+    lengths = []
+    for seed in range(5):
+        g = _gen(10 + seed)
+        points = torch.randn(200, 3, generator=g)
+        weights = torch.rand(200, generator=g) + 0.01
+        res = weighted_kmeans(points, weights, 12, seed=seed, init=init, n_init=1, tol=0.0)
+        hist = torch.tensor(res.history, dtype=torch.float64)
+        assert torch.all(hist[1:] <= hist[:-1] * (1 + 1e-12)), res.history
+        assert res.history[-1] == pytest.approx(res.cost, rel=1e-9)
+        lengths.append(len(res.history))
+    assert max(lengths) > 3  # the trajectories are long enough to mean something
+
+
+def test_same_seed_same_labels_and_global_rng_untouched():
+    g = _gen(5)
+    points = torch.randn(120, 4, generator=g)
+    weights = torch.rand(120, generator=g)
+    state = torch.get_rng_state()
+    first = weighted_kmeans(points, weights, 9, seed=3)
+    second = weighted_kmeans(points, weights, 9, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first.labels, second.labels)
+    from_generator = weighted_kmeans(points, weights, 9, generator=_gen(3))
+    assert torch.equal(first.labels, from_generator.labels)
+    others = {tuple(weighted_kmeans(points, weights, 9, seed=s).labels.tolist()) for s in range(6)}
+    assert len(others) > 1
+
+
+@pytest.mark.parametrize("dim", [5, 400])  # 400 >= 2n: Gram coordinates
+def test_separated_blobs_are_recovered_with_weights(dim):
+    points, truth = _blobs(6, 12, dim, seed=6)
+    weights = torch.rand(72, generator=_gen(7), dtype=torch.float64) * 10 + 0.1
+    res = weighted_kmeans(points, weights, 6, seed=0)
+    assert _same_partition(res.labels, truth)
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+@pytest.mark.parametrize("k", [9, 14])
+def test_empty_clusters_are_repaired_with_duplicate_points(init, k):
+    base = torch.randn(3, 4, generator=_gen(8), dtype=torch.float64)
+    points = base.repeat_interleave(5, 0)  # 15 points, only 3 distinct
+    res = weighted_kmeans(points, None, k, init=init, seed=1)
+    assert torch.bincount(res.labels, minlength=k).min() >= 1
+    assert res.cost == pytest.approx(0.0, abs=1e-12)
+    same = weighted_kmeans(torch.ones(10, 3), torch.rand(10, generator=_gen(9)), 5)
+    assert torch.bincount(same.labels, minlength=5).min() >= 1
+
+
+def test_k_equal_to_number_of_points_gives_singletons():
+    points = torch.randn(10, 3, generator=_gen(10))
+    res = weighted_kmeans(points, torch.rand(10, generator=_gen(11)), 10)
+    assert res.cost == 0.0
+    assert sorted(res.labels.tolist()) == list(range(10))
+    torch.testing.assert_close(res.centroids[res.labels], points)
+
+
+def test_k_larger_than_number_of_points_is_rejected():
+    with pytest.raises(ValueError, match=r"k=11.*10 points.*k <= 10"):
+        weighted_kmeans(torch.randn(10, 3), None, 11)
+    with pytest.raises(ValueError, match="at least 1"):
+        weighted_kmeans(torch.randn(10, 3), None, 0)
+    with pytest.raises(TypeError):
+        weighted_kmeans(torch.randn(10, 3), None, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (torch.tensor([1.0, -1.0, 1.0, 1.0]), "non-negative"),
+        (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "NaN"),
+        (torch.zeros(4), "sum to zero"),
+        (torch.ones(3), r"shape \(4,\)"),
+    ],
+)
+def test_bad_weights_are_rejected(weights, message):
+    with pytest.raises(ValueError, match=message):
+        weighted_kmeans(torch.randn(4, 2), weights, 2)
+
+
+def test_bad_points_and_options_are_rejected():
+    bad = torch.randn(6, 2)
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        weighted_kmeans(bad, None, 2)
+    with pytest.raises(ValueError, match="shape"):
+        weighted_kmeans(torch.randn(6), None, 2)
+    with pytest.raises(ValueError, match="k-means\\+\\+"):
+        weighted_kmeans(torch.randn(6, 2), None, 2, init="farthest")
+
+
+def test_inputs_are_not_mutated_and_dtype_follows_points():
+    points = torch.randn(50, 6, generator=_gen(12))
+    weights = torch.rand(50, generator=_gen(13))
+    p0, w0 = points.clone(), weights.clone()
+    res = weighted_kmeans(points, weights, 5, local_search=3)
+    hungarian_matching(points[:25], points[25:], weights[:25], weights[25:])
+    assert torch.equal(points, p0) and torch.equal(weights, w0)
+    assert res.centroids.dtype == torch.float32
+    assert res.assignment_matrix(weights).dtype == torch.float32
+
+
+def test_a_heavy_weight_pulls_its_centroid_to_its_point():
+    pair = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    far = torch.tensor([[100.0, 0.0], [100.0, 1.0], [101.0, 0.0]], dtype=torch.float64)
+    points = torch.cat([pair, far])
+    uniform = weighted_kmeans(points, None, 2)
+    heavy = weighted_kmeans(points, torch.tensor([1e6, 1.0, 1.0, 1.0, 1.0]), 2)
+    assert uniform.labels[0] == uniform.labels[1] and heavy.labels[0] == heavy.labels[1]
+    mid = uniform.centroids[uniform.labels[0]]
+    pulled = heavy.centroids[heavy.labels[0]]
+    torch.testing.assert_close(mid, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert float((pulled - points[0]).norm()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Hungarian matching
+
+
+def test_hungarian_recovers_a_permutation():
+    g = _gen(14)
+    a = torch.randn(12, 30, generator=g)
+    perm = torch.randperm(12, generator=g)
+    b = a[perm] + 1e-3 * torch.randn(12, 30, generator=g)
+    res = hungarian_matching(a, b)
+    assert torch.equal(res.labels[:12], torch.arange(12))
+    assert torch.equal(res.labels[12:], perm)  # B_j is A_perm[j], so it joins group perm[j]
+
+
+def test_hungarian_equals_brute_force_over_all_permutations():
+    g = _gen(15)
+    a = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    wa = torch.rand(5, generator=g, dtype=torch.float64) + 0.1
+    wb = torch.rand(5, generator=g, dtype=torch.float64) + 0.1
+
+    def pair_cost(perm):
+        return sum(
+            float(wa[i] * wb[j] / (wa[i] + wb[j]) * ((a[i] - b[j]) ** 2).sum())
+            for i, j in enumerate(perm)
+        )
+
+    costs = {perm: pair_cost(perm) for perm in itertools.permutations(range(5))}
+    best = min(costs, key=costs.get)
+    res = hungarian_matching(a, b, wa, wb)
+    assert res.cost == pytest.approx(costs[best], rel=1e-10)
+    assert res.labels[5:].argsort().tolist() == list(best)  # group i holds A_i and B_best[i]
+    points, weights = torch.cat([a, b]), torch.cat([wa, wb])
+    torch.testing.assert_close(res.centroids, weighted_centroids(points, weights, res.labels, 5))
+    assert res.cost == pytest.approx(kmeans_cost(points, weights, res.labels, res.centroids))
+    torch.testing.assert_close(res.assignment_matrix() @ points, res.centroids)
+
+
+def test_hungarian_rejects_unequal_widths():
+    with pytest.raises(ValueError, match="equal width.*K-means"):
+        hungarian_matching(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="equal width"):
+        group(torch.randn(9, 3), None, 4, method="hungarian", sizes=[4, 5])
+    with pytest.raises(ValueError, match="sizes"):
+        group(torch.randn(8, 3), None, 4, method="hungarian")
+    with pytest.raises(ValueError, match="k=3"):
+        group(torch.randn(8, 3), None, 3, method="hungarian", sizes=[4, 4])
+
+
+def test_group_dispatches_by_name():
+    g = _gen(16)
+    points = torch.randn(16, 5, generator=g)
+    weights = torch.rand(16, generator=g) + 0.1
+    by_name = group(points, weights, 8, method="hungarian", sizes=[8, 8])
+    direct = hungarian_matching(points[:8], points[8:], weights[:8], weights[8:])
+    assert torch.equal(by_name.labels, direct.labels)
+    km = group(points, weights, 5, method="kmeans", seed=2, n_init=2)
+    assert torch.equal(km.labels, weighted_kmeans(points, weights, 5, seed=2, n_init=2).labels)
+    assert set(GROUPING_METHODS) >= {"kmeans", "hungarian"}
+    with pytest.raises(ValueError, match="hungarian.*kmeans"):
+        group(points, weights, 5, method="spectral")
+    with pytest.raises(ValueError, match="add up"):
+        group(points, weights, 5, sizes=[8, 7])
+
+
+# ---------------------------------------------------------------------------------------------
+# Local search
+
+
+def test_local_search_is_never_worse_than_its_start():
+    for seed in range(3):
+        g = _gen(20 + seed)
+        points = torch.randn(150, 4, generator=g)
+        weights = torch.rand(150, generator=g) + 0.05
+        poor = weighted_kmeans(points, weights, 10, init="random", n_init=1, max_iter=0, seed=seed)
+        improved = local_search_kmeans(points, weights, 10, poor, seed=seed)
+        assert improved.cost <= poor.cost * (1 + 1e-9)
+        hist = improved.history
+        assert all(b <= a for a, b in itertools.pairwise(hist))
+        lloyd = weighted_kmeans(points, weights, 10, seed=seed)
+        assert local_search_kmeans(points, weights, 10, lloyd).cost <= lloyd.cost * (1 + 1e-9)
+        refined = weighted_kmeans(points, weights, 10, seed=seed, local_search=True)
+        assert refined.cost <= lloyd.cost * (1 + 1e-9)
+
+
+def test_local_search_meets_the_bound_against_brute_force():
+    optimal = 0
+    for seed in range(10):
+        g = _gen(40 + seed)
+        points = torch.randn(8, 2, generator=g, dtype=torch.float64)
+        weights = torch.rand(8, generator=g, dtype=torch.float64) + 0.1
+        opt = _brute_force_optimum(points, weights, 3)
+        res = local_search_kmeans(points, weights, 3, seed=seed)
+        assert opt * (1 - 1e-9) <= res.cost <= 9.01 * opt
+        optimal += res.cost <= opt * (1 + 1e-9)
+    assert optimal >= 8
+
+
+def test_local_search_escapes_a_bad_local_optimum():
+    # three tight pairs on a line and a far cluster: a start that splits the far cluster and
+    # merges two pairs is a Lloyd fixed point; one swap fixes it
+    points = torch.tensor(
+        [[0.0], [0.1], [10.0], [10.1], [50.0], [50.1], [51.0], [51.1]], dtype=torch.float64
+    )
+    start_labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    centroids = weighted_centroids(points, None, start_labels, 3)
+    start = Grouping(start_labels, centroids, kmeans_cost(points, None, start_labels, centroids), 3)
+    res = local_search_kmeans(points, None, 3, start)
+    assert res.cost < 0.5 * start.cost
+    assert res.cost == pytest.approx(
+        _brute_force_optimum(points, torch.ones(8, dtype=torch.float64), 3)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Against scikit-learn
+
+
+def test_cost_is_close_to_scikit_learn():
+    sklearn_cluster = pytest.importorskip("sklearn.cluster", reason="scikit-learn is not installed")
+    g = _gen(30)
+    centres = torch.randn(25, 8, generator=g, dtype=torch.float64) * 3
+    points = centres[torch.randint(0, 25, (400,), generator=g)]
+    points = points + torch.randn(400, 8, generator=g, dtype=torch.float64)
+    weights = torch.rand(400, generator=g, dtype=torch.float64) + 0.05
+    ours = weighted_kmeans(points, weights, 20, seed=0)
+    theirs = sklearn_cluster.KMeans(n_clusters=20, n_init=4, random_state=0).fit(
+        points.numpy(), sample_weight=weights.numpy()
+    )
+    assert ours.cost <= 1.05 * theirs.inertia_
