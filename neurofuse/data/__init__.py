@@ -1,0 +1,46 @@
+"""Offline data: dataset loaders, partitions among models, fusion sets and augmentation.
+
+Importing this package registers the built-in datasets (``mnist5k``, ``mnist1d``,
+``synthetic``, ``cifar10``, ``cifar100``, ``npz``); none of them downloads anything.
+"""
+
+from neurofuse.data import bundled, local_files  # noqa: F401  (registers the loaders)
+from neurofuse.data.augment import Augment, cutmix, random_crop, random_flip
+from neurofuse.data.bundled import make_synthetic
+from neurofuse.data.datasets import (
+    DataSplits,
+    available_datasets,
+    channel_stats,
+    load,
+    make_splits,
+    register_dataset,
+)
+from neurofuse.data.partition import (
+    PARTITION_SCHEMES,
+    Partition,
+    fusion_indices,
+    partition,
+    stratified_split,
+)
+from neurofuse.data.safe_pickle import UnsafePickleError, safe_load_pickle
+
+__all__ = [
+    "PARTITION_SCHEMES",
+    "Augment",
+    "DataSplits",
+    "Partition",
+    "UnsafePickleError",
+    "available_datasets",
+    "channel_stats",
+    "cutmix",
+    "fusion_indices",
+    "load",
+    "make_splits",
+    "make_synthetic",
+    "partition",
+    "random_crop",
+    "random_flip",
+    "register_dataset",
+    "safe_load_pickle",
+    "stratified_split",
+]
