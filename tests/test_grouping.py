@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from neurofuse.grouping import (
     GROUPING_METHODS,
     Grouping,
-    _gram_coordinates,
     group,
     hungarian_matching,
     kmeans_cost,
@@ -19,6 +18,7 @@ from neurofuse.grouping import (
     weighted_centroids,
     weighted_kmeans,
 )
+from neurofuse.grouping._workspace import _gram_coordinates
 
 
 def _gen(seed: int) -> torch.Generator:
