@@ -1,6 +1,19 @@
 """Fusion methods, one file each, all registered in one name table (see ``registry``)."""
 
-from neurofuse.methods import hf_gradient, hf_linear, kf_gradient, kf_linear  # noqa: F401
+from neurofuse.methods import (  # noqa: F401  (importing a method file registers it)
+    ensemble,
+    fedavg,
+    git_rebasin,
+    hf_gradient,
+    hf_linear,
+    kd,
+    kf_gradient,
+    kf_linear,
+    lp,
+    otfusion,
+    transplant,
+    vanilla,
+)
 from neurofuse.methods.registry import (
     FusionContext,
     available_methods,

@@ -1,0 +1,241 @@
+"""Shared pieces of the averaging-family baselines (vanilla, FedAvg, OTFusion, Git Re-Basin):
+architecture checks, model weights, (per-neuron) weighted averaging of state dicts, neuron
+features and importance scores per permutation space, and writing the result into a model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
+from neurofuse.levels import GraphRunner, neuron_axis, to_neurons, trace
+from neurofuse.methods.registry import FusionContext
+
+State = dict[str, Tensor]
+
+
+def states_of(models: Sequence[nn.Module]) -> list[State]:
+    """Each model's ``state_dict`` (detached tensors; never modified in place)."""
+    return [dict(m.state_dict()) for m in models]
+
+
+def check_same_layers(states: Sequence[State], method: str, same_shapes: bool = True) -> None:
+    """Every model has the parameters of model 0 (same names, same number of axes) and, with
+    ``same_shapes``, the same shapes; the error names the first difference."""
+    ref = list(states[0])
+    for i, state in enumerate(states[1:], start=1):
+        keys = list(state)
+        if keys != ref:
+            j = next(
+                j
+                for j, (a, b) in enumerate(zip(ref + [None], keys + [None], strict=False))
+                if a != b
+            )
+            mine = keys[j] if j < len(keys) else "nothing (it has fewer parameters)"
+            theirs = ref[j] if j < len(ref) else "nothing (it has fewer parameters)"
+            raise ValueError(
+                f"models[{i}] does not have the layers of models[0]: parameter #{j} is {mine!r} "
+                f"in models[{i}] but {theirs!r} in models[0] (different depth or architecture). "
+                f"{method} needs models with the same layers; use kf_linear, kf_gradient or kd "
+                "for models of different architectures."
+            )
+        for key in ref:
+            a, b = states[0][key], state[key]
+            if a.dim() != b.dim() or (same_shapes and a.shape != b.shape):
+                raise ValueError(
+                    f"models[{i}] parameter {key!r} has shape {tuple(b.shape)} but models[0] has "
+                    f"{tuple(a.shape)}. {method} needs models of equal widths; use otfusion or "
+                    "kf_linear for models of different widths."
+                )
+
+
+def check_same_graphs(models: Sequence[nn.Module], method: str) -> list[fx.GraphModule]:
+    """Trace every model; the error names the first fx node where two graphs differ."""
+    gms = [trace(m) for m in models]
+
+    def describe(gm: fx.GraphModule) -> list[str]:
+        out = []
+        for n in gm.graph.nodes:
+            what = type(gm.get_submodule(str(n.target))).__name__ if n.op == "call_module" else n.op
+            out.append(f"{n.name} ({what})")
+        return out
+
+    ref = describe(gms[0])
+    for i, gm in enumerate(gms[1:], start=1):
+        mine = describe(gm)
+        if mine != ref:
+            a, b = next((a, b) for a, b in zip(ref + [None], mine + [None], strict=False) if a != b)
+            raise ValueError(
+                f"models[{i}] does not have the architecture of models[0]: its graph has node "
+                f"{b or 'nothing'} where models[0] has {a or 'nothing'}. {method} needs models "
+                "with the same layers."
+            )
+    return gms
+
+
+def matched_spaces(
+    models: Sequence[nn.Module], method: str, equal_widths: bool
+) -> list[list[Space]]:
+    """The permutation spaces of every model; they must agree in structure (names, members,
+    fixed flags), fixed spaces in size, and with ``equal_widths`` every space in size."""
+    all_spaces = [permutation_spaces(m) for m in models]
+    ref = all_spaces[0]
+    for i, spaces in enumerate(all_spaces[1:], start=1):
+        for a, b in zip(ref, spaces, strict=False):
+            same = a.name == b.name and a.members == b.members and a.fixed == b.fixed
+            if not same:
+                raise ValueError(
+                    f"models[{i}] does not have the architecture of models[0]: its neuron space "
+                    f"{b.name!r} differs from {a.name!r} of models[0]. {method} needs models "
+                    "with the same layers."
+                )
+            if a.size != b.size and (a.fixed or equal_widths):
+                why = "it cannot be permuted, so it" if a.fixed else method
+                raise ValueError(
+                    f"space {a.name!r} has {b.size} neurons in models[{i}] but {a.size} in "
+                    f"models[0]; {why} needs equal widths. Use otfusion or kf_linear for models "
+                    "of different widths."
+                )
+        if len(spaces) != len(ref):
+            raise ValueError(
+                f"models[{i}] has {len(spaces)} neuron spaces but models[0] has {len(ref)}; "
+                f"{method} needs models with the same layers."
+            )
+    return all_spaces
+
+
+def model_weights(weights: Sequence[float] | None, n: int, name: str = "weights") -> Tensor:
+    """Convex model weights (float64, sum 1) from user weights (default uniform)."""
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.numel() != n:
+        raise ValueError(f"{name} has {w.numel()} entries for {n} models; give one per model")
+    if not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
+        raise ValueError(
+            f"{name} must be finite, non-negative and not all zero, got {list(weights)}"
+        )
+    return w / w.sum()
+
+
+def average_states(
+    states: Sequence[State],
+    weights: Tensor,
+    per_neuron: Mapping[str, Sequence[Tensor]] | None = None,
+) -> State:
+    """``sum_k c_k t_k / sum_k c_k`` for every floating-point tensor.
+
+    ``c_k`` is the model weight ``weights[k]``, or, for keys in ``per_neuron``, the model weight
+    times a per-row coefficient (``per_neuron[key][k]`` of shape ``(rows,)``: importance-
+    weighted averaging of each neuron). Integer buffers (``num_batches_tracked``) come from
+    model 0.
+    """
+    out: State = {}
+    for key, t0 in states[0].items():
+        if not t0.is_floating_point():
+            out[key] = t0.clone()
+            continue
+        ts = [s[key].to(torch.float64) for s in states]
+        cs = [weights[k].to(t0.device) for k in range(len(states))]
+        if per_neuron is not None and key in per_neuron:
+            shape = (-1,) + (1,) * (t0.dim() - 1)
+            cs = [
+                c * per_neuron[key][k].to(t0.device, torch.float64).view(shape)
+                for k, c in enumerate(cs)
+            ]
+        num = sum(c * t for c, t in zip(cs, ts, strict=True))
+        den = sum(cs)
+        out[key] = (num / den).to(t0.dtype)  # type: ignore[operator]
+    return out
+
+
+def write_state(target: nn.Module, state: State, method: str) -> nn.Module:
+    """Load ``state`` into ``target`` (the fused template); a shape mismatch names the fix."""
+    own = target.state_dict()
+    for key, t in state.items():
+        if key not in own or own[key].shape != t.shape:
+            have = tuple(own[key].shape) if key in own else "no such parameter"
+            raise ValueError(
+                f"the fused template's {key!r} is {have}, but {method} produced "
+                f"{tuple(t.shape)}; {method} fuses into the models' own architecture, so "
+                "leave target=None (or pass a model with the reference model's shapes)"
+            )
+    target.load_state_dict(state)
+    return target
+
+
+def finish(ctx: FusionContext, fused: nn.Module, reset_bn: bool) -> nn.Module:
+    """Optionally re-estimate BatchNorm statistics on the fusion set; eval mode."""
+    if reset_bn:
+        reestimate_batchnorm(fused, ctx.inputs)
+        ctx.report["reset_bn"] = True
+    return fused.eval()
+
+
+def template_for(ctx: FusionContext, reference: int, method: str) -> nn.Module:
+    """The model to write the fused weights into: ``ctx.target`` when it has the reference
+    model's shapes, else a copy of the reference model (the default template is models[0])."""
+    ref = ctx.models[reference].state_dict()
+    tgt = ctx.target.state_dict()
+    if list(ref) == list(tgt) and all(ref[k].shape == tgt[k].shape for k in ref):
+        return ctx.target
+    first = ctx.models[0].state_dict()
+    if list(first) == list(tgt) and all(first[k].shape == tgt[k].shape for k in first):
+        return copy.deepcopy(ctx.models[reference])
+    raise ValueError(
+        f"{method} fuses into the widths of the reference model; the given target has other "
+        "shapes. Leave target=None, or pass a model shaped like models[reference]."
+    )
+
+
+def check_reference(reference: int, n: int) -> int:
+    if not 0 <= reference < n:
+        raise ValueError(f"reference={reference} is not a model index; use 0..{n - 1}")
+    return reference
+
+
+# ---------------------------------------------------------------------------- neuron features
+
+
+def node_features(runner: GraphRunner, space: Space, i: int) -> Tensor:
+    """(d, N) float64: the values of the space's ``i``-th node, one row per neuron."""
+    out = runner.value(runner.node(space.nodes[i]))
+    axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
+    return to_neurons(out.detach(), axis).to(torch.float64)
+
+
+def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) -> Tensor | None:
+    """Model ``k``'s importance scores (float64, ``(size,)``) for ``space``, looked up at the
+    node that names it; ``None`` for uniform importance."""
+    if ctx.importance.uniform:
+        return None
+    try:
+        node = runner.node(space.name)
+    except KeyError:
+        raise ValueError(
+            f"space {space.name!r} is not a node of model {k}'s graph; importance scores are "
+            "looked up at the node that names each space"
+        ) from None
+    out = runner.value(node)
+    return ctx.importance.scores(k, space.name, out, space.size).to(torch.float64).cpu()
+
+
+__all__ = [
+    "State",
+    "average_states",
+    "check_reference",
+    "check_same_graphs",
+    "check_same_layers",
+    "finish",
+    "matched_spaces",
+    "model_weights",
+    "node_features",
+    "space_scores",
+    "states_of",
+    "template_for",
+    "write_state",
+]

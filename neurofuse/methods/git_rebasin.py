@@ -1,0 +1,224 @@
+"""Git Re-Basin: permute every model onto a reference by linear assignment, then average.
+
+Ainsworth, Hayase & Srinivasa 2022, "Git Re-Basin: Merging Models modulo Permutation
+Symmetries" (ICLR 2023). For each permutation space (see :mod:`neurofuse.alignment`) the
+permutation ``p`` of model ``k``'s neurons onto the reference's solves a linear assignment
+problem (``scipy.optimize.linear_sum_assignment``):
+
+- ``match="acts"`` (activation matching): maximise ``sum_i corr(z_ref_i, z_k_p(i))``, the
+  Pearson correlation of the neurons' activations over the fusion set (every sample and
+  position), summed over every node that carries the space (a residual stream is matched once
+  for the whole stream). Activations of the original models are used: permutations do not
+  change a network's function, so no re-evaluation is needed.
+- ``match="weights"`` (weight matching): maximise ``sum_members <W_ref, P W_k>`` over all spaces
+  jointly, by coordinate descent over the spaces (each step is one assignment problem, taken
+  in a random order seeded by ``seed``) until no permutation changes.
+
+More than two models: each is matched to the reference. The permuted models are averaged with
+importance weights per neuron, as the neuron-interpolation paper does for Git Re-Basin (appendix
+C): fused neuron ``i`` is ``sum_k s_{k,i} w_{k,i} / sum_k s_{k,i}`` over its outgoing
+parameters (weight rows, bias, BatchNorm parameters), where ``s_{k,i}`` is model ``k``'s score of
+the neuron matched to ``i`` (times the model weight of ``weights``). The logits' rows use the
+class scores the same way; other parameters are averaged with the model weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from neurofuse.alignment import Space, apply_permutation
+from neurofuse.levels import GraphRunner, trace
+from neurofuse.methods._averaging import (
+    State,
+    average_states,
+    check_reference,
+    check_same_graphs,
+    check_same_layers,
+    finish,
+    matched_spaces,
+    model_weights,
+    node_features,
+    space_scores,
+    states_of,
+    write_state,
+)
+from neurofuse.methods.registry import FusionContext, register_method
+
+
+@dataclass
+class GitRebasinOptions:
+    """Options of ``git_rebasin``.
+
+    Attributes:
+        reference: index of the model the others are permuted onto.
+        match: ``"acts"`` (activation matching, correlations on the fusion set) or
+            ``"weights"`` (weight matching, no data needed for the alignment).
+        max_iter: coordinate-descent sweeps of weight matching.
+        weights: model weights of the final average (default uniform).
+        reset_bn: re-estimate BatchNorm running statistics on the fusion set after fusing.
+    """
+
+    reference: int = 0
+    match: str = "acts"
+    max_iter: int = 100
+    weights: list[float] | None = None
+    reset_bn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCHERS:
+            raise ValueError(f"match must be one of {sorted(MATCHERS)}, got {self.match!r}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+
+
+def correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation ``C[i, j]`` between rows ``x_i`` (n, N) and ``y_j`` (m, N); a
+    constant row (a dead neuron) correlates 0 with everything."""
+    x = x - x.mean(1, keepdim=True)
+    y = y - y.mean(1, keepdim=True)
+    x = x / (x.norm(dim=1, keepdim=True) + eps)
+    y = y / (y.norm(dim=1, keepdim=True) + eps)
+    return x @ y.T
+
+
+def assign(similarity: Tensor) -> Tensor:
+    """The permutation ``p`` maximising ``sum_i similarity[i, p[i]]`` (rows: reference)."""
+    rows, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+    p = torch.empty(len(rows), dtype=torch.long)
+    p[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return p
+
+
+def _match_acts(
+    ctx: FusionContext,
+    k: int,
+    spaces: list[Space],
+    ref_spaces: list[Space],
+    ref_runner: GraphRunner | None,
+) -> dict[str, Tensor]:
+    runner = GraphRunner(trace(ctx.models[k]), ctx.inputs)
+    perms = {}
+    for space, ref in zip(spaces, ref_spaces, strict=True):
+        if space.fixed:
+            continue
+        if not space.nodes:
+            raise ValueError(f"space {space.name!r} has no nodes; use match='weights'")
+        assert ref_runner is not None
+        sim = sum(
+            correlation(node_features(ref_runner, ref, i), node_features(runner, space, i))
+            for i in range(len(space.nodes))
+        )
+        perms[space.name] = assign(sim)  # type: ignore[arg-type]
+    return perms
+
+
+def _rows(t: Tensor, axis: int, size: int) -> Tensor:
+    return t.movedim(axis, 0).reshape(size, -1).to(torch.float64)
+
+
+def _match_weights(
+    ctx: FusionContext,
+    k: int,
+    spaces: list[Space],
+    ref_spaces: list[Space],
+    ref_runner: GraphRunner | None,
+) -> dict[str, Tensor]:
+    """Coordinate descent on ``sum <W_ref, P W_k>``; ``state`` is kept permuted by the current
+    permutations, so each step solves for a correction ``c`` and composes ``p <- p[c]``."""
+    opt: GitRebasinOptions = ctx.options
+    ref_state = dict(ctx.models[opt.reference].state_dict())
+    state = dict(ctx.models[k].state_dict())
+    free = [s for s in spaces if not s.fixed]
+    perms = {s.name: torch.arange(s.size) for s in free}
+    g = ctx.generator(k)
+    for _ in range(opt.max_iter):
+        changed = False
+        for i in torch.randperm(len(free), generator=g).tolist():
+            s = free[i]
+            sim = sum(
+                _rows(ref_state[key], axis, s.size) @ _rows(state[key], axis, s.size).T
+                for key, axis, _ in s.members
+            ).cpu()  # type: ignore[union-attr]
+            c = assign(sim)  # type: ignore[arg-type]
+            gain = float(sim[torch.arange(s.size), c].sum() - sim.diagonal().sum())  # type: ignore[union-attr]
+            if gain > 1e-9 * max(1.0, float(sim.abs().max())):  # type: ignore[union-attr]
+                state = apply_permutation(state, [s], {s.name: c})
+                perms[s.name] = perms[s.name][c]
+                changed = True
+        if not changed:
+            break
+    return perms
+
+
+#: Matchers: ``f(ctx, k, spaces of model k, reference spaces, reference runner) -> perms``.
+MATCHERS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "acts": _match_acts,
+    "weights": _match_weights,
+}
+
+
+def _logits_space(spaces: list[Space], gm: fx.GraphModule) -> Space | None:
+    """The space of the model's output (the classes), found by the node that returns it."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    name = getattr(out, "name", None)
+    return next((s for s in spaces if name in s.nodes), None)
+
+
+def _per_neuron(
+    ctx: FusionContext, spaces: list[Space], perms: list[dict[str, Tensor]]
+) -> dict[str, list[Tensor]]:
+    """Per-row averaging coefficients of every outgoing member: each model's importance
+    scores, reordered by its permutation (uniform importance: none needed)."""
+    if ctx.importance.uniform:
+        return {}
+    gms = [trace(model) for model in ctx.models]
+    logits = _logits_space(spaces, gms[0])
+    scored = [s for s in spaces if not s.fixed or s is logits]
+    coeffs: dict[str, list[Tensor]] = {}
+    for k, gm in enumerate(gms):
+        runner = GraphRunner(gm, ctx.inputs)
+        for s in scored:
+            scores = space_scores(ctx, k, runner, s)
+            assert scores is not None
+            if s.name in perms[k]:
+                scores = scores[perms[k][s.name]]
+            for key, axis, repeat in s.members:
+                if axis == 0:
+                    coeffs.setdefault(key, []).append(scores.repeat_interleave(repeat))
+    return coeffs
+
+
+@register_method(
+    "git_rebasin",
+    "Git Re-Basin (Ainsworth et al. 2022): permutation by linear assignment, then averaging",
+    GitRebasinOptions,
+    needs_levels=False,
+)
+def git_rebasin(ctx: FusionContext) -> nn.Module:
+    opt: GitRebasinOptions = ctx.options
+    n = len(ctx.models)
+    ref = check_reference(opt.reference, n)
+    weights = model_weights(opt.weights, n)
+    states = states_of(ctx.models)
+    check_same_layers(states, "git_rebasin", same_shapes=False)
+    check_same_graphs(ctx.models, "git_rebasin")
+    spaces = matched_spaces(ctx.models, "git_rebasin", equal_widths=True)
+    check_same_layers(states, "git_rebasin")
+    ref_runner = GraphRunner(trace(ctx.models[ref]), ctx.inputs) if opt.match == "acts" else None
+    perms: list[dict[str, Tensor]] = []
+    aligned: list[State] = []
+    for k in range(n):
+        p = {} if k == ref else MATCHERS[opt.match](ctx, k, spaces[k], spaces[ref], ref_runner)
+        perms.append(p)
+        aligned.append(apply_permutation(states[k], spaces[k], p))
+    ctx.report["moved_neurons"] = [
+        sum(int((q != torch.arange(len(q))).sum()) for q in p.values()) for p in perms
+    ]
+    fused = average_states(aligned, weights, _per_neuron(ctx, spaces[ref], perms))
+    return finish(ctx, write_state(ctx.target, fused, "git_rebasin"), opt.reset_bn)

@@ -1,0 +1,315 @@
+"""OTFusion: align every model to a reference with optimal transport, then average.
+
+Singh & Jaggi 2020, "Model Fusion via Optimal Transport" (NeurIPS). For each permutation space
+(see :mod:`neurofuse.alignment`) in graph order, model ``k``'s ``n`` neurons are transported
+onto the reference's ``m`` neurons by the plan
+
+    T = argmin_{T >= 0, T 1 = a, T^T 1 = b} <T, C>        (exact EMD, or Sinkhorn with entropy
+                                                         regularisation ``reg``)
+
+where ``C[i, j]`` is the ground cost between model neuron ``i`` and reference neuron ``j``, and
+the marginals ``a``, ``b`` are the neurons' importance scores (normalised to sum 1; uniform by
+default). With ``Q = T diag(1/b)`` (``n x m``), every member of the space is mapped as
+``t'[..., j, ...] = sum_i Q[i, j] t[..., i, ...]``: on the outgoing axis that is OTFusion's
+``W' = diag(1/b) T^T W``, on a consumer's incoming axis ``W' = W T diag(1/b)``. With EMD, equal
+widths and uniform marginals ``T`` is a permutation matrix divided by ``n`` and the map is an
+exact permutation; with different widths model ``k`` is carried into the reference's widths.
+
+Ground metrics: ``"acts"`` (squared distance of the neurons' activations on the fusion set, taken
+from the aligned-so-far model, summed over every node that carries the space; residual streams
+are aligned once for the whole stream) or ``"weights"`` (squared distance of the neurons'
+incoming weight rows, after the earlier spaces' maps were applied to the incoming axes). The
+aligned models are then averaged (``weights``: model weights, default uniform).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.alignment import Space
+from neurofuse.levels import GraphRunner, trace
+from neurofuse.methods._averaging import (
+    State,
+    average_states,
+    check_reference,
+    check_same_graphs,
+    check_same_layers,
+    finish,
+    matched_spaces,
+    model_weights,
+    node_features,
+    space_scores,
+    states_of,
+    template_for,
+    write_state,
+)
+from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.progress import progress_bar
+
+
+def _pot() -> Any:
+    try:
+        import ot
+    except ImportError as exc:  # pragma: no cover - POT is a declared extra
+        raise ImportError(
+            "otfusion needs the POT package: pip install 'neurofuse[ot]' (or pip install pot)"
+        ) from exc
+    return ot
+
+
+def _emd(a: np.ndarray, b: np.ndarray, cost: np.ndarray, opt: OTFusionOptions) -> np.ndarray:
+    return _pot().emd(a, b, cost)
+
+
+def _sinkhorn(a: np.ndarray, b: np.ndarray, cost: np.ndarray, opt: OTFusionOptions) -> np.ndarray:
+    # log-domain iterations stay finite for small reg (the cost is scaled to max 1)
+    return _pot().sinkhorn(
+        a, b, cost, opt.reg, method="sinkhorn_log", numItermax=opt.sinkhorn_iters
+    )
+
+
+#: Transport solvers: ``f(a, b, cost, options) -> plan (n, m)``.
+SOLVERS: dict[str, Callable[..., np.ndarray]] = {"emd": _emd, "sinkhorn": _sinkhorn}
+
+
+@dataclass
+class OTFusionOptions:
+    """Options of ``otfusion``.
+
+    Attributes:
+        reference: index of the model the others are aligned to; the fused model has its
+            widths.
+        ground_metric: ``"acts"`` (activations on the fusion set) or ``"weights"`` (incoming
+            weight rows).
+        solver: ``"emd"`` (exact optimal transport) or ``"sinkhorn"`` (entropic).
+        reg: Sinkhorn's entropic regularisation, relative to the ground cost (scaled to max 1).
+        sinkhorn_iters: maximum Sinkhorn iterations.
+        weights: model weights of the final average (default uniform).
+        reset_bn: re-estimate BatchNorm running statistics on the fusion set after fusing.
+    """
+
+    reference: int = 0
+    ground_metric: str = "acts"
+    solver: str = "emd"
+    reg: float = 0.01
+    sinkhorn_iters: int = 1000
+    weights: list[float] | None = None
+    reset_bn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ground_metric not in GROUND_METRICS:
+            raise ValueError(
+                f"ground_metric must be one of {sorted(GROUND_METRICS)}, got {self.ground_metric!r}"
+            )
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
+        if not self.reg > 0 or self.sinkhorn_iters < 1:
+            raise ValueError("reg must be > 0 and sinkhorn_iters >= 1")
+
+
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """``C[i, j] = ||x_i - y_j||^2`` for rows of ``x`` (n, N) and ``y`` (m, N)."""
+    c = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return c.clamp_min(0.0)
+
+
+def map_space(state: State, space: Space, q: Tensor) -> State:
+    """Apply the transport map ``q`` (``space.size x m``) to every member of ``space``:
+    ``t'[..., j, ...] = sum_i q[i, j] t[..., i, ...]`` along the member's axis, where neuron
+    ``i`` owns ``repeat`` consecutive entries."""
+    out = dict(state)
+    for key, axis, repeat in space.members:
+        t = state[key]
+        moved = t.movedim(axis, 0)
+        blocks = moved.reshape(space.size, repeat, -1).to(torch.float64)
+        mapped = torch.einsum("irx,ij->jrx", blocks, q.to(blocks.device))
+        shape = (q.shape[1] * repeat, *moved.shape[1:])
+        out[key] = mapped.reshape(shape).movedim(0, axis).to(t.dtype)
+    return out
+
+
+class _Aligner:
+    """Carries one model into the reference's neuron spaces, space by space."""
+
+    def __init__(
+        self,
+        ctx: FusionContext,
+        k: int,
+        spaces: list[Space],
+        ref_spaces: list[Space],
+        ref_runner: GraphRunner | None,
+    ) -> None:
+        self.ctx, self.opt = ctx, ctx.options
+        self.spaces, self.ref_spaces, self.ref_runner = spaces, ref_spaces, ref_runner
+        self.model = copy.deepcopy(ctx.models[k])
+        self.gm = trace(self.model)
+        self.state: State = dict(self.model.state_dict())
+        self.ref_state: State = dict(ctx.models[self.opt.reference].state_dict())
+        self.runner = GraphRunner(self.gm, ctx.inputs) if ref_runner is not None else None
+        self.where = {(key, axis): s for s in spaces for key, axis, _ in s.members}
+        self.aligned: set[str] = set()
+
+    def cost(self, space: Space, ref: Space) -> Tensor:
+        return GROUND_METRICS[self.opt.ground_metric](self, space, ref)
+
+    def apply(self, space: Space, q: Tensor) -> None:
+        self.state = map_space(self.state, space, q)
+        self.aligned.add(space.name)
+        if self.runner is not None:
+            self._reload([key for key, _, _ in space.members])
+
+    def _reload(self, keys: list[str]) -> None:
+        """Put the mapped tensors into the model copy (their shapes may change) and forget the
+        cached values of every node they influence."""
+        paths = set()
+        for key in keys:
+            path, _, attr = key.rpartition(".")
+            mod = self.gm.get_submodule(path)
+            t = self.state[key]
+            if attr in mod._parameters:
+                mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+            else:
+                mod._buffers[attr] = t
+            if isinstance(mod, nn.LayerNorm) and attr == "weight":
+                mod.normalized_shape = tuple(t.shape)
+            paths.add(path)
+        stale: set[fx.Node] = set()
+        stack = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target in paths]
+        while stack:
+            n = stack.pop()
+            if n not in stale:
+                stale.add(n)
+                stack.extend(n.users)
+        assert self.runner is not None
+        self.runner.forget(stale)
+
+
+def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
+    if not space.nodes:
+        raise ValueError(
+            f"space {space.name!r} has no nodes to take activations from; use "
+            "ground_metric='weights'"
+        )
+    assert al.runner is not None and al.ref_runner is not None
+    total = torch.zeros(())
+    for i in range(len(space.nodes)):
+        x = node_features(al.runner, space, i)
+        y = node_features(al.ref_runner, ref, i)
+        total = total + squared_distances(x, y).cpu() / x.shape[1]
+    return total
+
+
+def _weights_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
+    """Incoming weight rows of the space's producers (Linear/Conv weights); producers whose
+    other axes belong to spaces not aligned yet (the far end of a residual stream) are left
+    out while an aligned producer exists."""
+    rows, rows_ref, ready = [], [], []
+    for key, axis, _ in space.members:
+        t = al.state[key]
+        if axis != 0 or t.dim() < 2:
+            continue
+        x = t.reshape(space.size, -1).to(torch.float64)
+        y = al.ref_state[key].reshape(ref.size, -1).to(torch.float64)
+        if x.shape[1] != y.shape[1]:
+            continue
+        done = all(
+            (s := al.where.get((key, ax))) is None or s.fixed or s.name in al.aligned
+            for ax in range(1, t.dim())
+        )
+        rows.append(x)
+        rows_ref.append(y)
+        ready.append(done)
+    if not rows:
+        raise ValueError(
+            f"space {space.name!r} has no weight rows comparable with the reference's; use "
+            "ground_metric='acts'"
+        )
+    keep = [i for i, r in enumerate(ready) if r] or list(range(len(rows)))
+    x = torch.cat([rows[i] for i in keep], dim=1)
+    y = torch.cat([rows_ref[i] for i in keep], dim=1)
+    return squared_distances(x, y).cpu()
+
+
+#: Ground metrics: ``f(aligner, space of the model, space of the reference) -> cost (n, m)``.
+GROUND_METRICS: dict[str, Callable[[_Aligner, Space, Space], Tensor]] = {
+    "acts": _acts_cost,
+    "weights": _weights_cost,
+}
+
+
+def _marginal(scores: Tensor | None, size: int) -> np.ndarray:
+    s = np.ones(size) if scores is None else scores.numpy().astype(np.float64)
+    return s / s.sum()
+
+
+def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor | None]:
+    if ctx.importance.uniform:
+        return {s.name: None for s in spaces}
+    runner = GraphRunner(trace(ctx.models[k]), ctx.inputs)
+    return {s.name: space_scores(ctx, k, runner, s) for s in spaces if not s.fixed}
+
+
+@register_method(
+    "otfusion",
+    "OTFusion (Singh & Jaggi 2020): optimal-transport alignment to a reference, then averaging",
+    OTFusionOptions,
+    needs_levels=False,
+)
+def otfusion(ctx: FusionContext) -> nn.Module:
+    opt: OTFusionOptions = ctx.options
+    n = len(ctx.models)
+    ref = check_reference(opt.reference, n)
+    weights = model_weights(opt.weights, n)
+    states = states_of(ctx.models)
+    check_same_layers(states, "otfusion", same_shapes=False)
+    check_same_graphs(ctx.models, "otfusion")
+    spaces = matched_spaces(ctx.models, "otfusion", equal_widths=False)
+    free = [i for i, s in enumerate(spaces[ref]) if not s.fixed]
+    ref_runner = None
+    if opt.ground_metric == "acts":
+        ref_runner = GraphRunner(trace(ctx.models[ref]), ctx.inputs)
+    ref_scores = _scores(ctx, ref, spaces[ref])
+    aligned: list[State] = []
+    costs: list[float] = []
+    with progress_bar(ctx.progress, "otfusion", n * len(free)) as advance:
+        for k in range(n):
+            if k == ref:
+                aligned.append(states[k])
+                costs.append(0.0)
+                continue
+            al = _Aligner(ctx, k, spaces[k], spaces[ref], ref_runner)
+            scores = _scores(ctx, k, spaces[k])
+            total = 0.0
+            for j, i in enumerate(free):
+                space, target = spaces[k][i], spaces[ref][i]
+                cost = al.cost(space, target).to(torch.float64)
+                cost = cost / cost.max() if float(cost.max()) > 0 else cost
+                a = _marginal(scores[space.name], space.size)
+                b = _marginal(ref_scores[target.name], target.size)
+                plan = SOLVERS[opt.solver](a, b, cost.numpy(), opt)
+                plan = torch.as_tensor(plan, dtype=torch.float64)
+                total += float((plan * cost).sum())
+                al.apply(space, plan / torch.as_tensor(b)[None, :])
+                advance(k * len(free) + j + 1)
+            aligned.append(al.state)
+            costs.append(total)
+    for key, t in states[ref].items():
+        for k, state in enumerate(aligned):
+            if state[key].shape != t.shape:
+                raise ValueError(
+                    f"after alignment, models[{k}] parameter {key!r} has shape "
+                    f"{tuple(state[key].shape)} but the reference has {tuple(t.shape)}: only "
+                    "neuron counts may differ between the models (not kernel sizes or inputs)"
+                )
+    ctx.report["transport_cost"] = costs
+    fused = average_states(aligned, weights)
+    target = template_for(ctx, ref, "otfusion")
+    return finish(ctx, write_state(target, fused, "otfusion"), opt.reset_bn)

@@ -1,0 +1,276 @@
+"""Averaging-family baselines: vanilla, FedAvg, OTFusion, Git Re-Basin.
+
+The central check is permutation recovery: B is A with its hidden neurons permuted (the same
+function, different weights). Aligning B to A and averaging must give A back; plain averaging
+must not (so the check can fail).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+from toys import (
+    TinyResNet,
+    cnn_bn,
+    mlp,
+    permute_resnet,
+    permute_sequential,
+    randomise_batchnorm,
+    relative_error,
+)
+
+import neurofuse as nf
+from neurofuse import api
+from neurofuse.alignment import apply_permutation, permutation_spaces
+from neurofuse.methods import otfusion as otfusion_module
+from neurofuse.models import build
+
+ALIGNING = [
+    ("otfusion", {}),
+    ("otfusion", {"ground_metric": "weights"}),
+    ("git_rebasin", {}),
+    ("git_rebasin", {"match": "weights"}),
+]
+ALIGNING_IDS = ["ot-acts", "ot-weights", "rebasin-acts", "rebasin-weights"]
+
+
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def permuted_by_analysis(model: nn.Module, seed: int = 1) -> nn.Module:
+    spaces = permutation_spaces(model)
+    g = torch.Generator().manual_seed(seed)
+    perms = {s.name: torch.randperm(s.size, generator=g) for s in spaces if not s.fixed}
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(apply_permutation(model.state_dict(), spaces, perms))
+    return twin.eval()
+
+
+def zoo_pair(name: str) -> tuple[nn.Module, nn.Module, Tensor]:
+    torch.manual_seed(0)
+    if name == "mlp":
+        a, x = build("mlp", in_features=12, hidden=[16, 16]), torch.randn(48, 12)
+    elif name == "vgg_bn":
+        a = build("vgg", config=[8, "M", 16, "M"], input_size=8, batch_norm=True, classifier=[12])
+        x = torch.randn(24, 3, 8, 8)
+    elif name == "resnet18":
+        a, x = build("resnet18", width=4), torch.randn(24, 3, 8, 8)
+    else:  # ViT: only the MLP sublayers' hidden neurons are free to permute
+        a, x = build("vit_tiny", image_size=16, depth=1), torch.randn(16, 3, 16, 16)
+    a = randomise_batchnorm(a)
+    return a, permuted_by_analysis(a), x
+
+
+def toy_pair(name: str) -> tuple[nn.Module, nn.Module, Tensor]:
+    """Pairs permuted by tests/toys.py's hand-written helpers, independent of the analysis."""
+    torch.manual_seed(0)
+    if name == "toy_mlp":
+        a = mlp()
+        return a.eval(), permute_sequential(a), torch.randn(48, 10)
+    if name == "toy_cnn":
+        a = randomise_batchnorm(cnn_bn())
+        return a, permute_sequential(a, flatten_repeat=4).eval(), torch.randn(24, 1, 8, 8)
+    a = randomise_batchnorm(TinyResNet())
+    return a, permute_resnet(a).eval(), torch.randn(24, 1, 8, 8)
+
+
+@pytest.fixture
+def exact_scores(monkeypatch):
+    """Hand the methods exactly these scores per node (bypassing the provider's own
+    normalisation policy, which is not what these tests are about)."""
+
+    def install(tables: list[dict[str, Tensor]]) -> None:
+        def scores(self, k: int, name: str, output: Tensor, width: int) -> Tensor:
+            return tables[k][name].to(output.device)
+
+        monkeypatch.setattr(api.ImportanceProvider, "scores", scores)
+
+    return install
+
+
+ZOO = ["mlp", "vgg_bn", "resnet18", "vit"]
+TOYS = ["toy_mlp", "toy_cnn", "toy_resnet"]
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, tuple[nn.Module, nn.Module, Tensor]]:
+    return {**{n: zoo_pair(n) for n in ZOO}, **{n: toy_pair(n) for n in TOYS}}
+
+
+@pytest.mark.parametrize("method,options", ALIGNING, ids=ALIGNING_IDS)
+@pytest.mark.parametrize("pair", ZOO + TOYS)
+def test_aligning_methods_recover_a_permuted_copy(pairs, pair, method, options):
+    a, b, x = pairs[pair]
+    assert relative_error(logits(b, x), logits(a, x)) < 1e-5  # the same function...
+    fused = nf.fuse([a, b], x, method=method, **options)
+    assert relative_error(logits(fused, x), logits(a, x)) < 1e-4
+
+
+@pytest.mark.parametrize("pair", ZOO + TOYS)
+def test_vanilla_averaging_of_a_permuted_copy_fails(pairs, pair):
+    a, b, x = pairs[pair]
+    fused = nf.fuse([a, b], x, method="vanilla")
+    assert relative_error(logits(fused, x), logits(a, x)) > 0.1
+
+
+def test_more_than_two_models_align_to_the_reference(pairs):
+    a, b, x = pairs["vgg_bn"]
+    c = permuted_by_analysis(a, seed=7)
+    for method in ("otfusion", "git_rebasin"):
+        fused = nf.fuse([b, a, c], x, method=method, reference=1)
+        assert relative_error(logits(fused, x), logits(a, x)) < 1e-4
+        assert torch.equal(fused.features[0].weight, a.features[0].weight)  # a's neuron order
+
+
+def test_sinkhorn_with_small_reg_is_close_to_the_exact_plan(pairs):
+    a, b, x = pairs["mlp"]
+    fused = nf.fuse([a, b], x, method="otfusion", solver="sinkhorn", reg=0.003)
+    assert relative_error(logits(fused, x), logits(a, x)) < 1e-3
+    blurred = nf.fuse([a, b], x, method="otfusion", solver="sinkhorn", reg=1.0)
+    assert relative_error(logits(blurred, x), logits(a, x)) > 1e-2  # large reg: a soft plan
+
+
+def test_otfusion_fuses_models_of_different_widths_into_the_reference():
+    torch.manual_seed(0)
+    a = build("vgg", config=[8, "M", 16, "M"], input_size=8, batch_norm=True, classifier=[12])
+    b = build("vgg", config=[12, "M", 20, "M"], input_size=8, batch_norm=True, classifier=[16])
+    x = torch.randn(16, 3, 8, 8)
+    for metric in ("acts", "weights"):
+        for ref, model in ((0, a), (1, b)):
+            fused = nf.fuse([a, b], x, method="otfusion", ground_metric=metric, reference=ref)
+            shapes = {k: v.shape for k, v in fused.state_dict().items()}
+            assert shapes == {k: v.shape for k, v in model.state_dict().items()}
+            assert torch.isfinite(logits(fused, x)).all()
+    with pytest.raises(ValueError, match="equal widths"):
+        nf.fuse([a, b], x, method="git_rebasin")
+
+
+def test_importance_scores_are_the_ot_marginals(monkeypatch, exact_scores):
+    torch.manual_seed(0)
+    a = build("mlp", in_features=12, hidden=[16, 16])
+    b = build("mlp", in_features=12, hidden=[16, 16])  # an unrelated model: the plan is not trivial
+    x = torch.randn(48, 12)
+    g = torch.Generator().manual_seed(3)
+    tables = [
+        {n: torch.rand(16, generator=g) ** 4 + 1e-3 for n in ("fc1", "fc2")} for _ in range(2)
+    ]
+    seen = []
+    emd = otfusion_module.SOLVERS["emd"]
+
+    def spy(a_, b_, cost, opt):
+        seen.append((a_, b_))
+        return emd(a_, b_, cost, opt)
+
+    monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
+    exact_scores(tables)
+    weighted = nf.fuse([a, b], x, method="otfusion", importance=tables)
+    (a1, b1), (a2, b2) = seen
+    for got, want in ((a1, tables[1]["fc1"]), (b1, tables[0]["fc1"]), (a2, tables[1]["fc2"])):
+        assert torch.allclose(torch.as_tensor(got), (want / want.sum()).double(), atol=1e-6)
+    plain = nf.fuse([a, b], x, method="otfusion")  # uniform: the provider is not asked
+    assert not torch.allclose(weighted.fc1.weight, plain.fc1.weight, atol=1e-4)
+
+
+def test_git_rebasin_averages_each_neuron_with_its_importance(exact_scores):
+    torch.manual_seed(0)
+    a = build("mlp", in_features=12, hidden=[16])
+    noisy = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    spaces = permutation_spaces(a)
+    p = torch.randperm(16, generator=torch.Generator().manual_seed(5))
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(noisy.state_dict(), spaces, {"fc1": p}))
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(16, generator=g) + 0.1 for _ in range(2)]
+    tables = [{"fc1": s, "head": torch.ones(10)} for s in scores]
+    x = torch.randn(64, 12)
+    exact_scores(tables)
+    fused = nf.fuse([a, b], x, method="git_rebasin", importance=tables)
+    sa, sb = scores[0], scores[1][torch.argsort(p)]  # b's neuron matched to a's neuron j
+    want = (sa[:, None] * a.fc1.weight + sb[:, None] * noisy.fc1.weight) / (sa + sb)[:, None]
+    assert torch.allclose(fused.fc1.weight, want, atol=1e-6)
+    plain = nf.fuse([a, b], x, method="git_rebasin")
+    assert torch.allclose(plain.fc1.weight, (a.fc1.weight + noisy.fc1.weight) / 2, atol=1e-6)
+
+
+def test_vanilla_is_the_plain_mean_and_fedavg_the_sample_weighted_mean():
+    torch.manual_seed(0)
+    models = [randomise_batchnorm(cnn_bn(), seed=i) for i in range(3)]
+    x = torch.randn(8, 1, 8, 8)
+    counts = [100, 300, 600]
+    mean = nf.fuse(models, x, method="vanilla").state_dict()
+    fed = nf.fuse(models, x, method="fedavg", sample_counts=counts).state_dict()
+    states = [m.state_dict() for m in models]
+    for key, value in states[0].items():
+        if not value.is_floating_point():
+            continue
+        plain = sum(s[key] for s in states) / 3
+        weighted = sum(c * s[key] for c, s in zip(counts, states, strict=True)) / sum(counts)
+        assert torch.allclose(mean[key], plain, atol=1e-6), key
+        assert torch.allclose(fed[key], weighted, atol=1e-6), key
+    assert not torch.allclose(mean["1.running_mean"], fed["1.running_mean"])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({}, "needs sample_counts"),
+        ({"sample_counts": [10]}, "1 entries for 2 models"),
+        ({"sample_counts": [10, 0]}, "positive integers"),
+        ({"sample_counts": [10, -3]}, "positive integers"),
+    ],
+)
+def test_fedavg_rejects_bad_sample_counts(options, message):
+    models = [mlp(), mlp()]
+    with pytest.raises(ValueError, match=message):
+        nf.fuse(models, torch.randn(4, 10), method="fedavg", **options)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "fedavg", "otfusion", "git_rebasin"])
+def test_models_of_different_depth_are_refused_naming_the_layer(method):
+    models = [build("mlp", in_features=6, hidden=[8]), build("mlp", in_features=6, hidden=[8, 8])]
+    options = {"sample_counts": [1, 1]} if method == "fedavg" else {}
+    with pytest.raises(ValueError, match="'fc2.weight'"):
+        nf.fuse(models, torch.randn(4, 6), method=method, **options)
+
+
+def test_reset_bn_sets_the_fusion_set_statistics(pairs):
+    a, b, _ = pairs["toy_cnn"]
+    x = torch.randn(64, 1, 8, 8) + 1.0
+    for method in ("vanilla", "git_rebasin"):
+        fused = nf.fuse([a, b], x, method=method, reset_bn=True)
+        kept = nf.fuse([a, b], x, method=method)
+        with torch.no_grad():
+            z = fused[0](x)  # the first BatchNorm's input
+        assert torch.allclose(fused[1].running_mean, z.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(fused[1].running_var, z.var((0, 2, 3)), rtol=1e-4)
+        assert not torch.allclose(kept[1].running_mean, fused[1].running_mean, atol=1e-3)
+
+
+def test_bad_options_are_refused():
+    models, x = [mlp(), mlp()], torch.randn(4, 10)
+    with pytest.raises(ValueError, match="ground_metric"):
+        nf.fuse(models, x, method="otfusion", ground_metric="euclid")
+    with pytest.raises(ValueError, match="solver"):
+        nf.fuse(models, x, method="otfusion", solver="greedy")
+    with pytest.raises(ValueError, match="match"):
+        nf.fuse(models, x, method="git_rebasin", match="both")
+    with pytest.raises(ValueError, match="reference"):
+        nf.fuse(models, x, method="git_rebasin", reference=2)
+    with pytest.raises(ValueError, match="weights"):
+        nf.fuse(models, x, method="otfusion", weights=[1.0])
+
+
+def test_graphs_that_differ_only_in_parameter_free_layers_are_refused():
+    relu = build("mlp", in_features=6, hidden=[8])
+    tanh = build("mlp", in_features=6, hidden=[8], activation="tanh")
+    for method in ("otfusion", "git_rebasin"):
+        with pytest.raises(ValueError, match=r"act1 \(Tanh\)"):
+            nf.fuse([relu, tanh], torch.randn(4, 6), method=method)
