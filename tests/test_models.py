@@ -17,6 +17,7 @@ from neurofuse import models
 from neurofuse.models import (
     EncoderBlock,
     MultiHeadSelfAttention,
+    architecture_factory,
     available_architectures,
     build,
     build_from_config,
@@ -247,6 +248,16 @@ def test_register_custom_architecture(scratch_registry: None) -> None:
     register_architecture("not_a_model", "returns a number")(lambda: 3)
     with pytest.raises(TypeError, match="nn.Module"):
         build("not_a_model")
+
+
+def test_architecture_factory_is_the_registered_one(scratch_registry: None) -> None:
+    def toy(in_features: int = 3) -> nn.Module:
+        return nn.Linear(in_features, 2)
+
+    register_architecture("toy_factory", "one Linear layer")(toy)
+    assert architecture_factory("toy_factory") is toy
+    with pytest.raises(ValueError, match="toy_factory"):  # unknown name lists the valid ones
+        architecture_factory("toy_factroy")
 
 
 def test_vit_cifar_preset_has_the_paper_hyperparameters() -> None:

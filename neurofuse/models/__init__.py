@@ -16,6 +16,7 @@ from neurofuse.models import cnn1d, mlp, resnet, vgg, vit  # noqa: F401
 from neurofuse.models.cnn1d import CNN1d
 from neurofuse.models.mlp import MLP
 from neurofuse.models.registry import (
+    architecture_factory,
     available_architectures,
     build,
     build_from_config,
@@ -44,6 +45,7 @@ __all__ = [
     "VGG",
     "VGG_CONFIGS",
     "VisionTransformer",
+    "architecture_factory",
     "available_architectures",
     "build",
     "build_from_config",

@@ -71,6 +71,15 @@ def available_architectures() -> dict[str, str]:
     return {name: _ARCHITECTURES[name].description for name in sorted(_ARCHITECTURES)}
 
 
+def architecture_factory(name: str) -> Factory:
+    """The factory registered as ``name``: its signature says which kwargs `build` accepts
+    (the CLI fills input size and classes from a dataset for those it takes).
+
+    Raises ValueError for an unknown name, listing the valid ones.
+    """
+    return _lookup(name).factory
+
+
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Build architecture `name` with `kwargs` and record the config on the returned model.
 

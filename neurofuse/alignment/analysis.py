@@ -1,0 +1,205 @@
+"""The walk over a model's fx graph that finds its permutation spaces.
+
+Each node's output is tagged with the space on its neuron axis (:mod:`.values`); the rules of
+:mod:`.rules` say how an op opens, passes on, joins or fixes spaces. Spaces joined by a
+residual ``add`` or a shared parameter are merged with a union-find. :func:`permutation_spaces`
+is the public entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.alignment.layer_rules import _elementwise
+from neurofuse.alignment.rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
+from neurofuse.alignment.space import Space, _check_spec
+from neurofuse.alignment.values import _Value
+from neurofuse.levels import ACTIVATION_FUNCTIONS, TraceError, trace, unit_end
+
+
+@dataclass
+class _Group:
+    size: int
+    origin: str
+    members: dict[tuple[str, int], int] = field(default_factory=dict)  # (key, axis) -> repeat
+    nodes: list[tuple[int, str, int]] = field(default_factory=list)  # (position, name, axis)
+    fixed: bool = False
+    joined_at: tuple[int, str] | None = None
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.parent: list[int] = []
+        self.groups: dict[int, _Group] = {}
+        self.owner: dict[tuple[str, int], int] = {}
+        self.values: dict[fx.Node, _Value] = {}
+        self.pos: dict[fx.Node, int] = {}
+        self.raw: set[str] = set()  # targets fetched with get_attr
+
+    # -- union-find over spaces
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def group(self, i: int) -> _Group:
+        return self.groups[self.find(i)]
+
+    def new_space(self, node: fx.Node, size: int) -> int:
+        i = len(self.parent)
+        self.parent.append(i)
+        self.groups[i] = _Group(size=size, origin=unit_end(self.gm, node).name)
+        return i
+
+    def union(self, a: int, b: int, at: fx.Node | None = None) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        ga, gb = self.groups.pop(ra), self.groups.pop(rb)
+        self.parent[rb] = ra
+        joins = [j for j in (ga.joined_at, gb.joined_at) if j is not None]
+        if at is not None:
+            joins.append((self.pos[at], at.name))
+        merged = _Group(
+            size=ga.size,
+            origin=ga.origin,
+            members=dict(ga.members),
+            nodes=ga.nodes + gb.nodes,
+            fixed=ga.fixed or gb.fixed or ga.size != gb.size,
+            joined_at=min(joins) if joins else None,
+        )
+        for k, r in gb.members.items():
+            if merged.members.setdefault(k, r) != r:
+                merged.fixed = True
+        self.groups[ra] = merged
+        for k in merged.members:
+            self.owner[k] = ra
+        return ra
+
+    def fix(self, *values: _Value | None) -> None:
+        for v in values:
+            if v is not None and v.tag is not None:
+                self.group(v.tag.space).fixed = True
+
+    def member(self, space: int, node: fx.Node, param: str, axis: int, repeat: int = 1) -> None:
+        mod = self.gm.get_submodule(str(node.target))
+        if getattr(mod, param, None) is None:
+            return
+        key = f"{node.target}.{param}"
+        if (key, axis) in self.owner:  # a parameter shared by two calls couples both spaces
+            space = self.union(self.owner[(key, axis)], space)
+        g = self.group(space)
+        if g.members.setdefault((key, axis), repeat) != repeat:
+            g.fixed = True
+        self.owner[(key, axis)] = self.find(space)
+
+    def arg(self, node: fx.Node, i: int = 0) -> _Value:
+        a = node.args[i] if i < len(node.args) else None
+        return self.values[a] if isinstance(a, fx.Node) else _Value()
+
+    def opaque(self, node: fx.Node) -> _Value:
+        """An op we cannot see through: every space it touches stays unpermuted."""
+        self.fix(*(self.values[a] for a in node.all_input_nodes if not self.values[a].meta))
+        return _Value()
+
+    # -- the walk
+    def run(self) -> None:
+        for i, n in enumerate(self.gm.graph.nodes):
+            self.pos[n] = i
+            if n.op == "placeholder":
+                v = _Value()
+            elif n.op == "get_attr":
+                self.raw.add(str(n.target))
+                v = _Value()
+            elif n.op == "output":
+                self.opaque(n)  # the logits (and any other returned value) are fixed
+                continue
+            elif n.all_input_nodes and all(self.values[a].meta for a in n.all_input_nodes):
+                v = _Value(meta=True)  # arithmetic on shapes
+            else:
+                v = self.dispatch(n)
+            self.values[n] = v
+            if v.tag is not None and not v.tag.flat:
+                axis = v.tag.axis + v.rank if v.rank is not None else v.tag.axis
+                self.group(v.tag.space).nodes.append((i, n.name, axis))
+
+    def dispatch(self, n: fx.Node) -> _Value:
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(str(n.target))
+            rule = next((MODULE_RULES[t] for t in type(mod).__mro__ if t in MODULE_RULES), None)
+            return rule(self, n, mod) if rule is not None else self.opaque(n)
+        if n.op == "call_function":
+            rule = FUNCTION_RULES.get(n.target)  # type: ignore[arg-type]
+            if rule is None and n.target in ACTIVATION_FUNCTIONS:
+                rule = _elementwise
+        else:
+            rule = METHOD_RULES.get(str(n.target))
+        return rule(self, n, None) if rule is not None else self.opaque(n)
+
+    def spaces(self, state_keys: set[str], aliases: Mapping[str, set[str]]) -> list[Space]:
+        out = []
+        for root, g in self.groups.items():
+            keys = {k for k, _ in g.members}
+            if keys & self.raw or any(not (aliases.get(k, set()) <= keys) for k in keys):
+                g.fixed = True  # also used outside the graph's module calls
+            nodes = sorted(g.nodes)
+            name = g.joined_at[1] if g.joined_at is not None else g.origin
+            members = [(k, a, r) for (k, a), r in g.members.items() if k in state_keys]
+            first = nodes[0][0] if nodes else len(self.pos)
+            out.append(
+                (
+                    first,
+                    root,
+                    Space(
+                        name=name,
+                        size=g.size,
+                        members=members,
+                        nodes=[name_ for _, name_, _ in nodes],
+                        fixed=g.fixed,
+                        axes=[a for _, _, a in nodes],
+                    ),
+                )
+            )
+        return [s for _, _, s in sorted(out, key=lambda t: (t[0], t[1]))]
+
+
+def _aliases(state: Mapping[str, Tensor]) -> dict[str, set[str]]:
+    """Keys whose tensors share memory with another key's (tied parameters)."""
+    by_ptr: dict[tuple, list[str]] = {}
+    for k, t in state.items():
+        if t.numel():
+            by_ptr.setdefault((t.data_ptr(), tuple(t.shape), t.stride()), []).append(k)
+    return {k: set(ks) for ks in by_ptr.values() if len(ks) > 1 for k in ks}
+
+
+def permutation_spaces(model: nn.Module, spec: Sequence[Space] | None = None) -> list[Space]:
+    """Every set of neurons of ``model`` that must be permuted together, in graph order.
+
+    Permuting every non-fixed space by any permutation (:func:`apply_permutation`) gives a
+    model that computes the same function. The classifier's outputs, the model's input and
+    anything an unsupported op touches are ``fixed`` spaces (or no space at all).
+
+    Args:
+        model: an fx-traceable model (see :func:`neurofuse.levels.trace`).
+        spec: the spaces given by hand instead (for models fx cannot trace, or to override the
+            analysis); they are checked against the model's ``state_dict`` and returned.
+    """
+    if spec is not None:
+        return _check_spec(model, spec)
+    try:
+        gm = trace(model)
+    except TraceError as exc:
+        raise TraceError(
+            f"{exc} Permutation spaces can also be given by hand: "
+            "permutation_spaces(model, spec=[Space(name, size, members, nodes, fixed), ...])."
+        ) from exc
+    analysis = _Analysis(gm)
+    analysis.run()
+    state = model.state_dict()
+    return analysis.spaces(set(state), _aliases(state))

@@ -1,0 +1,127 @@
+"""The tables that map a module type, a function or a tensor method to its propagation rule,
+and :func:`register_elementwise_module` to teach them a user's own per-neuron module."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurofuse.alignment.layer_rules import (
+    _batchnorm,
+    _conv,
+    _elementwise,
+    _groupnorm,
+    _layernorm,
+    _linear,
+    _pool,
+)
+from neurofuse.alignment.tensor_rules import (
+    _combine,
+    _flatten_call,
+    _flatten_module,
+    _getattr,
+    _getitem,
+    _metadata,
+    _permute,
+    _reduce,
+    _transpose,
+    _view,
+)
+from neurofuse.alignment.values import Rule
+from neurofuse.levels import ACTIVATION_MODULES
+
+_POOLS: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.AvgPool1d: 1,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.AvgPool2d: 2,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool3d: 3,
+}
+
+#: Rules by module type (looked up along the MRO).
+MODULE_RULES: dict[type, Rule] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv(1),
+    nn.Conv2d: _conv(2),
+    nn.Conv3d: _conv(3),
+    nn.BatchNorm1d: _batchnorm((0, 1)),
+    nn.BatchNorm2d: _batchnorm((2,)),
+    nn.BatchNorm3d: _batchnorm((3,)),
+    nn.LayerNorm: _layernorm,
+    nn.GroupNorm: _groupnorm,
+    nn.Flatten: _flatten_module,
+    **{t: _pool(d) for t, d in _POOLS.items()},
+    **{
+        t: _elementwise
+        for t in (
+            *ACTIVATION_MODULES,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Identity,
+            nn.Hardswish,
+            nn.Hardtanh,
+            nn.ReLU6,
+            nn.Mish,
+            nn.Softmax,
+        )
+    },
+}
+
+#: Rules by called function.
+FUNCTION_RULES: dict[Any, Rule] = {
+    **{f: _combine for f in (operator.add, operator.iadd, operator.sub, operator.mul)},
+    **{f: _combine for f in (operator.truediv, torch.add, torch.sub, torch.mul, torch.div)},
+    F.dropout: _elementwise,
+    F.hardswish: _elementwise,
+    F.relu6: _elementwise,
+    F.softmax: _elementwise,
+    F.max_pool1d: _pool(1),
+    F.avg_pool1d: _pool(1),
+    F.adaptive_avg_pool1d: _pool(1),
+    F.max_pool2d: _pool(2),
+    F.avg_pool2d: _pool(2),
+    F.adaptive_avg_pool2d: _pool(2),
+    torch.flatten: _flatten_call,
+    torch.transpose: _transpose,
+    torch.mean: _reduce,
+    torch.sum: _reduce,
+    getattr: _getattr,
+    operator.getitem: _getitem,
+}
+
+#: Rules by tensor method name.
+METHOD_RULES: dict[str, Rule] = {
+    **{
+        m: _elementwise
+        for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous")
+        + ("clone", "detach", "float", "to")
+    },
+    **{m: _combine for m in ("add", "add_", "sub", "mul", "mul_", "div")},
+    "flatten": _flatten_call,
+    "view": _view,
+    "reshape": _view,
+    "transpose": _transpose,
+    "permute": _permute,
+    "mean": _reduce,
+    "sum": _reduce,
+    "size": _metadata,
+    "dim": _metadata,
+    "numel": _metadata,
+}
+
+
+def register_elementwise_module(module_type: type[nn.Module]) -> None:
+    """Declare a parameter-free module that acts on each neuron independently (an activation,
+    a custom dropout), so the spaces it sees pass through it instead of being fixed."""
+    MODULE_RULES[module_type] = _elementwise

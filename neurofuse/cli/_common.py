@@ -1,0 +1,197 @@
+"""Helpers shared by the commands: input errors as one red line, ``key=value`` parsing, metric
+tables, the dataset record of a run, architecture kwargs derived from a dataset, and loading
+checkpoints.
+
+The consoles are read from the package at call time (``cli.console``), so replacing
+``neurofuse.cli.console`` (tests use a wide one) reaches every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from neurofuse import cli
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+"""Exceptions that mean "bad input": shown as one red line and exit code 2."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``message`` as one red line on stderr and return the exit (code 2) to raise."""
+    text = " ".join(str(message).split())
+    cli.err_console.print(
+        f"[bold red]error:[/bold red] {escape(text)}", soft_wrap=True, highlight=False
+    )
+    return typer.Exit(code=2)
+
+
+def user_errors(fn: F) -> F:
+    """Turn the library's input errors into :func:`fail` messages for a command."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            raise fail(str(err)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_pairs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: json.loads(v)}``; a value that is not JSON stays a string."""
+    pairs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(
+                f"{flag} expects key=value with a JSON value (e.g. {flag} hidden=[256,256]), "
+                f"got {item!r}"
+            )
+        try:
+            pairs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            pairs[key] = raw
+    return pairs
+
+
+def metric_cells(metrics: Any) -> list[str]:
+    """Accuracy (%), NLL and ECE of a :class:`neurofuse.evaluate.Metrics` as table cells."""
+    return [f"{100 * metrics.accuracy:.2f}%", f"{metrics.nll:.4f}", f"{metrics.ece:.4f}"]
+
+
+def metrics_table(title: str, first: str, extra: Sequence[str] = ()) -> Table:
+    """A table whose columns are ``first``, ``extra`` and accuracy / NLL / ECE."""
+    table = Table(title=title, title_style="bold", header_style="bold cyan")
+    table.add_column(first, style="bold", overflow="fold")
+    for column in extra:
+        table.add_column(column, justify="right")
+    for column in ("accuracy", "NLL", "ECE"):
+        table.add_column(column, justify="right")
+    return table
+
+
+def names_table(title: str, names: dict[str, str], column: str = "name") -> Table:
+    table = Table(title=title, title_style="bold", header_style="bold cyan")
+    table.add_column(column, style="bold green", no_wrap=True)
+    table.add_column("description")
+    for name, description in names.items():
+        table.add_row(name, description)
+    return table
+
+
+def dataset_spec(
+    name: str, kwargs: dict[str, Any], seed: int, root: str | Path | None = None
+) -> dict[str, Any]:
+    """The record that reloads a dataset identically: ``load(name, root=, seed=, **kwargs)``."""
+    return {
+        "name": name,
+        "kwargs": kwargs,
+        "seed": seed,
+        "root": None if root is None else str(root),
+    }
+
+
+def load_dataset(spec: dict[str, Any]) -> Any:
+    from neurofuse import data
+
+    return data.load(spec["name"], root=spec.get("root"), seed=spec["seed"], **spec["kwargs"])
+
+
+def resolve_dataset(
+    recorded: Any,
+    name: str | None,
+    kwargs: dict[str, Any],
+    seed: int,
+    root: Path | None,
+    where: str,
+) -> dict[str, Any]:
+    """Dataset of a command run on checkpoints: the one recorded in their metadata, unless
+    ``--dataset``/``--data-kw``/``--root`` say otherwise. The recorded seed is kept so the
+    train/test split is the one the models were trained with."""
+    if not isinstance(recorded, dict) or "name" not in recorded:
+        if name is None:
+            from neurofuse import data
+
+            raise ValueError(
+                f"{where} records no dataset; pass --dataset NAME (one of "
+                f"{', '.join(data.available_datasets())})"
+            )
+        return dataset_spec(name, kwargs, seed, root)
+    if name is None or name == recorded["name"]:
+        return dataset_spec(
+            recorded["name"],
+            kwargs or dict(recorded.get("kwargs") or {}),
+            int(recorded.get("seed", seed)),
+            root if root is not None else recorded.get("root"),
+        )
+    return dataset_spec(name, kwargs, seed, root)
+
+
+# Values derived from a dataset for architecture kwargs, applied only when the factory takes
+# that keyword and the user did not give it (nor one of its alternatives).
+_DERIVED_KWARGS: dict[str, Callable[[tuple[int, ...], int], Any]] = {
+    "num_classes": lambda shape, k: k,
+    "in_features": lambda shape, k: math.prod(shape),
+    "in_channels": lambda shape, k: shape[0] if len(shape) >= 2 else None,
+    "length": lambda shape, k: shape[1] if len(shape) == 2 else None,
+    "input_size": lambda shape, k: list(shape[1:]) if len(shape) == 3 else None,
+    "image_size": lambda shape, k: shape[1] if len(shape) == 3 and shape[1] == shape[2] else None,
+}
+_ALTERNATIVES = {"in_features": ("input_shape",)}
+
+
+def architecture_kwargs(arch: str, given: dict[str, Any], splits: Any) -> dict[str, Any]:
+    """``given`` plus the input size / channels / classes that ``arch`` takes, from ``splits``."""
+    from neurofuse.models import architecture_factory
+
+    factory = architecture_factory(arch)  # an unknown name raises, listing the valid ones
+    try:
+        accepted = set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # no introspectable signature: fill nothing
+        accepted = set()
+    shape = tuple(int(s) for s in splits.input_shape)
+    kwargs = dict(given)
+    for key, derive in _DERIVED_KWARGS.items():
+        taken = key in given or any(alt in given for alt in _ALTERNATIVES.get(key, ()))
+        value = derive(shape, int(splits.num_classes))
+        if key in accepted and not taken and value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def checkpoint_stems(paths: Sequence[Path]) -> list[Path]:
+    """Unique checkpoint weights paths, in order (``model_*`` globs list both files of one)."""
+    from neurofuse.checkpoint import checkpoint_paths
+
+    seen: dict[Path, None] = {}
+    for path in paths:
+        seen.setdefault(checkpoint_paths(path)[0], None)
+    return list(seen)
+
+
+def load_checkpoints(paths: Sequence[Path], device: Any) -> list[tuple[Path, Any, dict]]:
+    from neurofuse.checkpoint import load_checkpoint
+
+    loaded = []
+    for path in checkpoint_stems(paths):
+        model, sidecar = load_checkpoint(path, device=device)
+        loaded.append((path, model, sidecar))
+    return loaded
+
+
+def _int_list(t: Any) -> list[int]:
+    return [int(v) for v in (t.tolist() if hasattr(t, "tolist") else t)]
