@@ -57,6 +57,30 @@ def _conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], ...]:
     return k, d, p, s  # type: ignore[return-value]
 
 
+def _patch_rows(
+    x: Tensor, k: tuple[int, int], d: tuple[int, int], p: tuple[int, int], s: tuple[int, int]
+) -> Tensor:
+    """Convolution patches as rows, (B * H' * W', C * kh * kw), columns ordered like a conv
+    weight's (C, kh, kw). Built from k*k strided views of the padded input: the same result as
+    ``F.unfold`` but several times faster on CPU, where im2col dominated the Linear variants."""
+    b, c, h, w = x.shape
+    h_out = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    w_out = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    xp = F.pad(x, (p[1], p[1], p[0], p[0]))
+    views = [
+        xp[
+            :,
+            :,
+            u * d[0] : u * d[0] + s[0] * (h_out - 1) + 1 : s[0],
+            v * d[1] : v * d[1] + s[1] * (w_out - 1) + 1 : s[1],
+        ]
+        for u in range(k[0])
+        for v in range(k[1])
+    ]
+    patches = torch.stack(views, dim=-1)  # (B, C, H', W', kh*kw)
+    return patches.permute(0, 2, 3, 1, 4).reshape(b * h_out * w_out, c * k[0] * k[1])
+
+
 def affine_inputs(layer: nn.Module, x: Tensor) -> Tensor:
     """Rows of ``X`` (without the bias column) for ``layer`` applied to the batch ``x``.
 
@@ -67,8 +91,7 @@ def affine_inputs(layer: nn.Module, x: Tensor) -> Tensor:
         k, d, p, s = _conv_geometry(layer)
         if isinstance(layer, nn.Conv1d):
             x = x.unsqueeze(2)
-        cols = F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # (B, C*k, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return _patch_rows(x, k, d, p, s)
     raise TypeError(f"{type(layer).__name__} is not an affine layer (Linear, Conv1d, Conv2d)")
 
 
@@ -92,6 +115,9 @@ def set_affine_weights(layer: nn.Module, w: Tensor, bias: Tensor | None) -> None
             layer.bias.copy_(bias.to(layer.bias))
         elif layer.bias is not None:
             layer.bias.zero_()
+
+
+BLOCK_ROWS = 16384
 
 
 @dataclass
@@ -119,11 +145,22 @@ class LeastSquares:
         )
 
     def add(self, x_rows: Tensor, y_rows: Tensor) -> None:
-        x_rows = x_rows.to(self.gram.dtype)
-        if self.bias:
-            x_rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], dim=1)
-        self.gram += x_rows.T @ x_rows
-        self.cross += x_rows.T @ y_rows.to(self.gram.dtype)
+        """Accumulate ``X^T X`` and ``X^T Y`` for these rows, in the accumulator's precision
+        (float64 by default: float32 Gram matrices square the conditioning error and cost the
+        exact recovery of permuted models its 1e-4 tolerance), block by block."""
+        p = self.gram.shape[0] - int(self.bias)
+        dtype = self.gram.dtype
+        for lo in range(0, x_rows.shape[0], BLOCK_ROWS):
+            x = x_rows[lo : lo + BLOCK_ROWS].to(dtype)
+            y = y_rows[lo : lo + BLOCK_ROWS].to(dtype)
+            self.gram[:p, :p] += x.T @ x
+            self.cross[:p] += x.T @ y
+            if self.bias:
+                col = x.sum(0)
+                self.gram[p, :p] += col
+                self.gram[:p, p] += col
+                self.gram[p, p] += x.shape[0]
+                self.cross[p] += y.sum(0)
         self.rows += x_rows.shape[0]
 
     def factor(self, ridge: float = 1e-6) -> Tensor:
