@@ -1,0 +1,202 @@
+"""The built-in importance scores, registered by name.
+
+=======================  ===========================================  ==========================
+name                     score of neuron j (mean over samples and      cost
+                         positions of ...)
+=======================  ===========================================  ==========================
+``uniform``              1 (every neuron alike)                        none
+``activation``           ``|z_j|``                                     one forward pass
+``variance``             variance of ``z_j`` (not a mean)              one forward pass
+``grad_x_activation``    ``|z_j dF_t/dz_j|``                           one forward+backward pass
+``deeplift``             ``|(z_j - z_j^0) m_j|`` (Captum LayerDeepLift) one per node
+``conductance``          ``|sum_i dF_t/dz_j (z_j^{i+1} - z_j^i)|``     one pass over n_steps+1
+                         (Captum LayerConductance)                      path points
+=======================  ===========================================  ==========================
+
+``F_t`` is the output of the target class: the true label when labels are given, else the
+model's own prediction (option ``target``); ``z^0`` and the path start at the baseline input
+(option ``baseline``, default the all-zero input). Scores that need the model compute every node a
+fusion asks for (:func:`neurofuse.importance.probes.default_nodes`) in one go on first use, and
+serve the rest from a cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.importance import attribution as attr
+from neurofuse.importance.probes import Probed, default_nodes, probe
+from neurofuse.importance.registry import register_importance
+from neurofuse.levels import trace
+
+Compute = Callable[[Probed, Tensor, "Tensor | None", Sequence[str]], dict[str, Tensor]]
+
+
+class NodeScores:
+    """A score function over the nodes of models, computed per model in one pass and cached.
+
+    ``compute(probed, inputs, targets, names)`` returns the scores of all ``names`` at once.
+    Called as ``f(model, name, output)``, the first request for a model computes ``name`` together
+    with every node the fusion engines will ask for; :meth:`compute` gives any set directly.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        labels: Tensor | None,
+        compute: Compute,
+        *,
+        target: str | None = "auto",
+        deeplift: bool = False,
+    ) -> None:
+        if target is not None and target not in attr.TARGETS:
+            raise ValueError(f"target must be one of {attr.TARGETS}, got {target!r}")
+        self.inputs, self.labels = inputs, labels
+        self._compute, self.target, self.deeplift = compute, target, deeplift
+        self._cache: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
+
+    def compute(self, model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+        """Scores ``(d,)`` of the nodes ``names`` of ``model`` on the factory's inputs."""
+        names = list(dict.fromkeys(names))
+        probed = probe(model, names, deeplift=self.deeplift)
+        targets = None
+        if self.target is not None:
+            targets = attr.resolve_targets(model, self.inputs, self.labels, self.target)
+        return {
+            n: s.detach() for n, s in self._compute(probed, self.inputs, targets, names).items()
+        }
+
+    def __call__(self, model: nn.Module, name: str, output: Tensor) -> Tensor:
+        _, cache = self._cache.setdefault(id(model), (model, {}))
+        if name not in cache:
+            names = [name]
+            if not cache:  # first request: everything the engines will ask for, in one pass
+                names += [n for n in default_nodes(model) if n != name]
+            cache.update(self.compute(model, names))
+        return cache[name]
+
+
+class ActivationScores(NodeScores):
+    """Forward-only scores: computed from the node's value when the caller already has it."""
+
+    def __init__(self, inputs: Tensor, labels: Tensor | None, stat: str, batch_size: int) -> None:
+        super().__init__(
+            inputs,
+            labels,
+            lambda p, x, t, names: attr.activation_stats(p, x, names, stat, batch_size),
+            target=None,
+        )
+        self.stat = stat
+        self._graphs: dict[int, tuple[nn.Module, fx.GraphModule]] = {}
+
+    def __call__(self, model: nn.Module, name: str, output: Tensor) -> Tensor:
+        if output is None:
+            return super().__call__(model, name, output)
+        _, gm = self._graphs.setdefault(id(model), (model, trace(model)))
+        return attr.reduce_output(gm, name, output, self.stat)
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@register_importance("uniform", "every neuron weighs the same")
+def uniform(models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None) -> Any:
+    def score(model: nn.Module, name: str, output: Tensor) -> Tensor:
+        return torch.ones(0)  # the empty tensor means "uniform": filled in by ImportanceProvider
+
+    return score
+
+
+@register_importance("activation", "mean |activation| of each neuron (forward pass only)")
+def activation(
+    models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None, *, batch_size: int = 256
+) -> NodeScores:
+    return ActivationScores(inputs, labels, "abs", _positive("batch_size", batch_size))
+
+
+@register_importance("variance", "variance of each neuron's activation (forward pass only)")
+def variance(
+    models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None, *, batch_size: int = 256
+) -> NodeScores:
+    return ActivationScores(inputs, labels, "variance", _positive("batch_size", batch_size))
+
+
+@register_importance(
+    "grad_x_activation", "mean |activation x gradient of the target logit| (one backward pass)"
+)
+def grad_x_activation(
+    models: Sequence[nn.Module],
+    inputs: Tensor,
+    labels: Tensor | None,
+    *,
+    target: str = "auto",
+    batch_size: int = 256,
+) -> NodeScores:
+    batch_size = _positive("batch_size", batch_size)
+    return NodeScores(
+        inputs,
+        labels,
+        lambda p, x, t, names: attr.gradient_x_activation(p, x, t, names, batch_size),
+        target=target,
+    )
+
+
+@register_importance("conductance", "mean |layer conductance| (Dhamdhere et al. 2018; Captum)")
+def conductance(
+    models: Sequence[nn.Module],
+    inputs: Tensor,
+    labels: Tensor | None,
+    *,
+    n_steps: int = 16,
+    method: str = "gausslegendre",
+    baseline: Any = "zeros",
+    target: str = "auto",
+    internal_batch_size: int = 2048,
+    backend: str = "fused",
+) -> NodeScores:
+    """``backend="fused"`` attributes every node in one pass; ``"captum"`` calls Captum's
+    ``LayerConductance`` once per node (same numbers, slower; for reference)."""
+    _positive("n_steps", n_steps)
+    _positive("internal_batch_size", internal_batch_size)
+    attr.path_alphas(2, method)  # validates the method name
+    x0 = attr.resolve_baseline(baseline, inputs)
+    backends = {"fused": attr.conductance, "captum": attr.captum_conductance}
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {sorted(backends)}, got {backend!r}")
+    run = backends[backend]
+    return NodeScores(
+        inputs,
+        labels,
+        lambda p, x, t, names: run(p, x, t, x0, names, n_steps, method, internal_batch_size),
+        target=target,
+    )
+
+
+@register_importance("deeplift", "mean |DeepLIFT attribution| (Shrikumar et al. 2017; Captum)")
+def deeplift(
+    models: Sequence[nn.Module],
+    inputs: Tensor,
+    labels: Tensor | None,
+    *,
+    baseline: Any = "zeros",
+    target: str = "auto",
+    batch_size: int = 256,
+) -> NodeScores:
+    attr._captum()  # fail early when Captum is missing
+    batch_size = _positive("batch_size", batch_size)
+    x0 = attr.resolve_baseline(baseline, inputs)
+    return NodeScores(
+        inputs,
+        labels,
+        lambda p, x, t, names: attr.deeplift(p, x, t, x0, names, batch_size),
+        target=target,
+        deeplift=True,
+    )
