@@ -16,6 +16,7 @@ space of ``X``: clustering the projected outputs can be done in p dimensions ins
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,48 +121,87 @@ def set_affine_weights(layer: nn.Module, w: Tensor, bias: Tensor | None) -> None
 BLOCK_ROWS = 16384
 
 
-@dataclass
 class LeastSquares:
     """Normal equations of one least-squares problem, accumulated chunk by chunk.
 
-    ``gram`` is ``X^T X`` and ``cross`` is ``X^T Y`` for the columns ``Y`` passed to
-    :meth:`add`; with ``bias=True`` a column of ones is appended to ``X``.
+    :attr:`gram` is ``X^T X`` and :attr:`cross` is ``X^T Y`` for the rows passed to :meth:`add`;
+    with ``bias=True`` a column of ones is appended to ``X``. Products are taken block by block
+    in ``product_dtype`` on rows shifted by the first block's means (the shifted-data trick: the
+    rounding error of a float32 product then scales with the rows' spread, not with their mean,
+    which is large after a ReLU) and summed in ``dtype`` (float64); the exact uncentred sums
+    are rebuilt in ``dtype``.
     """
 
-    gram: Tensor
-    cross: Tensor
-    bias: bool
-    rows: int = 0
+    def __init__(
+        self,
+        p: int,
+        d: int,
+        bias: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        product_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.p, self.d, self.bias, self.dtype = p, d, bias, dtype
+        self.product_dtype = product_dtype or dtype
+        z = functools.partial(torch.zeros, device=device, dtype=dtype)
+        self.sxx, self.sxy, self.sx, self.sy = z(p, p), z(p, d), z(p), z(d)
+        self.shift_x: Tensor | None = None
+        self.shift_y: Tensor | None = None
+        self.rows = 0
 
     @classmethod
     def empty(
-        cls, p: int, d: int, bias: bool, device: torch.device, dtype: torch.dtype
+        cls,
+        p: int,
+        d: int,
+        bias: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        product_dtype: torch.dtype | None = None,
     ) -> LeastSquares:
-        q = p + int(bias)
-        return cls(
-            torch.zeros(q, q, device=device, dtype=dtype),
-            torch.zeros(q, d, device=device, dtype=dtype),
-            bias,
-        )
+        return cls(p, d, bias, device, dtype, product_dtype)
 
     def add(self, x_rows: Tensor, y_rows: Tensor) -> None:
-        """Accumulate ``X^T X`` and ``X^T Y`` for these rows, in the accumulator's precision
-        (float64 by default: float32 Gram matrices square the conditioning error and cost the
-        exact recovery of permuted models its 1e-4 tolerance), block by block."""
-        p = self.gram.shape[0] - int(self.bias)
-        dtype = self.gram.dtype
+        """Accumulate the rows ``x_rows`` (N, p) with their targets ``y_rows`` (N, d)."""
+        if self.shift_x is None:
+            self.shift_x = x_rows[:BLOCK_ROWS].to(self.dtype).mean(0)
+            self.shift_y = y_rows[:BLOCK_ROWS].to(self.dtype).mean(0)
+        ax = self.shift_x.to(self.product_dtype)
+        ay = self.shift_y.to(self.product_dtype)  # type: ignore[union-attr]
         for lo in range(0, x_rows.shape[0], BLOCK_ROWS):
-            x = x_rows[lo : lo + BLOCK_ROWS].to(dtype)
-            y = y_rows[lo : lo + BLOCK_ROWS].to(dtype)
-            self.gram[:p, :p] += x.T @ x
-            self.cross[:p] += x.T @ y
-            if self.bias:
-                col = x.sum(0)
-                self.gram[p, :p] += col
-                self.gram[:p, p] += col
-                self.gram[p, p] += x.shape[0]
-                self.cross[p] += y.sum(0)
+            x = x_rows[lo : lo + BLOCK_ROWS].to(self.product_dtype) - ax
+            y = y_rows[lo : lo + BLOCK_ROWS].to(self.product_dtype) - ay
+            self.sxx += (x.T @ x).to(self.dtype)
+            self.sxy += (x.T @ y).to(self.dtype)
+            self.sx += x.sum(0, dtype=self.dtype)
+            self.sy += y.sum(0, dtype=self.dtype)
         self.rows += x_rows.shape[0]
+
+    @property
+    def gram(self) -> Tensor:
+        """``[X, 1]^T [X, 1]`` (or ``X^T X`` without bias), uncentred, in ``dtype``."""
+        a, n = self._shift_x(), self.rows
+        g = self.sxx + torch.outer(a, self.sx) + torch.outer(self.sx, a) + n * torch.outer(a, a)
+        if not self.bias:
+            return g
+        col = (self.sx + n * a).unsqueeze(1)
+        corner = torch.full((1, 1), float(n), dtype=self.dtype, device=g.device)
+        return torch.cat([torch.cat([g, col], 1), torch.cat([col.T, corner], 1)], 0)
+
+    @property
+    def cross(self) -> Tensor:
+        """``[X, 1]^T Y`` (or ``X^T Y``), uncentred, in ``dtype``."""
+        a, c, n = self._shift_x(), self._shift_y(), self.rows
+        xy = self.sxy + torch.outer(self.sx, c) + torch.outer(a, self.sy) + n * torch.outer(a, c)
+        if not self.bias:
+            return xy
+        return torch.cat([xy, (self.sy + n * c).unsqueeze(0)], 0)
+
+    def _shift_x(self) -> Tensor:
+        return self.shift_x if self.shift_x is not None else torch.zeros_like(self.sx)
+
+    def _shift_y(self) -> Tensor:
+        return self.shift_y if self.shift_y is not None else torch.zeros_like(self.sy)
 
     def factor(self, ridge: float = 1e-6) -> Tensor:
         """Lower Cholesky factor of ``G + lambda I`` with ``lambda = ridge * mean(diag G)``:

@@ -135,3 +135,17 @@ def test_gradient_config_rejects_bad_values():
         GradientConfig(optimizer="rmsprop")
     with pytest.raises(ValueError, match="val_split"):
         GradientConfig(val_split=1.5)
+
+
+def test_float32_products_on_shifted_rows_stay_accurate_for_large_means():
+    """Post-ReLU features have large means; shifting by the first block's mean keeps float32
+    products accurate where naive float32 normal equations lose digits."""
+    g = torch.Generator().manual_seed(4)
+    x = 50.0 + torch.rand(4000, 6, generator=g)
+    y = x @ torch.randn(6, 2, generator=g) + 3.0
+    exact = LeastSquares.empty(6, 2, True, x.device, torch.float64)
+    exact.add(x.double(), y.double())
+    fast = LeastSquares.empty(6, 2, True, x.device, torch.float64, torch.float32)
+    fast.add(x, y)
+    torch.testing.assert_close(fast.gram, exact.gram, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(fast.solve(0.0), exact.solve(0.0), rtol=1e-3, atol=1e-3)

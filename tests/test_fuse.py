@@ -252,3 +252,17 @@ def test_vit_block_levels_beat_vanilla_averaging_on_a_sharded_task():
     assert accuracy(fused, x_test, y_test) > accuracy(average.eval(), x_test, y_test) + 0.05
     # the fused ViT is really fused, not a copy of model 0 (the reference code's silent failure)
     assert accuracy(fused, x_test, y_test) > accuracy(a, x_test, y_test) + 0.02
+
+
+def test_row_sketch_keeps_exact_recovery_and_precision_option_is_checked():
+    torch.manual_seed(0)
+    a = randomise_batchnorm(cnn_bn()).eval()
+    b = permute_sequential(a, flatten_repeat=4).eval()
+    x_fuse, x_test = torch.randn(300, 1, 8, 8), torch.randn(200, 1, 8, 8)
+    # a consistent system is solved exactly by any full-rank subset of its rows
+    fused = nf.fuse([a, b], x_fuse, method="kf_linear", row_budget=8)
+    assert relative_error(_logits(fused, x_test), _logits(a, x_test)) < 1e-4
+    with pytest.raises(ValueError, match="precision"):
+        nf.fuse([a, b], x_fuse, method="kf_linear", precision="float16")
+    with pytest.raises(ValueError, match="row_budget"):
+        nf.fuse([a, b], x_fuse, method="kf_linear", row_budget=1)
