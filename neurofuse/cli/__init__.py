@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 
 from neurofuse._version import __version__
+from neurofuse.cli._bench import bench
 from neurofuse.cli._common import (
     USER_ERRORS,
     architecture_kwargs,
@@ -122,6 +123,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "eval": eval_,
     "fuse": fuse,
     "demo": demo,
+    "bench": bench,
 }
 for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)
@@ -136,6 +138,7 @@ __all__ = [
     "app",
     "architecture_kwargs",
     "archs",
+    "bench",
     "checkpoint_stems",
     "console",
     "dataset_spec",

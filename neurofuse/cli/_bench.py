@@ -1,0 +1,55 @@
+"""``neurofuse bench SUITE``: run a benchmark suite (resumable) and write its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from neurofuse.cli._common import user_errors
+
+
+@user_errors
+def bench(
+    suite: Annotated[
+        str,
+        typer.Argument(
+            help="suite name: paper-mlp, paper-cnn, mnist1d, runtime, fusion-size, "
+            "compression, quick"
+        ),
+    ],
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="result folder (default benchmarks/results/SUITE)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: auto)")] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="only these methods/labels, comma-separated")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="reuse finished cells")] = True,
+    cache: Annotated[
+        Path | None, typer.Option(help="trained-model cache (default OUT/cache)")
+    ] = None,
+    splits: Annotated[
+        str | None, typer.Option(help="only these splits, e.g. noniid2,sharded2 (default all)")
+    ] = None,
+    report_only: Annotated[
+        bool, typer.Option(help="only rewrite report.md and plots from finished cells")
+    ] = False,
+) -> None:
+    """Run a benchmark suite cell by cell (a killed run resumes) and write its report and plots."""
+    from neurofuse.bench.command import bench as run_bench
+
+    path = run_bench(
+        suite,
+        seeds,
+        out,
+        device,
+        methods,
+        resume,
+        cache=cache,
+        splits=splits,
+        report_only=report_only,
+    )
+    typer.echo(f"report: {path}")
