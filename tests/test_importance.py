@@ -4,6 +4,7 @@ kind, their round trip beside a checkpoint, and that fusion with them does no ha
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
 
 import pytest
@@ -27,6 +28,7 @@ from neurofuse.importance import (
     register_importance,
     save_importance,
 )
+from neurofuse.importance.attribution import deeplift_chunks
 from neurofuse.levels import GraphRunner, layer_width, producing_layer, trace
 from neurofuse.models import build
 
@@ -140,18 +142,37 @@ def test_scores_are_finite_normalised_deterministic_and_sized_at_every_level(arc
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("score", ["conductance", "deeplift"])
 @pytest.mark.parametrize("arch", ["mlp", "resnet_block"])
-def test_fused_conductance_equals_captum_layer_conductance_per_node(arch):
+def test_one_pass_scores_equal_captum_per_node(arch, score):
+    """All nodes in one pass give what Captum's LayerConductance / LayerDeepLift give node by
+    node (including nodes with no module output: residual adds, functional relus)."""
     pytest.importorskip("captum")
     make, shape, classes = ARCHS[arch]
     torch.manual_seed(1)
     model = make()
     x, y = torch.randn(20, *shape), torch.randint(0, classes, (20,))
-    options = {"n_steps": 6, "baseline": "mean", "internal_batch_size": 50}
-    ours = compute_importance(model, (x, y), ("conductance", options))[0]
-    ref = compute_importance(model, (x, y), ("conductance", {**options, "backend": "captum"}))[0]
+    options = {"baseline": "mean", **({"n_steps": 6} if score == "conductance" else {})}
+    ours = compute_importance(model, (x, y), (score, options))[0]
+    ref = compute_importance(model, (x, y), (score, {**options, "backend": "captum"}))[0]
     for name in ours:
         assert torch.allclose(ours[name], ref[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_deeplift_sums_to_the_change_of_the_output_at_every_node():
+    """DeepLIFT's summation-to-delta: at every node, the attributions of a sample add up to
+    F_t(x) - F_t(x_0), through BatchNorm, ReLU and two max-pools."""
+    torch.manual_seed(3)
+    model = randomise_batchnorm(cnn_bn())
+    x, x0 = torch.randn(12, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    y = torch.randint(0, 3, (12,))
+    names = default_nodes(model)
+    probed = probe(model, names, deeplift=True)
+    (chunk,) = list(deeplift_chunks(probed, x, y, x0, names, batch_size=12))
+    with torch.no_grad():
+        delta = (model(x) - model(x0)).gather(1, y[:, None]).squeeze(1)
+    for name in names:
+        assert torch.allclose(chunk[name].flatten(1).sum(1), delta, atol=1e-5), name
 
 
 def test_conductance_completeness_at_the_head():
@@ -354,6 +375,7 @@ def test_deeplift_probe_gives_each_nonlinearity_call_its_own_module():
 # ----------------------------------------------------------------------------- no harm
 
 
+@functools.lru_cache(maxsize=3)  # fusion never modifies its models: train each pair once
 def _sharded_pair(seed: int) -> tuple[list[nn.Module], Tensor, Tensor, Tensor, Tensor]:
     """Four classes; model 0 trains on {0, 1}, model 1 on {2, 3}; the fusion set is drawn from
     model 0's data only, as in the paper's sharded regime (scores of model 1 are computed on
@@ -369,7 +391,9 @@ def _sharded_pair(seed: int) -> tuple[list[nn.Module], Tensor, Tensor, Tensor, T
     return models, x_train[pick], y_train[pick], x_test, y_test
 
 
-@pytest.mark.parametrize("method", ["kf_linear", "kf_gradient"])
+@pytest.mark.parametrize(
+    "method", ["kf_linear", pytest.param("kf_gradient", marks=pytest.mark.slow)]
+)
 def test_conductance_does_no_harm_on_a_sharded_task(method):
     """Mean test accuracy over three sharded toy tasks (seeds 0, 1, 2): Conductance (default
     treatment) lands within 2 points of uniform, or above it."""

@@ -11,9 +11,19 @@
 - precomputed scores: one ``{node_name: Tensor}`` dict per model (:func:`compute_importance`,
   :func:`load_importance`).
 
-Whatever the source, the engines get weights normalised per model and node to mean 1, tempered
-and mixed with uniform (:func:`normalise`; default ``mix=0.5``), so that a score can shift the
-balance between neurons but never silence a model.
+Whatever the source, the engines get weights normalised per model and node to mean 1 and mixed
+half-and-half with uniform (:func:`normalise`, ``mix=0.5``), and the classifier head stays uniform
+(``head_mix=1``): a score shifts the balance between a model's neurons but never silences a model
+or re-weights one class's logits against another's. ``benchmarks/results/importance_robustness.md``
+has the measurements behind these defaults.
+
+Which to use: ``conductance`` (the paper's choice; all levels in one pass over ``n_steps + 1``
+path points) or ``deeplift`` (same rules as Captum's, one pass, several times cheaper) help most
+with the neuron-interpolation methods, most of all when each model's owner computes them on its
+own data (:func:`compute_importance`, saved beside the checkpoint with :func:`save_importance`).
+``grad_x_activation`` is a one-pass first-order proxy; ``activation`` and ``variance`` need
+neither labels nor gradients and change little. Keep ``uniform`` for OTFusion: non-uniform OT
+marginals make its transport plans blend neurons.
 """
 
 from __future__ import annotations

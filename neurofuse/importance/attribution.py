@@ -18,13 +18,13 @@ label or the model's prediction, see :func:`resolve_targets`) relative to a base
   per pass), which is exactly Captum's sum, at a fraction of its time.
 - Gradient x activation: ``a = z_j(x) * dF_t/dz_j (x)``, one pass.
 - DeepLIFT (Shrikumar et al. 2017, Rescale rule; Captum ``LayerDeepLift``):
-  ``a = (z_j(x) - z_j(x_0)) * m_j`` with the DeepLIFT multipliers ``m``; one Captum call per node.
+  ``a = (z_j(x) - z_j(x_0)) * m_j`` with the DeepLIFT multipliers ``m``; all nodes in one pass
+  (:mod:`neurofuse.importance.deeplift`), with Captum's rules.
 - Activation statistics (no target, forward only): mean ``|z_j|`` and variance of ``z_j``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse.importance.deeplift import apply_rules
 from neurofuse.importance.probes import Probed
 from neurofuse.levels import layer_width, neuron_axis, producing_layer
 
@@ -45,7 +46,7 @@ PATH_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_r
 # ----------------------------------------------------------------------------- targets, baselines
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
+def sample_chunks(n: int, size: int) -> Iterator[slice]:
     for lo in range(0, n, size):
         yield slice(lo, min(lo + size, n))
 
@@ -69,7 +70,7 @@ def resolve_targets(
         labels = labels.argmax(1) if labels.dim() == 2 else labels  # one-hot or soft labels
         return labels.to(device=inputs.device, dtype=torch.long)
     with torch.no_grad():
-        outs = [model(inputs[s]) for s in _chunks(inputs.shape[0], batch_size)]
+        outs = [model(inputs[s]) for s in sample_chunks(inputs.shape[0], batch_size)]
     out = torch.cat(outs)
     if out.dim() == 1 or out[0].numel() == 1:
         return None
@@ -127,7 +128,7 @@ def path_alphas(points: int, method: str) -> list[float]:
 # ----------------------------------------------------------------------------- reduction
 
 
-class _Accumulator:
+class Accumulator:
     """Per-node running sums of ``|a|`` (or of ``z`` and ``z^2``) over samples and positions."""
 
     def __init__(self, probed: Probed, names: Sequence[str]) -> None:
@@ -171,7 +172,7 @@ def neuron_axis_of(gm: fx.GraphModule, name: str, value: Tensor) -> int:
 
 
 @contextmanager
-def _capture(probes: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+def capture(probes: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     store: dict[str, Tensor] = {}
     handles = [
         m.register_forward_hook(lambda mod, inp, out, name=name: store.__setitem__(name, out))
@@ -193,16 +194,16 @@ def _selected(out: Tensor, targets: Tensor | None) -> Tensor:
 
 
 def _gradients(out: Tensor, targets: Tensor | None, values: list[Tensor]) -> list[Tensor]:
+    """Gradients of the selected output with respect to each value (zero where it has none)."""
     live = [i for i, v in enumerate(values) if v.requires_grad]
-    grads = [torch.zeros_like(v) for v in values]
+    found: list[Tensor | None] = [None] * len(values)
     if live:
-        found = torch.autograd.grad(
+        grads = torch.autograd.grad(
             _selected(out, targets), [values[i] for i in live], allow_unused=True
         )
-        for i, g in zip(live, found, strict=True):
-            if g is not None:
-                grads[i] = g
-    return grads
+        for i, g in zip(live, grads, strict=True):
+            found[i] = g
+    return [g if g is not None else torch.zeros_like(v) for g, v in zip(found, values, strict=True)]
 
 
 # ----------------------------------------------------------------------------- the scores
@@ -213,9 +214,9 @@ def activation_stats(
 ) -> dict[str, Tensor]:
     """Forward-only scores: ``"abs"`` (mean ``|z_j|``) or ``"variance"`` (variance of ``z_j``)
     over samples and positions."""
-    acc = _Accumulator(probed, names)
-    with torch.no_grad(), _capture({n: probed.probes[n] for n in names}) as store:
-        for s in _chunks(inputs.shape[0], batch_size):
+    acc = Accumulator(probed, names)
+    with torch.no_grad(), capture({n: probed.probes[n] for n in names}) as store:
+        for s in sample_chunks(inputs.shape[0], batch_size):
             probed.module(inputs[s])
             for n in names:
                 acc.add(n, store[n], absolute=stat == "abs", square=stat == "variance")
@@ -225,7 +226,7 @@ def activation_stats(
 def reduce_output(gm: fx.GraphModule, name: str, output: Tensor, stat: str) -> Tensor:
     """:func:`activation_stats` of one node from its already computed value ``output``."""
     probed = Probed(gm, {name: nn.Identity()})
-    acc = _Accumulator(probed, [name])
+    acc = Accumulator(probed, [name])
     acc.add(name, output, absolute=stat == "abs", square=stat == "variance")
     return (acc.mean_abs() if stat == "abs" else acc.variance())[name]
 
@@ -236,7 +237,7 @@ def conductance(
     targets: Tensor | None,
     baseline: Tensor,
     names: Sequence[str],
-    n_steps: int = 16,
+    n_steps: int = 10,
     method: str = "gausslegendre",
     internal_batch_size: int = 2048,
 ) -> dict[str, Tensor]:
@@ -249,9 +250,9 @@ def conductance(
     alphas = path_alphas(n_steps + 1, method)
     points = len(alphas)
     chunk = max(1, internal_batch_size // points)
-    acc = _Accumulator(probed, names)
-    with _capture({n: probed.probes[n] for n in names}) as store, torch.enable_grad():
-        for s in _chunks(inputs.shape[0], chunk):
+    acc = Accumulator(probed, names)
+    with capture({n: probed.probes[n] for n in names}) as store, torch.enable_grad():
+        for s in sample_chunks(inputs.shape[0], chunk):
             x = inputs[s]
             x0 = baseline.expand_as(x)
             path = torch.cat([x0 + a * (x - x0) for a in alphas]).requires_grad_(True)
@@ -275,9 +276,9 @@ def gradient_x_activation(
     batch_size: int = 256,
 ) -> dict[str, Tensor]:
     """Mean ``|z_j * dF_t/dz_j|`` of every node in ``names`` (first-order Taylor importance)."""
-    acc = _Accumulator(probed, names)
-    with _capture({n: probed.probes[n] for n in names}) as store, torch.enable_grad():
-        for s in _chunks(inputs.shape[0], batch_size):
+    acc = Accumulator(probed, names)
+    with capture({n: probed.probes[n] for n in names}) as store, torch.enable_grad():
+        for s in sample_chunks(inputs.shape[0], batch_size):
             out = probed.module(inputs[s].detach().requires_grad_(True))
             values = [store[n] for n in names]
             grads = _gradients(out, targets[s] if targets is not None else None, values)
@@ -287,15 +288,35 @@ def gradient_x_activation(
     return acc.mean_abs()
 
 
-def _captum() -> Any:
-    try:
-        import captum.attr
-    except ImportError as exc:  # pragma: no cover - captum is an optional dependency
-        raise ImportError(
-            "this importance score uses Captum; install it with `pip install captum` "
-            "(or `pip install neurofuse[importance]`)"
-        ) from exc
-    return captum.attr
+def deeplift_chunks(
+    probed: Probed,
+    inputs: Tensor,
+    targets: Tensor | None,
+    baseline: Tensor,
+    names: Sequence[str],
+    batch_size: int = 256,
+) -> Iterator[dict[str, Tensor]]:
+    """Signed DeepLIFT attributions ``(z - z_0) * m`` of every node, one chunk of samples at a
+    time, in one forward/backward pass per chunk: input and baseline run as one batch, and the
+    rules of :mod:`neurofuse.importance.deeplift` make the backward pass yield the multipliers.
+    ``probed`` must come from ``probe(..., deeplift=True)``."""
+    apply_rules(probed.module)
+    with capture({n: probed.probes[n] for n in names}) as store, torch.enable_grad():
+        for s in sample_chunks(inputs.shape[0], batch_size):
+            x = inputs[s]
+            b = x.shape[0]
+            both = torch.cat([x, baseline.expand_as(x)]).requires_grad_(True)
+            out = probed.module(both)
+            values = [store[n] for n in names]
+            # Both halves explain the target (the baseline half's gradient carries the part of
+            # a max-pool's change that the rule routes through the baseline's arg-max).
+            t = targets[s].repeat(2) if targets is not None else None
+            grads = _gradients(out, t, values)
+            yield {
+                n: (v.detach()[:b] - v.detach()[b:]) * g[:b]
+                for n, v, g in zip(names, values, grads, strict=True)
+            }
+            store.clear()
 
 
 def deeplift(
@@ -306,51 +327,10 @@ def deeplift(
     names: Sequence[str],
     batch_size: int = 256,
 ) -> dict[str, Tensor]:
-    """Mean absolute DeepLIFT (Rescale rule) attribution of every node, via Captum's
-    ``LayerDeepLift`` on each probe. ``probed`` must come from ``probe(..., deeplift=True)``."""
-    attr = _captum()
-    acc = _Accumulator(probed, names)
-    for n in names:
-        method = attr.LayerDeepLift(probed.module, probed.probes[n], multiply_by_inputs=True)
-        for s in _chunks(inputs.shape[0], batch_size):
-            x = inputs[s].detach().requires_grad_(True)  # Captum hooks need a graph
-            with warnings.catch_warnings(), torch.enable_grad():
-                warnings.simplefilter("ignore")  # Captum warns that it sets hooks, every call
-                a = method.attribute(
-                    x,
-                    baselines=baseline.expand_as(x).contiguous(),
-                    target=targets[s] if targets is not None else None,
-                )
-            acc.add(n, a)
-    return acc.mean_abs()
-
-
-def captum_conductance(
-    probed: Probed,
-    inputs: Tensor,
-    targets: Tensor | None,
-    baseline: Tensor,
-    names: Sequence[str],
-    n_steps: int = 16,
-    method: str = "gausslegendre",
-    internal_batch_size: int = 2048,
-) -> dict[str, Tensor]:
-    """The same as :func:`conductance`, one Captum ``LayerConductance`` call per node (the
-    reference implementation; slower by about the number of nodes)."""
-    attr = _captum()
-    acc = _Accumulator(probed, names)
-    chunk = max(1, internal_batch_size // (n_steps + 1))
-    for n in names:
-        lc = attr.LayerConductance(probed.module, probed.probes[n])
-        for s in _chunks(inputs.shape[0], chunk):
-            x = inputs[s].detach()
-            with torch.enable_grad():
-                a = lc.attribute(
-                    x,
-                    baselines=baseline.expand_as(x).contiguous(),
-                    target=targets[s] if targets is not None else None,
-                    n_steps=n_steps,
-                    method=method,
-                )
+    """Mean absolute DeepLIFT (Rescale rule) attribution of every node (see
+    :func:`deeplift_chunks`)."""
+    acc = Accumulator(probed, names)
+    for chunk in deeplift_chunks(probed, inputs, targets, baseline, names, batch_size):
+        for n, a in chunk.items():
             acc.add(n, a)
     return acc.mean_abs()

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from neurofuse.importance.deeplift import RULES
 from neurofuse.levels import ADD_FUNCTIONS, CUT_SIDES, Levels, affine_nodes, trace, unit_end
 
 _PROBE_PREFIX = "_neurofuse_probe"
@@ -51,17 +52,8 @@ _METHOD_NONLINEAR: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
 }
-_MODULE_NONLINEAR: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ELU,
-    nn.LeakyReLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.Softmax,
-)
+#: Nonlinearity modules with a DeepLIFT rule (each call gets its own copy).
+_MODULE_NONLINEAR: tuple[type[nn.Module], ...] = tuple(RULES)
 
 
 @dataclass

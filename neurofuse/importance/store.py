@@ -124,7 +124,7 @@ def compute_importance(
 def _call_per_node(fn: Any, model: nn.Module, x: Tensor, names: list[str]) -> dict[str, Tensor]:
     """A plain score function, given each node's value on all of ``x`` (one forward pass)."""
     probed = probe(model, names)
-    with torch.no_grad(), attr._capture(probed.probes) as store:
+    with torch.no_grad(), attr.capture(probed.probes) as store:
         probed.module(x)
     raw = {}
     for n in names:
