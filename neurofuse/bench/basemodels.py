@@ -1,0 +1,98 @@
+"""The base models of a cell: data, partition, training, and the on-disk cache that lets a
+rerun (or another cell sharing the same models) skip training."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurofuse.bench.spec import Cell
+from neurofuse.checkpoint import load_checkpoint, save_checkpoint
+from neurofuse.data import DataSplits, Partition, fusion_indices, load, partition
+from neurofuse.models import build
+from neurofuse.train import TrainConfig, train_model
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every method of a cell shares: the data, the parts, the trained models and the
+    fusion set (inputs and labels, already augmented where the cell asks)."""
+
+    data: DataSplits
+    parts: list[torch.Tensor]
+    models: list[nn.Module]
+    fusion_x: torch.Tensor
+    fusion_y: torch.Tensor
+    train_info: list[dict[str, Any]]
+    partition: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=4)
+def dataset(name: str) -> DataSplits:
+    """The dataset, always generated with seed 0: seeds vary partitions and models, not data."""
+    return load(name, seed=0)
+
+
+def split_data(cell: Cell, data: DataSplits) -> tuple[list[torch.Tensor], Partition | None]:
+    """Each model's training indices; ``full`` gives every model the whole split."""
+    n = cell.split.n_models
+    if cell.split.scheme == "full":
+        return [torch.arange(data.num_train) for _ in range(n)], None
+    part = partition(
+        data.y_train, n, cell.split.scheme, seed=cell.seed, num_classes=data.num_classes
+    )
+    return list(part.indices), part
+
+
+def _train_one(
+    cell: Cell, data: DataSplits, idx: torch.Tensor, i: int, device: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Model ``i`` of the cell, trained on its part ``idx``; seeded by cell seed and index."""
+    torch.manual_seed(1000 * cell.seed + i)
+    model = build(cell.arch.name, **cell.arch.build_kwargs())
+    cfg = TrainConfig(
+        **dict(cell.arch.train), seed=1000 * cell.seed + i, device=device, progress=False
+    )
+    result = train_model(
+        model, data.x_train[idx], data.y_train[idx], cfg, num_classes=data.num_classes
+    )
+    train = {k: v for k, v in result.to_dict().items() if k != "history"}
+    return model.cpu().eval(), train
+
+
+def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
+    """Train the cell's base models or load them from ``cache``; draw its fusion set."""
+    data = dataset(cell.dataset)
+    parts, part = split_data(cell, data)
+    models, info = [], []
+    for i, idx in enumerate(parts):
+        path = cache / f"{cell.models_id}_model{i}"
+        try:
+            model, sidecar = load_checkpoint(path, device="cpu")
+            info.append({"cached": True, **sidecar.get("train", {})})
+        except Exception:
+            model, train = _train_one(cell, data, idx, i, device)
+            save_checkpoint(model, path, metadata={"train": train, "cell": cell.describe()})
+            info.append({"cached": False, **train})
+        models.append(model)
+    # the paper's 400 samples come from model 0's data; a small Dirichlet part (e.g. 8
+    # non-IID models) may hold fewer, and then all of it is used (recorded in the result)
+    n_fusion = cell.fusion_samples if part is None else min(cell.fusion_samples, len(parts[0]))
+    fuse_idx = fusion_indices(data.y_train, part, n_fusion, seed=cell.seed, from_part=0)
+    x, y = data.x_train[fuse_idx], data.y_train[fuse_idx]
+    if cell.augment_copies:
+        from neurofuse.data import Augment
+
+        aug = Augment(crop=2)
+        gen = torch.Generator().manual_seed(cell.seed)
+        x = torch.cat([x] + [aug(x, gen) for _ in range(cell.augment_copies)])
+        y = y.repeat(cell.augment_copies + 1)
+    part_info = {"sizes": [int(len(p)) for p in parts]}
+    if part is not None:
+        part_info["class_counts"] = part.class_counts.tolist()
+    return Setup(data, parts, models, x, y, info, part_info)

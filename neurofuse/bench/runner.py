@@ -1,0 +1,216 @@
+"""Run the cells of a suite: one JSON result per cell, written atomically when it finishes.
+
+Resume works at two grains: a cell whose result file exists is skipped, and inside an
+unfinished cell every method already recorded in its ``.partial.json`` is kept, so a killed run
+loses at most the method that was running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neurofuse as nf
+from neurofuse.bench.basemodels import Setup, prepare
+from neurofuse.bench.spec import Cell, MethodRun
+from neurofuse.bench.suites import Suite
+from neurofuse.evaluate import evaluate, evaluate_ensemble
+from neurofuse.utils import atomic_write_text, resolve_device, to_jsonable
+
+CellRunner = Callable[[Suite, Cell, Sequence[MethodRun], Path, Path, torch.device], dict[str, Any]]
+
+
+def result_path(out: Path, cell: Cell) -> Path:
+    return out / "cells" / f"{cell.cell_id}.json"
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(to_jsonable(record), indent=1, sort_keys=True))
+
+
+def _metrics(model: torch.nn.Module, setup: Setup, device: torch.device) -> dict[str, Any]:
+    return evaluate(model, setup.data.x_test, setup.data.y_test, device=device).to_dict()
+
+
+def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) -> dict[str, Any]:
+    """Fuse with one method run and evaluate the result on the test set; never raises (an
+    error is recorded in the returned entry)."""
+    entry: dict[str, Any] = {
+        "label": run.label,
+        "method": run.method,
+        "importance": run.importance,
+        "options": run.kwargs(),
+    }
+    if run.pairwise and cell.split.n_models != 2:
+        return {**entry, "status": "n/a", "reason": "defined for two models only"}
+    options = run.kwargs()
+    if run.needs_counts:
+        options["sample_counts"] = [int(len(p)) for p in setup.parts]
+    start = time.perf_counter()
+    try:
+        fused = nf.fuse(
+            setup.models,
+            (setup.fusion_x, setup.fusion_y),
+            method=run.method,
+            importance=run.importance,
+            seed=cell.seed,
+            device=device,
+            **options,
+        )
+        seconds = time.perf_counter() - start
+        metrics = _metrics(fused, setup, device)
+    except Exception as exc:  # a failing method must not stop the suite
+        return {
+            **entry,
+            "status": "error",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=4),
+            "seconds": time.perf_counter() - start,
+        }
+    report = getattr(fused, "neurofuse_report", {}) or {}
+    return {
+        **entry,
+        "status": "ok",
+        "seconds": seconds,
+        **metrics,
+        "phases": report.get("seconds", {}),
+    }
+
+
+def run_accuracy_cell(
+    suite: Suite,
+    cell: Cell,
+    runs: Sequence[MethodRun],
+    out: Path,
+    cache: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train/load the base models, evaluate them and their ensemble, fuse with every run."""
+    partial_path = result_path(out, cell).with_suffix(".partial.json")
+    done: dict[str, Any] = {}
+    if partial_path.exists():
+        try:
+            done = json.loads(partial_path.read_text())["methods"]
+        except (ValueError, KeyError):
+            done = {}
+    start = time.perf_counter()
+    setup = prepare(cell, cache, device)
+    record: dict[str, Any] = {
+        "cell": cell.describe(),
+        "partition": setup.partition,
+        "train": setup.train_info,
+        "base": [_metrics(m, setup, device) for m in setup.models],
+        "ensemble": evaluate_ensemble(
+            setup.models, setup.data.x_test, setup.data.y_test, device=device
+        ).to_dict(),
+        "fusion_set": {
+            "n": int(len(setup.fusion_x)),
+            "classes": sorted(set(setup.fusion_y.tolist())),
+        },
+        "methods": done,
+    }
+    for run in runs:
+        if run.key in done and done[run.key].get("status") != "error":
+            continue
+        record["methods"][run.key] = fuse_once(run, setup, cell, device)
+        write_record(partial_path, record)
+    record["seconds"] = time.perf_counter() - start
+    record["device"] = str(device)
+    record["torch_threads"] = torch.get_num_threads()
+    return record
+
+
+CELL_RUNNERS: dict[str, CellRunner] = {"accuracy": run_accuracy_cell}
+
+
+def run_suite(
+    suite: Suite,
+    seeds: Sequence[int],
+    out: Path,
+    device: str | torch.device | None = None,
+    methods: Sequence[str] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    threads: int | None = 2,
+    log: Callable[[str], None] | None = None,
+    cache: Path | None = None,
+    splits: Sequence[str] | None = None,
+) -> list[Path]:
+    """Run every cell of ``suite`` for ``seeds``; return the result files (one per cell).
+
+    ``methods`` keeps only the runs whose method name or label is listed; ``splits`` only the
+    cells whose split key (``noniid2``, ``sharded6``, ``full2`` ...) is listed. With ``resume``, a
+    cell whose result file exists is not recomputed.
+    """
+    from neurofuse.bench.runtime import run_runtime_cell  # noqa: F401  (registers "runtime")
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    runs = select_runs(suite.methods, methods)
+    cells = select_cells(suite.cells(seeds), splits)
+    paths: list[Path] = []
+    failed: list[str] = []
+    from neurofuse.progress import progress_bar
+
+    with progress_bar(progress, f"bench {suite.name}", len(cells)) as update:
+        for done, cell in enumerate(cells, 1):
+            path = result_path(out, cell)
+            if resume and path.exists():
+                status = "cached"
+            else:
+                try:
+                    record = CELL_RUNNERS[cell.kind](
+                        suite, cell, runs, out, cache or out / "cache", dev
+                    )
+                except Exception as exc:  # one broken cell must not stop the suite
+                    failed.append(cell.cell_id)
+                    if log is not None:
+                        log(
+                            f"[{done}/{len(cells)}] {cell.cell_id}: FAILED {type(exc).__name__}: {exc}"
+                        )
+                    update(done)
+                    continue
+                record["suite"] = suite.name
+                write_record(path, record)
+                path.with_suffix(".partial.json").unlink(missing_ok=True)
+                status = f"done in {record['seconds']:.0f}s"
+            if log is not None:
+                log(f"[{done}/{len(cells)}] {cell.cell_id}: {status}")
+            paths.append(path)
+            update(done)
+    return paths
+
+
+def select_runs(runs: Sequence[MethodRun], methods: Sequence[str] | None) -> list[MethodRun]:
+    if not methods:
+        return list(runs)
+    wanted = {m.strip() for m in methods}
+    known = {r.method for r in runs} | {r.label for r in runs}
+    unknown = wanted - known
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {sorted(unknown)} for this suite; choose from {sorted(known)}"
+        )
+    return [r for r in runs if r.method in wanted or r.label in wanted]
+
+
+def select_cells(cells: Sequence[Cell], splits: Sequence[str] | None) -> list[Cell]:
+    """The cells whose split key (regime + number of models, e.g. ``noniid2``) is in
+    ``splits``; every cell when ``splits`` is empty."""
+    if not splits:
+        return list(cells)
+    wanted = {s.strip() for s in splits}
+    known = {c.split.key for c in cells}
+    if wanted - known:
+        raise ValueError(
+            f"unknown split(s) {sorted(wanted - known)} for this suite; choose from {sorted(known)}"
+        )
+    return [c for c in cells if c.split.key in wanted]

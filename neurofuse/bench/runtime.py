@@ -1,0 +1,163 @@
+"""The ``runtime`` cell: every method fuses the same base models ``repeats`` times in its own
+fresh process, so its peak memory is its own and no warm cache from another method helps it.
+
+Reported per method: the median and all wall times of ``nf.fuse`` (models already loaded),
+peak memory (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak RSS over its
+value just before the first fusion), the test accuracy of the last fused model, and the ratio of
+the median time to OTFusion's.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurofuse.bench.basemodels import prepare
+from neurofuse.bench.runner import CELL_RUNNERS, result_path, write_record
+from neurofuse.bench.spec import Cell, MethodRun
+from neurofuse.bench.suites import Suite
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child(
+    cell: Cell, run: MethodRun, cache: str, device: str, repeats: int, threads: int, queue: Any
+) -> None:
+    try:
+        import neurofuse as nf
+        from neurofuse.evaluate import evaluate
+
+        torch.set_num_threads(threads)
+        dev = torch.device(device)
+        setup = prepare(cell, Path(cache), dev)
+        options = run.kwargs()
+        if run.needs_counts:
+            options["sample_counts"] = [int(len(p)) for p in setup.parts]
+        data = (setup.fusion_x.to(dev), setup.fusion_y.to(dev))
+        models = [m.to(dev) for m in setup.models]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        base_rss = _peak_rss_mib()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fused = nf.fuse(
+                models,
+                data,
+                method=run.method,
+                importance=run.importance,
+                seed=cell.seed,
+                device=dev,
+                **options,
+            )
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - start)
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        else:
+            peak = _peak_rss_mib() - base_rss
+        acc = evaluate(fused, setup.data.x_test, setup.data.y_test, device=dev).accuracy
+        queue.put(
+            {
+                "status": "ok",
+                "times": times,
+                "median_seconds": statistics.median(times),
+                "peak_memory_mib": peak,
+                "accuracy": acc,
+                "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "cpu_rss_growth",
+            }
+        )
+    except Exception as exc:
+        queue.put(
+            {
+                "status": "error",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=4),
+            }
+        )
+
+
+def time_method(
+    cell: Cell,
+    run: MethodRun,
+    cache: Path,
+    device: torch.device,
+    repeats: int,
+    timeout: float = 1800.0,
+) -> dict[str, Any]:
+    """Fuse ``repeats`` times with ``run`` in a fresh (spawned) process; return its timings."""
+    entry: dict[str, Any] = {
+        "label": run.label,
+        "method": run.method,
+        "importance": run.importance,
+        "options": run.kwargs(),
+    }
+    if run.pairwise and cell.split.n_models != 2:
+        return {**entry, "status": "n/a"}
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=_child,
+        args=(cell, run, str(cache), str(device), repeats, torch.get_num_threads(), queue),
+    )
+    proc.start()
+    try:
+        result = queue.get(timeout=timeout)
+    except Exception:
+        result = {"status": "error", "error": f"no result within {timeout:.0f}s"}
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+    return {**entry, **result}
+
+
+def run_runtime_cell(
+    suite: Suite,
+    cell: Cell,
+    runs: Sequence[MethodRun],
+    out: Path,
+    cache: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    prepare(cell, cache, device)  # trains and caches once, before the timed children
+    partial = result_path(out, cell).with_suffix(".partial.json")
+    methods: dict[str, Any] = {}
+    if partial.exists():
+        try:
+            methods = json.loads(partial.read_text())["methods"]
+        except (ValueError, KeyError):
+            methods = {}
+    for run in runs:
+        if methods.get(run.key, {}).get("status") == "ok":
+            continue
+        methods[run.key] = time_method(cell, run, cache, device, suite.repeats)
+        write_record(partial, {"cell": cell.describe(), "methods": methods})
+    ot = methods.get("OTFusion | uniform", {}).get("median_seconds")
+    for entry in methods.values():
+        if ot and entry.get("status") == "ok":
+            entry["ratio_to_otfusion"] = entry["median_seconds"] / ot
+    return {
+        "cell": cell.describe(),
+        "methods": methods,
+        "repeats": suite.repeats,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+CELL_RUNNERS["runtime"] = run_runtime_cell

@@ -1,0 +1,154 @@
+"""The vocabulary of a benchmark: data regimes, method runs, cells and suites.
+
+A *cell* is one (dataset x architecture x regime x number of models x seed) experiment; it
+trains (or reuses) its base models once and fuses them with every :class:`MethodRun` of its
+suite. Everything here is plain, frozen data so a cell's identity can be written to JSON and
+compared on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+#: regime name -> (partition scheme, human label)
+REGIMES: dict[str, tuple[str, str]] = {
+    "noniid": ("dirichlet", "non-IID"),
+    "sharded": ("sharded", "sharded"),
+    "full": ("full", "full"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How the training data is shared among ``n_models`` models.
+
+    ``regime`` is a key of :data:`REGIMES`: ``noniid`` (ordered-Dirichlet class proportions,
+    appendix D.1), ``sharded`` (disjoint class sets, D.2) or ``full`` (every model sees the
+    whole training split; models differ only by seed)."""
+
+    regime: str
+    n_models: int
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose one of {sorted(REGIMES)}")
+        if self.n_models < 2:
+            raise ValueError(f"a split needs >= 2 models, got {self.n_models}")
+
+    @property
+    def label(self) -> str:
+        return f"{REGIMES[self.regime][1]} {self.n_models}"
+
+    @property
+    def key(self) -> str:
+        """``"noniid2"``, ``"sharded6"``, ``"full2"``: the name used to select splits."""
+        return f"{self.regime}{self.n_models}"
+
+    @property
+    def scheme(self) -> str:
+        return REGIMES[self.regime][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """One fusion run inside a cell: ``nf.fuse(models, data, method, importance, **options)``.
+
+    ``label`` names the row of the report (e.g. ``"KF Gradient (setting 2)"``); ``pairwise``
+    marks methods defined for two equal-width models only (HF), recorded as ``n/a`` for more.
+    ``needs_counts`` passes each model's training-sample count as ``sample_counts``."""
+
+    label: str
+    method: str
+    importance: str = "uniform"
+    options: tuple[tuple[str, Any], ...] = ()
+    pairwise: bool = False
+    needs_counts: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.label} | {self.importance}"
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A base-model architecture: ``neurofuse.models.build(name, **kwargs)`` plus how to train
+    it (``neurofuse.train.TrainConfig`` fields)."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...]
+    train: tuple[tuple[str, Any], ...]
+
+    def build_kwargs(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One experiment of a suite; ``cell_id`` names its result file.
+
+    ``variant`` distinguishes cells that share base models but fuse differently (e.g. the
+    fusion-set size), so they also share the trained-model cache (``models_id``)."""
+
+    suite: str
+    kind: str
+    dataset: str
+    arch_label: str
+    arch: Arch
+    split: Split
+    seed: int
+    fusion_samples: int = 400
+    augment_copies: int = 0
+    variant: str = ""
+
+    @property
+    def models_id(self) -> str:
+        """Identity of the trained base models: data, architecture, training, split, seed."""
+        blob = json.dumps(
+            [
+                self.dataset,
+                self.arch.name,
+                self.arch.kwargs,
+                self.arch.train,
+                self.split.regime,
+                self.split.n_models,
+                self.seed,
+            ],
+            default=str,
+        )
+        digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
+        return (
+            f"{self.dataset}_{self.arch_label}_{self.split.regime}{self.split.n_models}"
+            f"_seed{self.seed}_{digest}"
+        )
+
+    @property
+    def cell_id(self) -> str:
+        suffix = f"_{self.variant}" if self.variant else ""
+        return (
+            f"{self.dataset}_{self.arch_label}_{self.split.regime}{self.split.n_models}"
+            f"{suffix}_seed{self.seed}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "kind": self.kind,
+            "dataset": self.dataset,
+            "arch": self.arch_label,
+            "arch_build": {"name": self.arch.name, **self.arch.build_kwargs()},
+            "train": dict(self.arch.train),
+            "regime": self.split.regime,
+            "scheme": self.split.scheme,
+            "n_models": self.split.n_models,
+            "split": self.split.label,
+            "seed": self.seed,
+            "fusion_samples": self.fusion_samples,
+            "augment_copies": self.augment_copies,
+            "variant": self.variant,
+        }

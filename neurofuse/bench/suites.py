@@ -1,0 +1,278 @@
+"""The registry of benchmark suites (paper section 5, appendix G; regimes of appendix D).
+
+Each suite lists its cells for given seeds and the method runs every cell performs. Add a suite
+with :func:`register_suite`; ``neurofuse bench SUITE`` looks it up by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from neurofuse.bench.spec import Arch, Cell, MethodRun, Split
+
+PAPER_SPLITS = (
+    Split("noniid", 2),
+    Split("noniid", 4),
+    Split("noniid", 8),
+    Split("sharded", 2),
+    Split("sharded", 4),
+    Split("sharded", 6),
+    Split("full", 2),
+)
+PAPER_IMPORTANCE = ("uniform", "conductance", "deeplift")
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A named benchmark: ``cells(seeds)`` gives its experiments, ``methods`` what each runs.
+
+    ``kind`` picks the cell runner (``"accuracy"``: fuse and evaluate once per method;
+    ``"runtime"``: fuse ``repeats`` times per method in a fresh process and time it)."""
+
+    name: str
+    description: str
+    kind: str
+    cells: Callable[[Sequence[int]], list[Cell]]
+    methods: tuple[MethodRun, ...]
+    default_seeds: tuple[int, ...] = (0, 1, 2)
+    repeats: int = 5
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite) -> Suite:
+    """Add ``suite`` to :data:`SUITES` (a name may be registered once)."""
+    if suite.name in SUITES:
+        raise ValueError(f"suite {suite.name!r} is already registered")
+    SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(sorted(SUITES))}")
+    return SUITES[name]
+
+
+def available_suites() -> dict[str, str]:
+    return {name: s.description for name, s in sorted(SUITES.items())}
+
+
+def gradient_runs(kind: str, importance: str, pairwise: bool) -> list[MethodRun]:
+    name = f"{kind.upper()} Gradient"
+    return [
+        MethodRun(
+            f"{name} (setting {i})",
+            f"{kind}_gradient",
+            importance,
+            (("preset", f"setting{i}"),),
+            pairwise=pairwise,
+        )
+        for i in (1, 2)
+    ]
+
+
+def paper_methods(
+    importances: Sequence[str] = PAPER_IMPORTANCE,
+    gradient_importances: Sequence[str] = ("uniform",),
+) -> tuple[MethodRun, ...]:
+    """Every baseline once, every closed-form importance-aware method once per importance score,
+    and the gradient variants (both Table 9 presets) once per ``gradient_importances`` (the rows
+    of the paper's Tables 12-14; gradient runs cost ~10x a linear one, so by default they run
+    with uniform importance only)."""
+    runs = [
+        MethodRun("Vanilla averaging", "vanilla"),
+        MethodRun("FedAvg", "fedavg", needs_counts=True),
+        MethodRun("KD", "kd"),
+        MethodRun("LP", "lp"),
+        MethodRun("NT", "transplant"),
+    ]
+    for imp in importances:
+        runs += [
+            MethodRun("OTFusion", "otfusion", imp),
+            MethodRun("Git Re-Basin", "git_rebasin", imp),
+            MethodRun("HF Linear", "hf_linear", imp, pairwise=True),
+            MethodRun("KF Linear", "kf_linear", imp),
+        ]
+    for imp in gradient_importances:
+        runs += [
+            *gradient_runs("hf", imp, pairwise=True),
+            *gradient_runs("kf", imp, pairwise=False),
+        ]
+    return tuple(runs)
+
+
+def _train(epochs: int, lr: float, batch_size: int = 64) -> tuple[tuple[str, object], ...]:
+    return (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("val_fraction", 0.1))
+
+
+MLP = Arch(
+    "mlp", (("in_features", 784), ("num_classes", 10), ("hidden", (128, 128))), _train(20, 2e-3)
+)
+QUICK_MLP = Arch(
+    "mlp", (("in_features", 784), ("num_classes", 10), ("hidden", (32, 32))), _train(5, 3e-3)
+)
+
+
+def vgg(batch_norm: bool, epochs: int = 10) -> Arch:
+    return Arch(
+        "vgg",
+        (
+            ("config", "vgg_small"),
+            ("in_channels", 1),
+            ("num_classes", 10),
+            ("input_size", 28),
+            ("batch_norm", batch_norm),
+        ),
+        _train(epochs, 2e-3),
+    )
+
+
+CNN1D = Arch(
+    "cnn1d",
+    (
+        ("in_channels", 1),
+        ("length", 40),
+        ("num_classes", 10),
+        ("channels", (32, 32, 32)),
+        ("hidden", (64,)),
+    ),
+    _train(30, 3e-3),
+)
+
+
+def grid(
+    suite: str, dataset: str, archs: dict[str, Arch], splits: Sequence[Split], **extra: object
+) -> Callable[[Sequence[int]], list[Cell]]:
+    """Cells for every seed x architecture x split (seed outermost, so a partial run covers
+    every split of the first seeds)."""
+
+    def cells(seeds: Sequence[int]) -> list[Cell]:
+        return [
+            Cell(suite, "accuracy", dataset, label, arch, split, seed, **extra)  # type: ignore[arg-type]
+            for seed in seeds
+            for label, arch in archs.items()
+            for split in splits
+        ]
+
+    return cells
+
+
+register_suite(
+    Suite(
+        "paper-mlp",
+        "MNIST-5k, MLP [128,128]: non-IID 2/4/8, sharded 2/4/6, full 2 (Table 12 analogue)",
+        "accuracy",
+        grid("paper-mlp", "mnist5k", {"mlp": MLP}, PAPER_SPLITS),
+        paper_methods(),
+    )
+)
+register_suite(
+    Suite(
+        "paper-cnn",
+        "MNIST-5k, VGG-small with and without BatchNorm, same regimes (Table 13 analogue)",
+        "accuracy",
+        grid("paper-cnn", "mnist5k", {"vgg": vgg(False), "vgg_bn": vgg(True)}, PAPER_SPLITS),
+        paper_methods(),
+    )
+)
+register_suite(
+    Suite(
+        "mnist1d",
+        "MNIST-1D, 1-D CNN, same regimes (Table 14 analogue)",
+        "accuracy",
+        grid("mnist1d", "mnist1d", {"cnn1d": CNN1D}, PAPER_SPLITS),
+        paper_methods(),
+    )
+)
+
+
+def _fusion_size_cells(seeds: Sequence[int]) -> list[Cell]:
+    arch = vgg(False)
+    return [
+        Cell(
+            "fusion-size",
+            "accuracy",
+            "mnist5k",
+            "vgg",
+            arch,
+            Split("noniid", 2),
+            seed,
+            fusion_samples=n,
+            augment_copies=aug,
+            variant=f"n{n}_aug{aug}",
+        )
+        for seed in seeds
+        for aug in (0, 4)
+        for n in (100, 400, 1000)
+    ]
+
+
+register_suite(
+    Suite(
+        "fusion-size",
+        "two non-IID VGG-small: 100/400/1000 fusion samples, with and without "
+        "augmentation (4 random-crop copies) (Table 6 analogue)",
+        "accuracy",
+        _fusion_size_cells,
+        (
+            MethodRun("KF Linear", "kf_linear"),
+            *gradient_runs("kf", "uniform", False),
+            MethodRun("KD", "kd"),
+        ),
+    )
+)
+
+
+def _runtime_cells(seeds: Sequence[int]) -> list[Cell]:
+    return [
+        Cell("runtime", "runtime", "mnist5k", "vgg", vgg(False), Split("sharded", 2), s)
+        for s in seeds
+    ]
+
+
+register_suite(
+    Suite(
+        "runtime",
+        "each method fuses the same two VGG-small CNNs 5 times in a fresh process: "
+        "median wall time, peak memory, ratio to OTFusion (Table 10 analogue)",
+        "runtime",
+        _runtime_cells,
+        (
+            MethodRun("Vanilla averaging", "vanilla"),
+            MethodRun("FedAvg", "fedavg", needs_counts=True),
+            MethodRun("OTFusion", "otfusion"),
+            MethodRun("Git Re-Basin", "git_rebasin"),
+            MethodRun("HF Linear", "hf_linear", pairwise=True),
+            MethodRun("KF Linear", "kf_linear"),
+            MethodRun("KF Linear", "kf_linear", "conductance"),
+            MethodRun("LP", "lp"),
+            MethodRun("KD", "kd"),
+            MethodRun("NT", "transplant"),
+            *gradient_runs("hf", "uniform", True),
+            *gradient_runs("kf", "uniform", False),
+        ),
+        default_seeds=(0,),
+    )
+)
+
+register_suite(
+    Suite(
+        "quick",
+        "CI slice: MNIST-5k, small MLP, sharded 2 and non-IID 2, one seed, a few methods",
+        "accuracy",
+        grid(
+            "quick", "mnist5k", {"mlp_small": QUICK_MLP}, (Split("sharded", 2), Split("noniid", 2))
+        ),
+        (
+            MethodRun("Vanilla averaging", "vanilla"),
+            MethodRun("OTFusion", "otfusion"),
+            MethodRun("HF Linear", "hf_linear", pairwise=True),
+            MethodRun("KF Linear", "kf_linear"),
+            MethodRun("KF Linear", "kf_linear", "activation"),
+        ),
+        default_seeds=(0,),
+    )
+)

@@ -1,0 +1,129 @@
+"""Markdown tables shaped like the paper's Tables 12-14 (rows: method | importance score,
+columns: splits) plus the runtime table (Table 10 analogue)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from neurofuse.bench.aggregate import BASE_ROWS, Group, Stat, best_neurofuse
+
+
+def display(row: str) -> str:
+    """``"KF Linear | conductance"`` -> ``"KF Linear (conductance)"`` (a pipe would split a
+    Markdown cell)."""
+    label, _, importance = row.partition(" | ")
+    return f"{label} ({importance})" if importance else label
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[display(r[0]), *r[1:]] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_accuracy(stat: Stat | None) -> str:
+    """``"93.1 ± 0.4"`` (percent; no ± for a single seed), ``n/a``, ``error`` or ``-``."""
+    if stat is None:
+        return "-"
+    if not stat.values:
+        return "n/a" if stat.status == "n/a" else stat.status
+    text = f"{100 * stat.mean:.1f}"
+    if len(stat.values) > 1:
+        text += f" ± {100 * stat.std:.1f}"  # type: ignore[operator]
+    return text + ("*" if stat.errors else "")
+
+
+def format_egr(stat: Stat | None) -> str:
+    if stat is None or not stat.values:
+        return "-" if stat is None else ("n/a" if stat.status == "n/a" else stat.status)
+    return "undef." if stat.egr is None else f"{stat.egr:.2f}"
+
+
+def accuracy_table(group: Group) -> str:
+    """Test accuracy (%) mean ± std over seeds; ``*`` marks an entry where some seed errored."""
+    rows = [
+        [row] + [format_accuracy(group.get(row, c)) for c in group.columns] for row in group.rows
+    ]
+    return _markdown(["method (importance)", *group.columns], rows)
+
+
+def egr_table(group: Group) -> str:
+    """EGR of every row (ratio of seed-averaged accuracies; see :mod:`.aggregate`)."""
+    rows = [
+        [row] + [format_egr(group.get(row, c)) for c in group.columns]
+        for row in group.rows
+        if row != BASE_ROWS[1]
+    ]
+    return _markdown(["method (importance)", *group.columns], rows)
+
+
+def seconds_table(group: Group) -> str:
+    """Mean fusion wall time (s) per method and split."""
+    rows = []
+    for row in group.rows[len(BASE_ROWS) :]:
+        cells = []
+        for c in group.columns:
+            stat = group.get(row, c)
+            cells.append(
+                f"{sum(stat.seconds) / len(stat.seconds):.2f}" if stat and stat.seconds else "-"
+            )
+        rows.append([row, *cells])
+    return _markdown(["method (importance)", *group.columns], rows)
+
+
+def best_table(group: Group) -> str:
+    """Per split: the best HF/KF row, its accuracy, EGR, and margin over the best base model."""
+    rows = []
+    for c in group.columns:
+        found = best_neurofuse(group, c)
+        base, ens = group.get(BASE_ROWS[1], c), group.get(BASE_ROWS[2], c)
+        if found is None or base is None:
+            rows.append([c, "-", "-", "-", "-", "-"])
+            continue
+        row, stat = found
+        margin = 100 * (stat.mean - base.mean)  # type: ignore[operator]
+        rows.append(
+            [
+                c,
+                display(row),
+                format_accuracy(stat),
+                format_accuracy(base),
+                format_accuracy(ens),
+                format_egr(stat),
+                f"{margin:+.1f}",
+            ]
+        )
+    header = [
+        "split",
+        "best neurofuse run",
+        "accuracy",
+        "best base",
+        "ensemble",
+        "EGR",
+        "vs best base (pp)",
+    ]
+    return _markdown(header, rows)
+
+
+def runtime_table(record: dict[str, Any]) -> str:
+    """Median fusion time, peak memory, ratio to OTFusion and accuracy, one row per method."""
+    rows = []
+    for key, e in record["methods"].items():
+        if e.get("status") != "ok":
+            rows.append([key, e.get("status", "?"), "-", "-", "-", e.get("error", "")[:80]])
+            continue
+        ratio = e.get("ratio_to_otfusion")
+        rows.append(
+            [
+                key,
+                f"{e['median_seconds']:.3f}",
+                f"{e['peak_memory_mib']:.0f}",
+                "-" if ratio is None else f"{ratio:.2f}×",
+                f"{100 * e['accuracy']:.1f}",
+                ", ".join(f"{t:.3f}" for t in e["times"]),
+            ]
+        )
+    header = ["method (importance)", "median s", "peak MiB", "÷ OTFusion", "acc %", "all times (s)"]
+    return _markdown(header, rows)

@@ -1,0 +1,283 @@
+"""The benchmark harness: aggregation arithmetic, table shape, resume, and the quick suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neurofuse.bench import aggregate, runner, tables
+from neurofuse.bench.aggregate import BASE_ROWS, egr, mean_std, summarise
+from neurofuse.bench.command import bench, parse_seeds
+from neurofuse.bench.spec import Arch, Cell, MethodRun, Split
+from neurofuse.bench.suites import Suite, get_suite, grid
+
+
+def test_mean_std_hand_numbers():
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_egr_hand_numbers():
+    assert egr(0.9, 0.8, 1.0) == pytest.approx(0.5)
+    assert egr(1.0, 0.8, 1.0) == pytest.approx(1.0)
+    assert egr(0.8, 0.8, 1.0) == pytest.approx(0.0)
+    assert egr(0.7, 0.8, 0.9) == pytest.approx(-1.0)
+    assert egr(0.9, 0.8, 0.8) is None  # no ensemble gain to recover
+
+
+def _record(split: str, seed: int, base: list[float], ens: float, methods: dict) -> dict:
+    regime, n = split.split()
+    return {
+        "cell": {
+            "kind": "accuracy",
+            "arch": "mlp",
+            "split": split,
+            "seed": seed,
+            "regime": regime,
+            "n_models": int(n),
+            "variant": "",
+        },
+        "base": [{"accuracy": a} for a in base],
+        "ensemble": {"accuracy": ens},
+        "methods": methods,
+    }
+
+
+def _ok(method: str, acc: float) -> dict:
+    return {
+        "status": "ok",
+        "method": method,
+        "accuracy": acc,
+        "seconds": 1.0,
+        "nll": 0.1,
+        "ece": 0.01,
+    }
+
+
+def _records() -> list[dict]:
+    return [
+        _record(
+            "sharded 2",
+            0,
+            [0.5, 0.4],
+            0.9,
+            {
+                "KF Linear | uniform": _ok("kf_linear", 0.8),
+                "HF Linear | uniform": _ok("hf_linear", 0.6),
+            },
+        ),
+        _record(
+            "sharded 2",
+            1,
+            [0.6, 0.5],
+            0.9,
+            {
+                "KF Linear | uniform": _ok("kf_linear", 0.9),
+                "HF Linear | uniform": _ok("hf_linear", 0.7),
+            },
+        ),
+        _record(
+            "sharded 4",
+            0,
+            [0.3, 0.3, 0.2, 0.3],
+            0.8,
+            {
+                "KF Linear | uniform": _ok("kf_linear", 0.55),
+                "HF Linear | uniform": {"status": "n/a", "method": "hf_linear"},
+            },
+        ),
+    ]
+
+
+def test_summarise_means_and_egr_of_means():
+    group = summarise(_records())["mlp"]
+    assert group.columns == ["sharded 2", "sharded 4"]
+    kf = group.get("KF Linear | uniform", "sharded 2")
+    assert kf.mean == pytest.approx(0.85)
+    assert kf.std == pytest.approx(mean_std([0.8, 0.9])[1])
+    # best base 0.55 (mean of 0.5, 0.6), ensemble 0.9 -> (0.85 - 0.55) / 0.35
+    assert kf.egr == pytest.approx(0.3 / 0.35)
+    assert group.get("KF Linear | uniform", "sharded 4").egr == pytest.approx(0.5)
+    assert group.get(BASE_ROWS[0], "sharded 2").mean == pytest.approx(0.5)
+    assert group.get("HF Linear | uniform", "sharded 4").status == "n/a"
+    best = aggregate.best_neurofuse(group, "sharded 2")
+    assert best is not None and best[0] == "KF Linear | uniform"
+
+
+def test_accuracy_table_shape_and_entries():
+    group = summarise(_records())["mlp"]
+    lines = tables.accuracy_table(group).splitlines()
+    assert len(lines) == 2 + len(BASE_ROWS) + 2  # header, rule, base rows, two methods
+    assert all(line.count("|") == 2 + len(group.columns) for line in lines)
+    kf_line = next(line for line in lines if line.startswith("| KF Linear"))
+    assert kf_line.endswith("| 85.0 ± 7.1 | 55.0 |")  # one seed: no ±
+    assert "| KF Linear (uniform) |" in kf_line
+    hf_line = next(line for line in lines if line.startswith("| HF Linear"))
+    assert hf_line.rstrip(" |").endswith("n/a")
+    egr_lines = tables.egr_table(group).splitlines()
+    assert "0.86" in next(line for line in egr_lines if line.startswith("| KF Linear"))
+
+
+def _tiny_suite(name: str) -> Suite:
+    arch = Arch(
+        "mlp",
+        (("in_features", 20), ("num_classes", 10), ("hidden", (16,))),
+        (("epochs", 2), ("lr", 3e-3), ("batch_size", 64), ("val_fraction", 0.1)),
+    )
+    return Suite(
+        name,
+        "test",
+        "accuracy",
+        grid(name, "synthetic", {"tiny": arch}, (Split("sharded", 2), Split("noniid", 4))),
+        (
+            MethodRun("Vanilla averaging", "vanilla"),
+            MethodRun("KF Linear", "kf_linear"),
+            MethodRun("HF Linear", "hf_linear", pairwise=True),
+        ),
+        default_seeds=(0,),
+    )
+
+
+@pytest.fixture()
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts fusion runs and trained base models."""
+    counts = {"fuse": 0, "train": 0}
+    real_fuse, real_train = runner.fuse_once, runner.prepare.__globals__["_train_one"]
+
+    def fuse(*args, **kwargs):
+        counts["fuse"] += 1
+        return real_fuse(*args, **kwargs)
+
+    def train(*args, **kwargs):
+        counts["train"] += 1
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "fuse_once", fuse)
+    monkeypatch.setitem(runner.prepare.__globals__, "_train_one", train)
+    return counts
+
+
+def test_run_suite_writes_cells_and_resumes_without_recomputing(tmp_path: Path, counted):
+    suite = _tiny_suite("tiny-resume")
+    paths = runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert [p.name for p in paths] == [
+        "synthetic_tiny_sharded2_seed0.json",
+        "synthetic_tiny_noniid4_seed0.json",
+    ]
+    assert counted == {"fuse": 6, "train": 6}
+    rec = json.loads(paths[1].read_text())
+    assert rec["methods"]["HF Linear | uniform"]["status"] == "n/a"
+    assert rec["methods"]["KF Linear | uniform"]["status"] == "ok"
+    assert len(rec["base"]) == 4 and not list(tmp_path.glob("cells/*.partial.json"))
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+
+    runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 6, "train": 6}
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+
+    # a killed cell: its result is gone but its partial record and cached models remain
+    partial = paths[0].with_suffix(".partial.json")
+    kept = json.loads(paths[0].read_text())
+    del kept["methods"]["KF Linear | uniform"]
+    partial.write_text(json.dumps(kept))
+    paths[0].unlink()
+    runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 7, "train": 6}  # only the missing method; models from cache
+    assert set(json.loads(paths[0].read_text())["methods"]) == {
+        "Vanilla averaging | uniform",
+        "KF Linear | uniform",
+        "HF Linear | uniform",
+    }
+
+
+def test_method_errors_are_recorded_not_raised(tmp_path: Path):
+    suite = _tiny_suite("tiny-error")
+    bad = MethodRun("FedAvg", "fedavg", options=(("sample_counts", [1]),))
+    runner.run_suite(suite, [0], tmp_path, device="cpu", methods=None, progress=False, threads=None)
+    cell = suite.cells([0])[0]
+    setup = runner.prepare(cell, tmp_path / "cache", "cpu")
+    entry = runner.fuse_once(bad, setup, cell, runner.resolve_device("cpu"))
+    assert entry["status"] == "error" and entry["error"]
+
+
+def test_bad_names_raise_with_choices():
+    with pytest.raises(ValueError, match="paper-mlp"):
+        get_suite("nope")
+    with pytest.raises(ValueError, match="kf_linear"):
+        runner.select_runs(get_suite("quick").methods, ["nope"])
+    with pytest.raises(ValueError, match="0,1,2"):
+        parse_seeds("0,x")
+    assert parse_seeds("0, 2") == [0, 2] and parse_seeds(None) is None
+
+
+def test_cells_cover_the_paper_grid():
+    cells = get_suite("paper-mlp").cells([0, 1, 2])
+    assert len(cells) == 3 * 7
+    assert {c.split.label for c in cells} == {
+        "non-IID 2",
+        "non-IID 4",
+        "non-IID 8",
+        "sharded 2",
+        "sharded 4",
+        "sharded 6",
+        "full 2",
+    }
+    assert len({c.cell_id for c in cells}) == len(cells)
+    sizes = get_suite("fusion-size").cells([0])
+    assert len({c.models_id for c in sizes}) == 1  # every variant reuses the same base models
+    assert sorted({c.fusion_samples for c in sizes}) == [100, 400, 1000]
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(tmp_path: Path):
+    report = bench("quick", out=tmp_path, device="cpu", progress=False)
+    text = report.read_text()
+    cells = sorted((tmp_path / "cells").glob("*.json"))
+    assert len(cells) == len(get_suite("quick").cells([0]))
+    assert "Status: complete" in text and "EGR" in text and "sharded 2" in text
+    for path in cells:
+        rec = json.loads(path.read_text())
+        ok = [e for e in rec["methods"].values() if e["status"] == "ok"]
+        assert len(ok) == len(get_suite("quick").methods)
+        assert all(0.0 <= e["accuracy"] <= 1.0 and e["seconds"] > 0 for e in ok)
+    assert (tmp_path / "mlp_small_accuracy.png").stat().st_size > 0
+
+
+def test_select_cells_by_split_key():
+    cells = get_suite("paper-cnn").cells([0])
+    chosen = runner.select_cells(cells, ["noniid2", "sharded2"])
+    assert {c.split.key for c in chosen} == {"noniid2", "sharded2"}
+    assert len(chosen) == 4  # two architectures
+    assert runner.select_cells(cells, None) == cells
+    with pytest.raises(ValueError, match="sharded6"):
+        runner.select_cells(cells, ["sharded9"])
+
+
+@pytest.mark.slow
+def test_runtime_cell_times_each_method_in_its_own_process(tmp_path: Path):
+    base = _tiny_suite("tiny-runtime")
+    suite = Suite(
+        "tiny-runtime",
+        "test",
+        "runtime",
+        lambda seeds: [
+            Cell("tiny-runtime", "runtime", c.dataset, c.arch_label, c.arch, c.split, c.seed)
+            for c in base.cells(seeds)[:1]
+        ],
+        (MethodRun("OTFusion", "otfusion"), MethodRun("KF Linear", "kf_linear")),
+        default_seeds=(0,),
+        repeats=2,
+    )
+    (path,) = runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=1)
+    rec = json.loads(path.read_text())
+    ot, kf = rec["methods"]["OTFusion | uniform"], rec["methods"]["KF Linear | uniform"]
+    assert ot["status"] == "ok" and kf["status"] == "ok", (ot, kf)
+    assert len(kf["times"]) == 2 and kf["median_seconds"] > 0
+    assert ot["ratio_to_otfusion"] == pytest.approx(1.0)
+    assert kf["ratio_to_otfusion"] == pytest.approx(kf["median_seconds"] / ot["median_seconds"])
+    report = tables.runtime_table(rec)
+    assert "KF Linear (uniform)" in report and "÷ OTFusion" in report
