@@ -12,7 +12,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from neurofuse.importance import ImportanceProvider, ImportanceSpec
 from neurofuse.levels import Levels
-from neurofuse.methods.registry import FusionContext, build_options, get_method
+from neurofuse.methods.registry import (
+    FusionContext,
+    MethodInfo,
+    available_methods,
+    build_options,
+    get_method,
+)
+
+
+def _single_model_methods() -> dict[str, bool]:
+    return {name: get_method(name).single_model for name in available_methods()}
 
 
 def as_fusion_data(data: Any) -> tuple[Tensor, Tensor | None]:
@@ -56,12 +66,24 @@ def as_fusion_data(data: Any) -> tuple[Tensor, Tensor | None]:
     return x, y
 
 
-def _check_models(models: Any) -> list[nn.Module]:
+def _check_models(models: Any, info: MethodInfo, has_target: bool) -> list[nn.Module]:
     if isinstance(models, nn.Module) or not isinstance(models, Sequence):
         raise TypeError("models must be a list of two or more nn.Module")
     models = list(models)
-    if len(models) < 2:
-        raise ValueError(f"fusion needs two or more models, got {len(models)}")
+    if not models:
+        raise ValueError("fusion needs two or more models, got none")
+    if len(models) == 1:
+        single = sorted(k for k, v in _single_model_methods().items() if v)
+        if not info.single_model:
+            raise ValueError(
+                f"method {info.name!r} needs two or more models, got 1; to compress one model "
+                f"into a smaller template use one of {single} with target=..."
+            )
+        if not has_target:
+            raise ValueError(
+                "fusion needs two or more models, got 1; a single model can only be "
+                "compressed, which needs a target: give target=<smaller template>"
+            )
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"models[{i}] is a {type(m).__name__}, not an nn.Module")
@@ -96,7 +118,9 @@ def fuse(
     """Fuse ``models`` into one network, with no retraining of the base models.
 
     Args:
-        models: two or more models; never modified (fusion works on copies).
+        models: two or more models; never modified (fusion works on copies). One model is
+            accepted by the methods that can compress (``kf_linear``, ``kf_gradient``, ``kd``)
+            when ``target`` is a smaller template: the model is fused into it.
         data: the fusion set: inputs ``(B, ...)``, an ``(inputs, labels)`` pair, a ``Dataset``
             or a ``DataLoader``.
         method: a name from :func:`neurofuse.available_methods`.
@@ -115,7 +139,7 @@ def fuse(
     """
     info = get_method(method)
     opts = build_options(info, options)
-    models = _check_models(models)
+    models = _check_models(models, info, target is not None)
     x, y = as_fusion_data(data)
     dev = torch.device(device) if device is not None else x.device
     x = x.to(dev)

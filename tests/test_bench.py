@@ -281,3 +281,58 @@ def test_runtime_cell_times_each_method_in_its_own_process(tmp_path: Path):
     assert kf["ratio_to_otfusion"] == pytest.approx(kf["median_seconds"] / ot["median_seconds"])
     report = tables.runtime_table(rec)
     assert "KF Linear (uniform)" in report and "÷ OTFusion" in report
+
+
+def test_compression_cell_fuses_the_teacher_into_the_student(tmp_path: Path):
+    def arch(hidden: tuple[int, ...]) -> Arch:
+        return Arch(
+            "mlp",
+            (("in_features", 20), ("num_classes", 10), ("hidden", hidden)),
+            (("epochs", 2), ("lr", 3e-3), ("batch_size", 64), ("val_fraction", 0.1)),
+        )
+
+    cell = Cell(
+        "tiny-compression",
+        "compression",
+        "synthetic",
+        "wide_to_narrow",
+        arch((32,)),
+        Split("sharded", 3),
+        0,
+        fusion_samples=60,
+        student=arch((8,)),
+    )
+    suite = Suite(
+        "tiny-compression",
+        "test",
+        "compression",
+        lambda seeds: [cell],
+        (
+            MethodRun("KF Linear", "kf_linear"),
+            MethodRun("KF Linear", "kf_linear", "activation", archs=("other_pair",)),
+            MethodRun("KD", "kd", options=(("init_model", None), ("epochs", 2))),
+        ),
+        default_seeds=(0,),
+    )
+    (path,) = runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=None)
+    rec = json.loads(path.read_text())
+    assert len(rec["seen_classes"]) in (3, 4)  # a third of the 10 classes
+    assert set(rec["fusion_set"]["classes"]) <= set(rec["seen_classes"])
+    kf, kd = rec["methods"]["KF Linear | uniform"], rec["methods"]["KD | uniform"]
+    assert kf["status"] == "ok" and kd["status"] == "ok", (kf, kd)
+    assert rec["methods"]["KF Linear | activation"]["status"] == "n/a"
+    for entry in (kf, kd, rec["student"], rec["teacher"]):
+        assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["accuracy_seen_classes"] <= 1.0
+    from neurofuse.bench.report import write_report
+
+    report = write_report(suite, tmp_path, "cmd", 1).read_text()
+    assert "| Student (trained on a third of the classes) |" in report
+    assert "| KF Linear (uniform) |" in report and (tmp_path / "compression.png").exists()
+
+
+def test_compression_suite_cells():
+    cells = get_suite("compression").cells([0, 1])
+    assert len(cells) == 4 and all(c.student is not None for c in cells)
+    resnet = next(c for c in cells if c.arch.name == "resnet34")
+    assert resnet.student.name == "resnet18" and resnet.levels[-1] == "fc"
+    assert len({c.models_id for c in cells}) == 4

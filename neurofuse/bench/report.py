@@ -69,6 +69,21 @@ def write_report(
                     f"{suite.name}: median fusion time",
                 )
                 lines += [f"![runtime]({png})", ""]
+    elif suite.kind == "compression":
+        from neurofuse.bench.compression import compression_plot, compression_table
+
+        keys = [r.key for r in suite.methods]
+        lines += [
+            "Test accuracy (%) on all 10 classes / on the student's classes, mean ± sample std "
+            "over seeds. Every method produces a model of the student's architecture from the "
+            "teacher, using only fusion samples of the student's third of the classes.",
+            "",
+            compression_table(records, keys),
+            "",
+        ]
+        if records:
+            compression_plot(records, keys, out / "compression.png")
+            lines += ["![compression](compression.png)", ""]
     else:
         lines += [
             "Accuracy is test accuracy (%) as mean ± sample std over seeds; `*`: some seed "

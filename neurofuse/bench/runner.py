@@ -50,6 +50,8 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
     }
     if run.pairwise and cell.split.n_models != 2:
         return {**entry, "status": "n/a", "reason": "defined for two models only"}
+    if run.archs and cell.arch_label not in run.archs:
+        return {**entry, "status": "n/a", "reason": f"run only on {list(run.archs)}"}
     options = run.kwargs()
     if run.needs_counts:
         options["sample_counts"] = [int(len(p)) for p in setup.parts]
@@ -149,7 +151,9 @@ def run_suite(
     cells whose split key (``noniid2``, ``sharded6``, ``full2`` ...) is listed. With ``resume``, a
     cell whose result file exists is not recomputed.
     """
-    from neurofuse.bench.runtime import run_runtime_cell  # noqa: F401  (registers "runtime")
+    # importing these registers the "runtime" and "compression" cell runners
+    from neurofuse.bench.compression import run_compression_cell  # noqa: F401
+    from neurofuse.bench.runtime import run_runtime_cell  # noqa: F401
 
     if threads:
         torch.set_num_threads(threads)

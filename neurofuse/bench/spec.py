@@ -58,7 +58,9 @@ class MethodRun:
 
     ``label`` names the row of the report (e.g. ``"KF Gradient (setting 2)"``); ``pairwise``
     marks methods defined for two equal-width models only (HF), recorded as ``n/a`` for more.
-    ``needs_counts`` passes each model's training-sample count as ``sample_counts``."""
+    ``needs_counts`` passes each model's training-sample count as ``sample_counts``;
+    ``archs``, when given, limits the run to cells of those architecture labels (others record
+    ``n/a``, e.g. a Linear variant where levels hold several layers)."""
 
     label: str
     method: str
@@ -66,6 +68,7 @@ class MethodRun:
     options: tuple[tuple[str, Any], ...] = ()
     pairwise: bool = False
     needs_counts: bool = False
+    archs: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -93,7 +96,9 @@ class Cell:
     """One experiment of a suite; ``cell_id`` names its result file.
 
     ``variant`` distinguishes cells that share base models but fuse differently (e.g. the
-    fusion-set size), so they also share the trained-model cache (``models_id``)."""
+    fusion-set size), so they also share the trained-model cache (``models_id``).
+    ``student`` and ``levels`` are for compression cells: the small architecture the model is
+    fused into, and the module names that end each level (``None``: automatic)."""
 
     suite: str
     kind: str
@@ -105,6 +110,8 @@ class Cell:
     fusion_samples: int = 400
     augment_copies: int = 0
     variant: str = ""
+    student: Arch | None = None
+    levels: tuple[str, ...] | None = None
 
     @property
     def models_id(self) -> str:
@@ -118,6 +125,11 @@ class Cell:
                 self.split.regime,
                 self.split.n_models,
                 self.seed,
+                *(
+                    [self.student.name, self.student.kwargs, self.student.train]
+                    if self.student
+                    else []
+                ),
             ],
             default=str,
         )
@@ -151,4 +163,13 @@ class Cell:
             "fusion_samples": self.fusion_samples,
             "augment_copies": self.augment_copies,
             "variant": self.variant,
+            **(
+                {
+                    "student_build": {"name": self.student.name, **self.student.build_kwargs()},
+                    "student_train": dict(self.student.train),
+                    "levels": list(self.levels) if self.levels else None,
+                }
+                if self.student
+                else {}
+            ),
         }

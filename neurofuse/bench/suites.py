@@ -276,3 +276,73 @@ register_suite(
         default_seeds=(0,),
     )
 )
+
+
+def _compression_cells(seeds: Sequence[int]) -> list[Cell]:
+    """Wide into narrow (MLP 512-512 into 64-64) and deep into shallow (ResNet-34 into
+    ResNet-18 at width 8, levels at the four stage ends and the head)."""
+    mlp_student = Arch(
+        "mlp", (("in_features", 784), ("num_classes", 10), ("hidden", (64, 64))), _train(20, 2e-3)
+    )
+    mlp_teacher = Arch(
+        "mlp", (("in_features", 784), ("num_classes", 10), ("hidden", (512, 512))), _train(20, 2e-3)
+    )
+
+    def resnet(name: str) -> Arch:
+        kwargs = (("in_channels", 1), ("num_classes", 10), ("width", 8))
+        return Arch(name, kwargs, _train(8, 2e-3))
+
+    pairs = [
+        ("mlp512_to_mlp64", mlp_teacher, mlp_student, None),
+        (
+            "resnet34_to_resnet18",
+            resnet("resnet34"),
+            resnet("resnet18"),
+            ("layer1", "layer2", "layer3", "layer4", "fc"),
+        ),
+    ]
+    return [
+        Cell(
+            "compression",
+            "compression",
+            "mnist5k",
+            label,
+            teacher,
+            Split("sharded", 3),
+            seed,
+            fusion_samples=1000,
+            student=student,
+            levels=levels,
+        )
+        for seed in seeds
+        for label, teacher, student, levels in pairs
+    ]
+
+
+def _compression_runs() -> tuple[MethodRun, ...]:
+    start = (("init_model", None),)
+    runs = [MethodRun("KF Linear", "kf_linear", archs=("mlp512_to_mlp64",))]
+    for imp in ("uniform", "conductance", "deeplift"):
+        for preset in ("setting1", "setting2"):
+            runs.append(
+                MethodRun(
+                    f"KF Gradient ({preset})",
+                    "kf_gradient",
+                    imp,
+                    (("preset", preset), *start),
+                )
+            )
+    runs.append(MethodRun("KD", "kd", options=start))
+    return tuple(runs)
+
+
+register_suite(
+    Suite(
+        "compression",
+        "one model trained on all classes fused into a smaller one, with data from a third of "
+        "the classes: MLP 512-512 into 64-64, ResNet-34 into ResNet-18 (Table 7 analogue)",
+        "compression",
+        _compression_cells,
+        _compression_runs(),
+    )
+)

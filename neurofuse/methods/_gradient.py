@@ -75,7 +75,10 @@ class GradientOptions:
             epochs without improvement before stopping (best validation weights are restored).
         head_loss: ``"mse"`` to the mean logits, or ``"kl"`` to the averaged soft predictions.
         temperature: softmax temperature of the KL head loss.
-        init_model: index of the base model whose levels initialise the fused levels.
+        init_model: index of the base model whose levels initialise the fused levels, or
+            ``None`` to start from the template's own weights (``nf.fuse(..., target=...)``;
+            e.g. compressing a large model into a trained small one, paper section 5.5.2). A
+            base level whose shapes differ from the template's also leaves the template's.
         n_init, max_iter: k-means restarts and iterations (KF only).
     """
 
@@ -93,7 +96,7 @@ class GradientOptions:
     patience: int = 20
     head_loss: str = "mse"
     temperature: float = 1.0
-    init_model: int = 0
+    init_model: int | None = 0
     n_init: int = 4
     max_iter: int = 100
 
@@ -101,7 +104,7 @@ class GradientOptions:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
         for f in fields(self):
-            if getattr(self, f.name) is None:
+            if getattr(self, f.name) is None and f.name in PRESETS[self.preset]:
                 setattr(self, f.name, PRESETS[self.preset][f.name])
         if self.head_loss not in ("mse", "kl"):
             raise ValueError(f"head_loss must be 'mse' or 'kl', got {self.head_loss!r}")
@@ -135,17 +138,26 @@ def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
 def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
     opt: GradientOptions = ctx.options
     n = len(ctx.models)
-    if not 0 <= opt.init_model < n:
-        raise ValueError(f"init_model={opt.init_model} is not a model index (0..{n - 1})")
+    if opt.init_model is not None and not 0 <= opt.init_model < n:
+        raise ValueError(
+            f"init_model={opt.init_model} is not a model index: give 0..{n - 1}, or None to "
+            "start from the target template's weights"
+        )
     fgm = trace(ctx.target)
     bgms = [trace(m) for m in ctx.models]
     cut_names = [c.name for c in ctx.levels.cut_nodes(fgm)]
-    for i, g in enumerate(bgms):
-        theirs = [c.name for c in ctx.levels.cut_nodes(g)]
-        if theirs != cut_names:
+    # each model's own node names (importance is looked up by them); with levels named by
+    # module, models of other depth inside a level (e.g. ResNet-34 stages into ResNet-18's)
+    # correspond level by level even though their fx node names differ
+    b_cuts = [[c.name for c in ctx.levels.cut_nodes(g)] for g in bgms]
+    for i, theirs in enumerate(b_cuts):
+        named = ctx.levels.names is not None
+        if len(theirs) != len(cut_names) or (not named and theirs != cut_names):
             raise ValueError(
                 f"model {i} splits into levels {theirs}, the fused model into {cut_names}: "
-                "models must have the same number of levels, ending at the same layers"
+                "models must have the same number of levels, ending at the same layers "
+                "(for models of different depth, name the modules that end each level, "
+                "e.g. levels=['layer1', 'layer2', 'layer3', 'layer4', 'fc'])"
             )
     f_levels = split(ctx.target, ctx.levels, gm=fgm)
     b_levels = [split(m, ctx.levels, gm=g) for m, g in zip(ctx.models, bgms, strict=True)]
@@ -161,23 +173,29 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
                 b_out = [_forward(b_levels[k][li], b_in[k]) for k in range(n)]
                 probe = _forward(f_level, f_in[:2])
             if li == last:
-                target = _mean_logits(ctx, cut_names[li], b_out)
+                target = _mean_logits(ctx, [c[li] for c in b_cuts], b_out)
             else:
                 hint, channels_first = layer_width(producers[li])
                 axis = ctx.levels.neuron_axes.get(li, neuron_axis(probe, hint, channels_first))
                 rows = [to_neurons(o, axis) for o in b_out]
                 s = torch.cat(
                     [
-                        ctx.importance.scores(k, cut_names[li], b_out[k], r.shape[0])
+                        ctx.importance.scores(k, b_cuts[k][li], b_out[k], r.shape[0])
                         for k, r in enumerate(rows)
                     ]
                 )
                 points = torch.cat(rows)
+                if opt.init_model is None:  # order the groups like the template's own neurons
+                    with ctx.timer("forward"):
+                        reference = to_neurons(_forward(f_level, f_in), axis)
+                else:
+                    reference = rows[opt.init_model]
                 with ctx.timer("grouping"):
                     a = _group_level(ctx, grouping_method, li, rows, s, probe.shape[axis])
+                    a = _order_like(a, points, reference)
                 target = from_neurons(a @ points, b_out[0], axis)
-            source = b_levels[opt.init_model][li]
-            if _same_shapes(source, f_level):
+            source = None if opt.init_model is None else b_levels[opt.init_model][li]
+            if source is not None and _same_shapes(source, f_level):
                 f_level.load_state_dict(source.state_dict())
             perturb_(f_level, float(opt.eps), gen)  # type: ignore[arg-type]
             with ctx.timer("fitting"):
@@ -194,7 +212,7 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
 def _group_level(
     ctx: FusionContext, method: str, li: int, rows: list[Tensor], s: Tensor, d_f: int
 ) -> Tensor:
-    """The (d_f, d_M) averaging matrix of level ``li``'s groups, ordered like the init model."""
+    """The (d_f, d_M) averaging matrix of level ``li``'s groups (in arbitrary order)."""
     opt: GradientOptions = ctx.options
     widths = [r.shape[0] for r in rows]
     points = torch.cat(rows)
@@ -216,8 +234,7 @@ def _group_level(
             n_init=opt.n_init,
             max_iter=opt.max_iter,
         )
-    a = g.assignment_matrix(s).to(points)
-    return _order_like(a, points, rows[opt.init_model])
+    return g.assignment_matrix(s).to(points)
 
 
 def _order_like(a: Tensor, points: Tensor, reference: Tensor) -> Tensor:
@@ -234,10 +251,12 @@ def _order_like(a: Tensor, points: Tensor, reference: Tensor) -> Tensor:
     return a[order]
 
 
-def _mean_logits(ctx: FusionContext, name: str, outs: list[Tensor]) -> Tensor:
+def _mean_logits(ctx: FusionContext, names: list[str], outs: list[Tensor]) -> Tensor:
     widths = [o.shape[-1] for o in outs]
     if any(w != widths[0] for w in widths):
         raise ValueError(f"the models have different numbers of classes {widths}")
-    s = torch.stack([ctx.importance.scores(k, name, o, widths[k]) for k, o in enumerate(outs)])
+    s = torch.stack(
+        [ctx.importance.scores(k, names[k], o, widths[k]) for k, o in enumerate(outs)]
+    )
     s = s / s.sum(0, keepdim=True)
     return sum(o * s[k] for k, o in enumerate(outs))  # type: ignore[return-value]

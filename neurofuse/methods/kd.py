@@ -138,6 +138,7 @@ def teacher_targets(ctx: FusionContext) -> Tensor:
     "Knowledge distillation (multi-teacher): train a student to the models' mean soft predictions",
     KDOptions,
     needs_levels=False,
+    single_model=True,
 )
 def kd(ctx: FusionContext) -> nn.Module:
     opt: KDOptions = ctx.options

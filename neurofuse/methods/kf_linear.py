@@ -12,6 +12,7 @@ from neurofuse.methods.registry import FusionContext, register_method
     "kf_linear",
     "K-means Fusion, Linear: importance-weighted k-means of any number of models, closed-form refit",
     LinearOptions,
+    single_model=True,
 )
 def kf_linear(ctx: FusionContext) -> nn.Module:
     return fuse_linear(ctx, grouping_method="kmeans")

@@ -53,18 +53,28 @@ class MethodInfo:
     fn: Callable[[FusionContext], nn.Module]
     options: type
     needs_levels: bool = True
+    single_model: bool = False
 
 
 _METHODS: dict[str, MethodInfo] = {}
 
 
-def register_method(name: str, description: str, options: type = NoOptions, *, needs_levels=True):
-    """Decorator registering a fusion method under ``name``."""
+def register_method(
+    name: str,
+    description: str,
+    options: type = NoOptions,
+    *,
+    needs_levels: bool = True,
+    single_model: bool = False,
+):
+    """Decorator registering a fusion method under ``name``. ``single_model``: the method can
+    also fuse one model into a different template (compression, ``nf.fuse([big], data,
+    target=small)``)."""
 
     def deco(fn: Callable[[FusionContext], nn.Module]) -> Callable[[FusionContext], nn.Module]:
         if name in _METHODS:
             raise ValueError(f"fusion method {name!r} is already registered")
-        _METHODS[name] = MethodInfo(name, description, fn, options, needs_levels)
+        _METHODS[name] = MethodInfo(name, description, fn, options, needs_levels, single_model)
         return fn
 
     return deco

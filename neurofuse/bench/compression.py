@@ -1,0 +1,229 @@
+"""The ``compression`` cell (Table 7 analogue, paper section 5.5.2): fuse one large model into a
+small one with KF, using data from a third of the classes, against distillation on that data.
+
+The *teacher* (the cell's ``arch``, wide or deep) trains on the whole training split. The
+*student* (``cell.student``, narrow or shallow) trains on one third of the classes only: the
+first part of a 3-way sharded partition (classes permuted by the seed, then split). The fusion
+set is ``cell.fusion_samples`` class-balanced samples from that same third. Every method turns
+the teacher into the student's architecture: ``nf.fuse([teacher], fusion_set, target=student)``
+(KF Gradient and KD start from the trained student's weights, ``init_model=None``; KF Linear
+refits every level in closed form). Accuracy is measured on the whole test set (all classes)
+and on the test samples of the student's classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import neurofuse as nf
+from neurofuse.bench.basemodels import dataset
+from neurofuse.bench.runner import CELL_RUNNERS, result_path, write_record
+from neurofuse.bench.spec import Arch, Cell, MethodRun
+from neurofuse.bench.suites import Suite
+from neurofuse.checkpoint import load_checkpoint, save_checkpoint
+from neurofuse.data import DataSplits, fusion_indices, partition
+from neurofuse.evaluate import evaluate
+from neurofuse.models import build
+from neurofuse.train import TrainConfig, train_model
+
+
+def _trained(
+    arch: Arch, data: DataSplits, idx: torch.Tensor, seed: int, path: Path, device: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``arch`` trained on ``data.x_train[idx]`` (cached at ``path``)."""
+    try:
+        model, sidecar = load_checkpoint(path, device="cpu")
+        return model.eval(), {"cached": True, **sidecar.get("train", {})}
+    except Exception:
+        pass
+    torch.manual_seed(seed)
+    model = build(arch.name, **arch.build_kwargs())
+    cfg = TrainConfig(**dict(arch.train), seed=seed, device=device, progress=False)
+    result = train_model(
+        model, data.x_train[idx], data.y_train[idx], cfg, num_classes=data.num_classes
+    )
+    info = {k: v for k, v in result.to_dict().items() if k != "history"}
+    save_checkpoint(model.cpu(), path, metadata={"train": info})
+    return model.cpu().eval(), {"cached": False, **info}
+
+
+def _scores(model: nn.Module, data: DataSplits, seen: torch.Tensor, device: Any) -> dict:
+    metrics = evaluate(model, data.x_test, data.y_test, device=device).to_dict()
+    mask = torch.isin(data.y_test, seen)
+    metrics["accuracy_seen_classes"] = evaluate(
+        model, data.x_test[mask], data.y_test[mask], device=device
+    ).accuracy
+    return metrics
+
+
+def run_compression_cell(
+    suite: Suite,
+    cell: Cell,
+    runs: Sequence[MethodRun],
+    out: Path,
+    cache: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    if cell.student is None:
+        raise ValueError(f"compression cell {cell.cell_id} has no student architecture")
+    start = time.perf_counter()
+    data = dataset(cell.dataset)
+    part = partition(data.y_train, 3, "sharded", seed=cell.seed, num_classes=data.num_classes)
+    own = part.indices[0]
+    seen = torch.unique(data.y_train[own])
+    cache.mkdir(parents=True, exist_ok=True)
+    teacher, t_info = _trained(
+        cell.arch,
+        data,
+        torch.arange(data.num_train),
+        1000 * cell.seed,
+        cache / f"{cell.models_id}_teacher",
+        device,
+    )
+    student, s_info = _trained(
+        cell.student,
+        data,
+        own,
+        1000 * cell.seed + 1,
+        cache / f"{cell.models_id}_student",
+        device,
+    )
+    idx = fusion_indices(data.y_train, part, cell.fusion_samples, seed=cell.seed, from_part=0)
+    fusion = (data.x_train[idx], data.y_train[idx])
+    record: dict[str, Any] = {
+        "cell": cell.describe(),
+        "train": {"teacher": t_info, "student": s_info},
+        "teacher": _scores(teacher, data, seen, device),
+        "student": _scores(student, data, seen, device),
+        "seen_classes": seen.tolist(),
+        "fusion_set": {"n": len(idx), "classes": sorted(set(fusion[1].tolist()))},
+        "methods": {},
+    }
+    partial = result_path(out, cell).with_suffix(".partial.json")
+    if partial.exists():  # resume: keep the methods a killed run finished
+        try:
+            record["methods"] = {
+                k: e
+                for k, e in json.loads(partial.read_text())["methods"].items()
+                if e.get("status") != "error"
+            }
+        except (ValueError, KeyError):
+            pass
+    for run in runs:
+        if run.key in record["methods"]:
+            continue
+        entry: dict[str, Any] = {
+            "label": run.label,
+            "method": run.method,
+            "importance": run.importance,
+            "options": run.kwargs(),
+        }
+        if run.archs and cell.arch_label not in run.archs:
+            record["methods"][run.key] = {**entry, "status": "n/a"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            fused = nf.fuse(
+                [teacher],
+                fusion,
+                method=run.method,
+                importance=run.importance,
+                target=copy.deepcopy(student),
+                levels=list(cell.levels) if cell.levels else None,
+                seed=cell.seed,
+                device=device,
+                **run.kwargs(),
+            )
+            entry.update(status="ok", seconds=time.perf_counter() - t0)
+            entry.update(_scores(fused, data, seen, device))
+        except Exception as exc:  # one failing method must not stop the suite
+            entry.update(status="error", error=f"{type(exc).__name__}: {exc}")
+            entry["seconds"] = time.perf_counter() - t0
+        record["methods"][run.key] = entry
+        write_record(partial, record)
+    record["seconds"] = time.perf_counter() - start
+    record["device"] = str(device)
+    record["torch_threads"] = torch.get_num_threads()
+    return record
+
+
+CELL_RUNNERS["compression"] = run_compression_cell
+
+
+def compression_table(records: list[dict[str, Any]], keys: Sequence[str]) -> str:
+    """Rows: student, teacher, then every method run; columns: each cell's architecture pair,
+    test accuracy on all classes / on the student's classes (%, mean ± std over seeds)."""
+    from neurofuse.bench.aggregate import mean_std
+    from neurofuse.bench.tables import display
+
+    pairs = list(dict.fromkeys(r["cell"]["arch"] for r in records))
+
+    def fmt(values: list[float]) -> str:
+        if not values:
+            return "-"
+        m, s = mean_std(values)
+        return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if len(values) > 1 else "")
+
+    def entry(rec: dict[str, Any], row: str) -> dict[str, Any] | None:
+        if row in ("Student (trained on a third of the classes)", "Teacher (all classes)"):
+            return rec["student" if row.startswith("Student") else "teacher"]
+        e = rec["methods"].get(row)
+        return e if e and e.get("status") == "ok" else None
+
+    header = ["model"] + [f"{p}: all / seen classes" for p in pairs]
+    rows = ["Student (trained on a third of the classes)", "Teacher (all classes)", *keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = []
+        for p in pairs:
+            es = [e for r in records if r["cell"]["arch"] == p and (e := entry(r, row))]
+            all_ = fmt([e["accuracy"] for e in es])
+            seen = fmt([e["accuracy_seen_classes"] for e in es])
+            cells.append(f"{all_} / {seen}" if es else "-")
+        lines.append("| " + " | ".join([display(row), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def compression_plot(records: list[dict[str, Any]], keys: Sequence[str], path: Path) -> Path:
+    """One bar panel per architecture pair: accuracy on all classes of the student, the
+    teacher and every method run (mean over seeds)."""
+    from neurofuse.bench.plots import _pyplot
+    from neurofuse.bench.tables import display
+
+    plt = _pyplot()
+    pairs = list(dict.fromkeys(r["cell"]["arch"] for r in records))
+    rows = ["student", "teacher", *keys]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 5), squeeze=False)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        recs = [r for r in records if r["cell"]["arch"] == pair]
+        values = []
+        for row in rows:
+            if row in ("student", "teacher"):
+                accs = [r[row]["accuracy"] for r in recs]
+            else:
+                accs = [
+                    e["accuracy"]
+                    for r in recs
+                    if (e := r["methods"].get(row)) and e.get("status") == "ok"
+                ]
+            values.append(100 * sum(accs) / len(accs) if accs else float("nan"))
+        colors = ["tab:gray", "tab:gray"] + ["tab:blue"] * len(keys)
+        ax.barh(range(len(rows)), values, color=colors)
+        ax.set_yticks(range(len(rows)), [display(r) for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("test accuracy, all classes (%)")
+        ax.set_title(pair, fontsize=9)
+    fig.suptitle("compression: teacher fused into the student's architecture")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
