@@ -120,12 +120,7 @@ def run_compression_cell(
     for run in runs:
         if run.key in record["methods"]:
             continue
-        entry: dict[str, Any] = {
-            "label": run.label,
-            "method": run.method,
-            "importance": run.importance,
-            "options": run.kwargs(),
-        }
+        entry: dict[str, Any] = run.entry()
         if run.archs and cell.arch_label not in run.archs:
             record["methods"][run.key] = {**entry, "status": "n/a"}
             continue

@@ -42,12 +42,7 @@ def _metrics(model: torch.nn.Module, setup: Setup, device: torch.device) -> dict
 def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) -> dict[str, Any]:
     """Fuse with one method run and evaluate the result on the test set; never raises (an
     error is recorded in the returned entry)."""
-    entry: dict[str, Any] = {
-        "label": run.label,
-        "method": run.method,
-        "importance": run.importance,
-        "options": run.kwargs(),
-    }
+    entry: dict[str, Any] = run.entry()
     if run.pairwise and cell.split.n_models != 2:
         return {**entry, "status": "n/a", "reason": "defined for two models only"}
     if run.archs and cell.arch_label not in run.archs:

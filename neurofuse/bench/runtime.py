@@ -99,12 +99,7 @@ def time_method(
     timeout: float = 1800.0,
 ) -> dict[str, Any]:
     """Fuse ``repeats`` times with ``run`` in a fresh (spawned) process; return its timings."""
-    entry: dict[str, Any] = {
-        "label": run.label,
-        "method": run.method,
-        "importance": run.importance,
-        "options": run.kwargs(),
-    }
+    entry: dict[str, Any] = run.entry()
     if run.pairwise and cell.split.n_models != 2:
         return {**entry, "status": "n/a"}
     ctx = mp.get_context("spawn")

@@ -77,6 +77,15 @@ class MethodRun:
     def kwargs(self) -> dict[str, Any]:
         return dict(self.options)
 
+    def entry(self) -> dict[str, Any]:
+        """The identifying fields every result entry of this run starts with."""
+        return {
+            "label": self.label,
+            "method": self.method,
+            "importance": self.importance,
+            "options": self.kwargs(),
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class Arch:

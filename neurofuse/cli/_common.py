@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -26,6 +26,16 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 """Exceptions that mean "bad input": shown as one red line and exit code 2."""
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: ``--data-kw KEY=VALUE`` (repeatable) and ``--root``, shared by train, eval and fuse
+DataKwOption = Annotated[
+    list[str] | None,
+    typer.Option("--data-kw", metavar="KEY=VALUE", help="Dataset option (repeatable)."),
+]
+RootOption = Annotated[
+    Path | None,
+    typer.Option(help="Folder or file the dataset is read from (cifar10, npz, ...)."),
+]
 
 
 def fail(message: str) -> typer.Exit:

@@ -9,6 +9,8 @@ import typer
 
 from neurofuse import cli
 from neurofuse.cli._common import (
+    DataKwOption,
+    RootOption,
     load_checkpoints,
     load_dataset,
     metric_cells,
@@ -32,14 +34,8 @@ def eval_(
         str | None,
         typer.Option("--dataset", "-d", help="Dataset (default: the checkpoints' own)."),
     ] = None,
-    data_kw: Annotated[
-        list[str] | None,
-        typer.Option("--data-kw", metavar="KEY=VALUE", help="Dataset option (repeatable)."),
-    ] = None,
-    root: Annotated[
-        Path | None,
-        typer.Option(help="Folder or file the dataset is read from (cifar10, npz, ...)."),
-    ] = None,
+    data_kw: DataKwOption = None,
+    root: RootOption = None,
     ensemble: Annotated[
         bool, typer.Option("--ensemble", help="Add the prediction ensemble of all checkpoints.")
     ] = False,

@@ -13,6 +13,8 @@ import typer
 
 from neurofuse import cli
 from neurofuse.cli._common import (
+    DataKwOption,
+    RootOption,
     _int_list,
     load_checkpoints,
     load_dataset,
@@ -76,14 +78,8 @@ def fuse(
         str | None,
         typer.Option("--data", "--dataset", "-d", help="Dataset (default: the checkpoints' own)."),
     ] = None,
-    data_kw: Annotated[
-        list[str] | None,
-        typer.Option("--data-kw", metavar="KEY=VALUE", help="Dataset option (repeatable)."),
-    ] = None,
-    root: Annotated[
-        Path | None,
-        typer.Option(help="Folder or file the dataset is read from (cifar10, npz, ...)."),
-    ] = None,
+    data_kw: DataKwOption = None,
+    root: RootOption = None,
     fusion_samples: Annotated[
         int, typer.Option(help="Size of the fusion set drawn from the training split.")
     ] = 400,

@@ -11,6 +11,8 @@ from rich.markup import escape
 
 from neurofuse import cli
 from neurofuse.cli._common import (
+    DataKwOption,
+    RootOption,
     _int_list,
     architecture_kwargs,
     dataset_spec,
@@ -26,14 +28,8 @@ from neurofuse.cli._partition import FULL, PARTITION_FILE, make_parts, write_par
 @user_errors
 def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")] = "mnist5k",
-    data_kw: Annotated[
-        list[str] | None,
-        typer.Option("--data-kw", metavar="KEY=VALUE", help="Dataset option (repeatable)."),
-    ] = None,
-    root: Annotated[
-        Path | None,
-        typer.Option(help="Folder or file the dataset is read from (cifar10, npz, ...)."),
-    ] = None,
+    data_kw: DataKwOption = None,
+    root: RootOption = None,
     arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture name.")] = "mlp",
     arch_kw: Annotated[
         list[str] | None,

@@ -239,3 +239,25 @@ __all__ = [
     "template_for",
     "write_state",
 ]
+
+
+def alignment_setup(
+    ctx: FusionContext,
+    method: str,
+    reference: int,
+    weights: Sequence[float] | None,
+    equal_widths: bool,
+) -> tuple[int, Tensor, list[State], list[list[Space]]]:
+    """What the alignment baselines (OTFusion, Git Re-Basin) check and derive before aligning:
+    the reference index, the averaging weights, the models' states and their matched
+    permutation spaces (same layers, same fx graphs; equal widths where ``equal_widths``)."""
+    n = len(ctx.models)
+    ref = check_reference(reference, n)
+    model_w = model_weights(weights, n)
+    states = states_of(ctx.models)
+    check_same_layers(states, method, same_shapes=False)
+    check_same_graphs(ctx.models, method)
+    spaces = matched_spaces(ctx.models, method, equal_widths=equal_widths)
+    if equal_widths:
+        check_same_layers(states, method)
+    return ref, model_w, states, spaces

@@ -255,8 +255,6 @@ def _mean_logits(ctx: FusionContext, names: list[str], outs: list[Tensor]) -> Te
     widths = [o.shape[-1] for o in outs]
     if any(w != widths[0] for w in widths):
         raise ValueError(f"the models have different numbers of classes {widths}")
-    s = torch.stack(
-        [ctx.importance.scores(k, names[k], o, widths[k]) for k, o in enumerate(outs)]
-    )
+    s = torch.stack([ctx.importance.scores(k, names[k], o, widths[k]) for k, o in enumerate(outs)])
     s = s / s.sum(0, keepdim=True)
     return sum(o * s[k] for k, o in enumerate(outs))  # type: ignore[return-value]

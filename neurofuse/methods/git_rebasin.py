@@ -36,16 +36,11 @@ from neurofuse.alignment import Space, apply_permutation
 from neurofuse.levels import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
+    alignment_setup,
     average_states,
-    check_reference,
-    check_same_graphs,
-    check_same_layers,
     finish,
-    matched_spaces,
-    model_weights,
     node_features,
     space_scores,
-    states_of,
     write_state,
 )
 from neurofuse.methods.registry import FusionContext, register_method
@@ -203,13 +198,9 @@ def _per_neuron(
 def git_rebasin(ctx: FusionContext) -> nn.Module:
     opt: GitRebasinOptions = ctx.options
     n = len(ctx.models)
-    ref = check_reference(opt.reference, n)
-    weights = model_weights(opt.weights, n)
-    states = states_of(ctx.models)
-    check_same_layers(states, "git_rebasin", same_shapes=False)
-    check_same_graphs(ctx.models, "git_rebasin")
-    spaces = matched_spaces(ctx.models, "git_rebasin", equal_widths=True)
-    check_same_layers(states, "git_rebasin")
+    ref, weights, states, spaces = alignment_setup(
+        ctx, "git_rebasin", opt.reference, opt.weights, equal_widths=True
+    )
     ref_runner = GraphRunner(trace(ctx.models[ref]), ctx.inputs) if opt.match == "acts" else None
     perms: list[dict[str, Tensor]] = []
     aligned: list[State] = []

@@ -38,16 +38,11 @@ from neurofuse.alignment import Space
 from neurofuse.levels import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
+    alignment_setup,
     average_states,
-    check_reference,
-    check_same_graphs,
-    check_same_layers,
     finish,
-    matched_spaces,
-    model_weights,
     node_features,
     space_scores,
-    states_of,
     template_for,
     write_state,
 )
@@ -266,12 +261,9 @@ def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor
 def otfusion(ctx: FusionContext) -> nn.Module:
     opt: OTFusionOptions = ctx.options
     n = len(ctx.models)
-    ref = check_reference(opt.reference, n)
-    weights = model_weights(opt.weights, n)
-    states = states_of(ctx.models)
-    check_same_layers(states, "otfusion", same_shapes=False)
-    check_same_graphs(ctx.models, "otfusion")
-    spaces = matched_spaces(ctx.models, "otfusion", equal_widths=False)
+    ref, weights, states, spaces = alignment_setup(
+        ctx, "otfusion", opt.reference, opt.weights, equal_widths=False
+    )
     free = [i for i, s in enumerate(spaces[ref]) if not s.fixed]
     ref_runner = None
     if opt.ground_metric == "acts":
