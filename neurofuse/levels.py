@@ -16,13 +16,16 @@ valid cut, so a residual block becomes one level.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+
+# re-exported: the fusion engines import it from here
+from neurofuse.graph_runner import GraphRunner as GraphRunner
 
 AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -351,71 +354,6 @@ def from_neurons(rows: Tensor, like: Tensor, axis: int) -> Tensor:
     moved = list(like.movedim(axis, -1).shape)
     moved[-1] = rows.shape[0]
     return rows.T.reshape(moved).movedim(-1, axis)
-
-
-class GraphRunner:
-    """Evaluates the nodes of an fx graph on one batch, computing each node once (memoised).
-
-    Fusion needs the values of many intermediate nodes of each base model; this computes each
-    on demand and keeps it, so no earlier part of a network is ever run twice.
-    """
-
-    def __init__(self, gm: fx.GraphModule, inputs: Tensor) -> None:
-        self.gm = gm
-        self.values: dict[fx.Node, Any] = {}
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                self.values[n] = inputs
-
-    def node(self, name: str) -> fx.Node:
-        for n in self.gm.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
-
-    def value(self, node: fx.Node) -> Any:
-        """The value of ``node``, computing only its not-yet-known ancestors."""
-        if node in self.values:
-            return self.values[node]
-        needed: set[fx.Node] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n in needed or n in self.values:
-                continue
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
-        for n in self.gm.graph.nodes:  # graph order is a topological order
-            if n in needed:
-                self.values[n] = self._run(n)
-        return self.values[node]
-
-    def release_consumed(self) -> None:
-        """Drop values whose every user has been computed (they will not be needed again)."""
-        for n in list(self.values):
-            if n.op != "placeholder" and n.users and all(u in self.values for u in n.users):
-                del self.values[n]
-
-    def forget(self, nodes: Iterable[fx.Node]) -> None:
-        for n in nodes:
-            self.values.pop(n, None)
-
-    def _run(self, n: fx.Node) -> Any:
-        args = fx.node.map_arg(n.args, lambda a: self.values[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a])
-        if n.op == "get_attr":
-            obj: Any = self.gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part)
-            return obj
-        if n.op == "call_module":
-            return self.gm.get_submodule(str(n.target))(*args, **kwargs)
-        if n.op == "call_function":
-            return n.target(*args, **kwargs)  # type: ignore[operator]
-        if n.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, str(n.target))(*rest, **kwargs)
-        raise RuntimeError(f"unexpected node {n.op}")
 
 
 ADD_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({operator.add, torch.add, operator.iadd})

@@ -1,0 +1,74 @@
+"""Memoised evaluation of a torch.fx graph: each node's value computed once, on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor
+
+
+class GraphRunner:
+    """Evaluates the nodes of an fx graph on one batch, computing each node once (memoised).
+
+    Fusion needs the values of many intermediate nodes of each base model; this computes each
+    on demand and keeps it, so no earlier part of a network is ever run twice.
+    """
+
+    def __init__(self, gm: fx.GraphModule, inputs: Tensor) -> None:
+        self.gm = gm
+        self.values: dict[fx.Node, Any] = {}
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                self.values[n] = inputs
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def value(self, node: fx.Node) -> Any:
+        """The value of ``node``, computing only its not-yet-known ancestors."""
+        if node in self.values:
+            return self.values[node]
+        needed: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in needed or n in self.values:
+                continue
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+        for n in self.gm.graph.nodes:  # graph order is a topological order
+            if n in needed:
+                self.values[n] = self._run(n)
+        return self.values[node]
+
+    def release_consumed(self) -> None:
+        """Drop values whose every user has been computed (they will not be needed again)."""
+        for n in list(self.values):
+            if n.op != "placeholder" and n.users and all(u in self.values for u in n.users):
+                del self.values[n]
+
+    def forget(self, nodes: Iterable[fx.Node]) -> None:
+        for n in nodes:
+            self.values.pop(n, None)
+
+    def _run(self, n: fx.Node) -> Any:
+        args = fx.node.map_arg(n.args, lambda a: self.values[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a])
+        if n.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if n.op == "call_module":
+            return self.gm.get_submodule(str(n.target))(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)  # type: ignore[operator]
+        if n.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, str(n.target))(*rest, **kwargs)
+        raise RuntimeError(f"unexpected node {n.op}")
