@@ -179,10 +179,15 @@ def compression_table(records: list[dict[str, Any]], keys: Sequence[str]) -> str
     for row in rows:
         cells = []
         for p in pairs:
-            es = [e for r in records if r["cell"]["arch"] == p and (e := entry(r, row))]
+            recs = [r for r in records if r["cell"]["arch"] == p]
+            es = [e for r in recs if (e := entry(r, row))]
+            if not es:
+                na = any(r["methods"].get(row, {}).get("status") == "n/a" for r in recs)
+                cells.append("n/a" if na else "-")
+                continue
             all_ = fmt([e["accuracy"] for e in es])
             seen = fmt([e["accuracy_seen_classes"] for e in es])
-            cells.append(f"{all_} / {seen}" if es else "-")
+            cells.append(f"{all_} / {seen}")
         lines.append("| " + " | ".join([display(row), *cells]) + " |")
     return "\n".join(lines)
 

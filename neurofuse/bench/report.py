@@ -18,7 +18,13 @@ def _settings(records: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, str] = {}
     for rec in records:
         cell = rec["cell"]
-        seen.setdefault(cell["arch"], f"`{cell['arch_build']}`, training `{cell['train']}`")
+        text = f"`{cell['arch_build']}`, training `{cell['train']}`"
+        if "student_build" in cell:
+            text += (
+                f"; student `{cell['student_build']}`, training `{cell['student_train']}`, "
+                f"levels `{cell['levels'] or 'automatic'}`"
+            )
+        seen.setdefault(cell["arch"], text)
     return [f"- {arch}: {text}" for arch, text in seen.items()]
 
 
