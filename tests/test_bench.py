@@ -336,3 +336,17 @@ def test_compression_suite_cells():
     resnet = next(c for c in cells if c.arch.name == "resnet34")
     assert resnet.student.name == "resnet18" and resnet.levels[-1] == "fc"
     assert len({c.models_id for c in cells}) == 4
+
+
+def test_columns_sort_by_regime_models_then_variant_numbers():
+    from neurofuse.bench.plots import model_counts
+
+    cols = ["non-IID 2 n1000_aug0", "sharded 2", "non-IID 2 n100_aug4", "non-IID 2 n100_aug0"]
+    assert sorted(cols, key=aggregate._column_rank) == [
+        "non-IID 2 n100_aug0",
+        "non-IID 2 n100_aug4",
+        "non-IID 2 n1000_aug0",
+        "sharded 2",
+    ]
+    assert model_counts(["non-IID 2", "non-IID 4", "sharded 2", "full 2"]) == {2, 4}
+    assert model_counts(["non-IID 2 n100_aug0", "non-IID 2 n400_aug0"]) == set()

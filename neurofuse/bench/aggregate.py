@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,19 @@ def column_of(cell: dict[str, Any]) -> str:
     return f"{cell['split']} {variant}".strip()
 
 
-def _column_rank(column: str) -> tuple[int, int, str]:
+def _column_rank(column: str) -> tuple[int, int, tuple[Any, ...]]:
+    """Regime, then number of models, then the variant with its numbers compared as numbers
+    (``n100_aug0`` before ``n1000_aug0``)."""
     regime_order = {"non-IID": 0, "sharded": 1, "full": 2}
     parts = column.split()
     n = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    return regime_order.get(parts[0], 3), n, column
+    variant = " ".join(parts[2:])
+    natural = tuple(
+        (0, int(tok), "") if tok.isdigit() else (1, 0, tok)
+        for tok in re.split(r"(\d+)", variant)
+        if tok
+    )
+    return regime_order.get(parts[0], 3), n, natural
 
 
 def _add(stats: dict[tuple[str, str], Stat], key: tuple[str, str], acc: float) -> Stat:

@@ -52,6 +52,20 @@ def plot_accuracy(group: Group, path: Path) -> Path:
     return path
 
 
+def model_counts(columns: list[str]) -> set[int]:
+    """The distinct numbers of models among non-IID/sharded columns named ``"<regime> <n>"``
+    (columns with a variant, e.g. ``"non-IID 2 n100_aug0"``, do not count); empty when fewer
+    than two, since a curve over the number of models needs two points."""
+    ns = {
+        int(c.split()[-1])
+        for c in columns
+        if c.startswith(("non-IID ", "sharded "))
+        and len(c.split()) == 2
+        and c.split()[-1].isdigit()
+    }
+    return ns if len(ns) > 1 else set()
+
+
 def plot_vs_models(group: Group, path: Path) -> Path:
     """Accuracy against the number of models, one panel per regime (non-IID, sharded)."""
     plt = _pyplot()
@@ -59,7 +73,11 @@ def plot_vs_models(group: Group, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), squeeze=False)
     labels = list(dict.fromkeys(r.split(" | ")[0] for r in group.rows))
     for ax, regime in zip(axes[0], regimes, strict=True):
-        cols = [c for c in group.columns if c.startswith(regime + " ")]
+        cols = [
+            c
+            for c in group.columns
+            if c.startswith(regime + " ") and len(c.split()) == 2 and c.split()[-1].isdigit()
+        ]
         ns = [int(c.split()[-1]) for c in cols]
         for lbl in labels:
             ys = [100 * _best_per_label(group, c).get(lbl, float("nan")) for c in cols]

@@ -128,7 +128,7 @@ def write_report(
             )
             plots.plot_accuracy(group, out / acc_png)
             lines += [f"![accuracy]({acc_png})", ""]
-            if any(c.startswith(("non-IID", "sharded")) for c in group.columns):
+            if plots.model_counts(group.columns):
                 plots.plot_vs_models(group, out / n_png)
                 lines += [f"![vs models]({n_png})", ""]
             names, secs = plots.group_runtime(group)
