@@ -350,3 +350,9 @@ def test_columns_sort_by_regime_models_then_variant_numbers():
     ]
     assert model_counts(["non-IID 2", "non-IID 4", "sharded 2", "full 2"]) == {2, 4}
     assert model_counts(["non-IID 2 n100_aug0", "non-IID 2 n400_aug0"]) == set()
+
+
+def test_ablation_suite_reuses_the_paper_mlp_models():
+    ablation, paper = get_suite("ablation-mlp").cells([0, 1]), get_suite("paper-mlp").cells([0, 1])
+    assert [c.models_id for c in ablation] == [c.models_id for c in paper]
+    assert {r.method for r in get_suite("ablation-mlp").methods} == {"kf_linear"}

@@ -346,3 +346,28 @@ register_suite(
         _compression_runs(),
     )
 )
+
+
+def _kf_linear_ablation() -> tuple[MethodRun, ...]:
+    runs = [MethodRun("KF Linear", "kf_linear")]
+    runs += [
+        MethodRun(f"KF Linear, ridge {r:g}", "kf_linear", options=(("ridge", r),))
+        for r in (1e-4, 1e-2, 1e-1, 1.0)
+    ]
+    runs += [
+        MethodRun("KF Linear, local search", "kf_linear", options=(("local_search", True),)),
+        MethodRun("KF Linear, 1 restart", "kf_linear", options=(("n_init", 1),)),
+    ]
+    return tuple(runs)
+
+
+register_suite(
+    Suite(
+        "ablation-mlp",
+        "KF Linear options on the paper-mlp cells (same base models): the relative ridge of the "
+        "least-squares fits, swap local search after k-means, k-means restarts",
+        "accuracy",
+        grid("ablation-mlp", "mnist5k", {"mlp": MLP}, PAPER_SPLITS),
+        _kf_linear_ablation(),
+    )
+)
