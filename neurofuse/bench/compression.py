@@ -14,7 +14,6 @@ and on the test samples of the student's classes.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 import neurofuse as nf
 from neurofuse.bench.basemodels import dataset
-from neurofuse.bench.runner import CELL_RUNNERS, result_path, write_record
+from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
 from neurofuse.bench.spec import Arch, Cell, MethodRun
 from neurofuse.bench.suites import Suite
 from neurofuse.checkpoint import load_checkpoint, save_checkpoint
@@ -107,16 +106,8 @@ def run_compression_cell(
         "fusion_set": {"n": len(idx), "classes": sorted(set(fusion[1].tolist()))},
         "methods": {},
     }
-    partial = result_path(out, cell).with_suffix(".partial.json")
-    if partial.exists():  # resume: keep the methods a killed run finished
-        try:
-            record["methods"] = {
-                k: e
-                for k, e in json.loads(partial.read_text())["methods"].items()
-                if e.get("status") != "error"
-            }
-        except (ValueError, KeyError):
-            pass
+    partial = partial_path(out, cell)
+    record["methods"] = finished_methods(out, cell)  # resume: keep what a killed run finished
     for run in runs:
         if run.key in record["methods"]:
             continue

@@ -30,6 +30,22 @@ def result_path(out: Path, cell: Cell) -> Path:
     return out / "cells" / f"{cell.cell_id}.json"
 
 
+def partial_path(out: Path, cell: Cell) -> Path:
+    return result_path(out, cell).with_suffix(".partial.json")
+
+
+def finished_methods(out: Path, cell: Cell) -> dict[str, Any]:
+    """The method entries a killed run of ``cell`` recorded without error (resume), or {}."""
+    path = partial_path(out, cell)
+    if not path.exists():
+        return {}
+    try:
+        methods = json.loads(path.read_text())["methods"]
+    except (ValueError, KeyError):
+        return {}
+    return {k: e for k, e in methods.items() if e.get("status") != "error"}
+
+
 def write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(to_jsonable(record), indent=1, sort_keys=True))
@@ -90,13 +106,8 @@ def run_accuracy_cell(
     device: torch.device,
 ) -> dict[str, Any]:
     """Train/load the base models, evaluate them and their ensemble, fuse with every run."""
-    partial_path = result_path(out, cell).with_suffix(".partial.json")
-    done: dict[str, Any] = {}
-    if partial_path.exists():
-        try:
-            done = json.loads(partial_path.read_text())["methods"]
-        except (ValueError, KeyError):
-            done = {}
+    partial = partial_path(out, cell)
+    done = finished_methods(out, cell)
     start = time.perf_counter()
     setup = prepare(cell, cache, device)
     record: dict[str, Any] = {
@@ -114,10 +125,10 @@ def run_accuracy_cell(
         "methods": done,
     }
     for run in runs:
-        if run.key in done and done[run.key].get("status") != "error":
+        if run.key in done:
             continue
         record["methods"][run.key] = fuse_once(run, setup, cell, device)
-        write_record(partial_path, record)
+        write_record(partial, record)
     record["seconds"] = time.perf_counter() - start
     record["device"] = str(device)
     record["torch_threads"] = torch.get_num_threads()

@@ -9,7 +9,6 @@ the median time to OTFusion's.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from neurofuse.bench.basemodels import prepare
-from neurofuse.bench.runner import CELL_RUNNERS, result_path, write_record
+from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
 
@@ -129,13 +128,8 @@ def run_runtime_cell(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     prepare(cell, cache, device)  # trains and caches once, before the timed children
-    partial = result_path(out, cell).with_suffix(".partial.json")
-    methods: dict[str, Any] = {}
-    if partial.exists():
-        try:
-            methods = json.loads(partial.read_text())["methods"]
-        except (ValueError, KeyError):
-            methods = {}
+    partial = partial_path(out, cell)
+    methods = finished_methods(out, cell)
     for run in runs:
         if methods.get(run.key, {}).get("status") == "ok":
             continue
