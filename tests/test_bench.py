@@ -355,4 +355,4 @@ def test_columns_sort_by_regime_models_then_variant_numbers():
 def test_ablation_suite_reuses_the_paper_mlp_models():
     ablation, paper = get_suite("ablation-mlp").cells([0, 1]), get_suite("paper-mlp").cells([0, 1])
     assert [c.models_id for c in ablation] == [c.models_id for c in paper]
-    assert {r.method for r in get_suite("ablation-mlp").methods} == {"kf_linear"}
+    assert {r.method for r in get_suite("ablation-mlp").methods} == {"kf_linear", "kf_gradient"}

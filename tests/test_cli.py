@@ -80,7 +80,7 @@ def sharded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     "command",
     [[], ["datasets"], ["archs"], ["methods"], ["importance"], ["train"], ["eval"], ["fuse"]]
-    + [["demo"]],
+    + [["demo"], ["bench"]],
 )
 def test_every_command_has_help(command):
     result = ok(*command, "--help")
@@ -271,6 +271,17 @@ def test_unknown_dataset_lists_the_valid_ones(tmp_path: Path):
     line = assert_user_error(invoke("train", "--dataset", "nope", "--out", tmp_path), "nope")
     for name in data.available_datasets():
         assert name in line
+
+
+def test_bench_unknown_suite_lists_the_suites(tmp_path: Path):
+    assert_user_error(invoke("bench", "nope", "--out", tmp_path), "nope", "paper-mlp", "quick")
+
+
+def test_bench_report_only_writes_a_partial_report(tmp_path: Path):
+    result = ok("bench", "quick", "--out", tmp_path, "--report-only")
+    text = (tmp_path / "report.md").read_text()
+    assert "report.md" in result.output
+    assert "PARTIAL (0/2 cells)" in text and "neurofuse bench quick --seeds 0" in text
 
 
 def test_unknown_method_is_a_clear_error(sharded_run: Path):

@@ -357,6 +357,12 @@ def _kf_linear_ablation() -> tuple[MethodRun, ...]:
     runs += [
         MethodRun("KF Linear, local search", "kf_linear", options=(("local_search", True),)),
         MethodRun("KF Linear, 1 restart", "kf_linear", options=(("n_init", 1),)),
+        MethodRun("KF Gradient (setting 1)", "kf_gradient", options=(("preset", "setting1"),)),
+        MethodRun(
+            "KF Gradient (setting 1), KL head",
+            "kf_gradient",
+            options=(("preset", "setting1"), ("head_loss", "kl")),
+        ),
     ]
     return tuple(runs)
 
@@ -365,7 +371,8 @@ register_suite(
     Suite(
         "ablation-mlp",
         "KF Linear options on the paper-mlp cells (same base models): the relative ridge of the "
-        "least-squares fits, swap local search after k-means, k-means restarts",
+        "least-squares fits, swap local search after k-means, k-means restarts; KF Gradient "
+        "with the KL head loss",
         "accuracy",
         grid("ablation-mlp", "mnist5k", {"mlp": MLP}, PAPER_SPLITS),
         _kf_linear_ablation(),
