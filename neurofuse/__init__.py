@@ -14,6 +14,9 @@ from neurofuse._version import __version__
 _LAZY = {
     "fuse": ("neurofuse.api", "fuse"),
     "Levels": ("neurofuse.levels", "Levels"),
+    "Importance": ("neurofuse.importance", "Importance"),
+    "compute_importance": ("neurofuse.importance", "compute_importance"),
+    "available_importance": ("neurofuse.importance", "available_importance"),
     "available_methods": ("neurofuse.methods", "available_methods"),
     "method_options": ("neurofuse.methods", "method_options"),
     "register_method": ("neurofuse.methods", "register_method"),

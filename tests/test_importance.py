@@ -405,3 +405,13 @@ def test_conductance_does_no_harm_on_a_sharded_task(method):
             acc[score].append(accuracy(fused, x_test, y_test))
     mean = {k: sum(v) / len(v) for k, v in acc.items()}
     assert mean["conductance"] >= mean["uniform"] - 0.02, acc
+
+
+def test_top_level_names_reach_the_importance_package():
+    import neurofuse
+    from neurofuse import importance
+
+    assert nf.Importance is importance.Importance
+    assert nf.compute_importance is importance.compute_importance
+    assert set(nf.available_importance()) >= {"uniform", "conductance", "deeplift"}
+    assert {"Importance", "compute_importance"} <= set(neurofuse.__all__)
