@@ -73,8 +73,8 @@ def _check_models(models: Any, info: MethodInfo, has_target: bool) -> list[nn.Mo
     if not models:
         raise ValueError("fusion needs two or more models, got none")
     if len(models) == 1:
-        single = sorted(k for k, v in _single_model_methods().items() if v)
         if not info.single_model:
+            single = sorted(k for k, v in _single_model_methods().items() if v)
             raise ValueError(
                 f"method {info.name!r} needs two or more models, got 1; to compress one model "
                 f"into a smaller template use one of {single} with target=..."

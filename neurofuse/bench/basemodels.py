@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neurofuse.bench.spec import Cell
+from neurofuse.bench.spec import Arch, Cell
 from neurofuse.checkpoint import load_checkpoint, save_checkpoint
 from neurofuse.data import DataSplits, Partition, fusion_indices, load, partition
 from neurofuse.models import build
@@ -50,19 +50,38 @@ def split_data(cell: Cell, data: DataSplits) -> tuple[list[torch.Tensor], Partit
 
 
 def _train_one(
-    cell: Cell, data: DataSplits, idx: torch.Tensor, i: int, device: Any
+    arch: Arch, data: DataSplits, idx: torch.Tensor, seed: int, device: Any
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Model ``i`` of the cell, trained on its part ``idx``; seeded by cell seed and index."""
-    torch.manual_seed(1000 * cell.seed + i)
-    model = build(cell.arch.name, **cell.arch.build_kwargs())
-    cfg = TrainConfig(
-        **dict(cell.arch.train), seed=1000 * cell.seed + i, device=device, progress=False
-    )
+    """``arch`` trained on ``data.x_train[idx]``, seeded by ``seed``."""
+    torch.manual_seed(seed)
+    model = build(arch.name, **arch.build_kwargs())
+    cfg = TrainConfig(**dict(arch.train), seed=seed, device=device, progress=False)
     result = train_model(
         model, data.x_train[idx], data.y_train[idx], cfg, num_classes=data.num_classes
     )
     train = {k: v for k, v in result.to_dict().items() if k != "history"}
     return model.cpu().eval(), train
+
+
+def load_or_train(
+    path: Path,
+    arch: Arch,
+    data: DataSplits,
+    idx: torch.Tensor,
+    seed: int,
+    device: Any,
+    metadata: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model cached at ``path``, or ``arch`` trained on ``idx`` and cached there (with
+    ``metadata`` in its sidecar); also returns its training record."""
+    try:
+        model, sidecar = load_checkpoint(path, device="cpu")
+        return model.eval(), {"cached": True, **sidecar.get("train", {})}
+    except Exception:
+        pass
+    model, train = _train_one(arch, data, idx, seed, device)
+    save_checkpoint(model, path, metadata={"train": train, **(metadata or {})})
+    return model, {"cached": False, **train}
 
 
 def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
@@ -72,14 +91,11 @@ def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
     models, info = [], []
     for i, idx in enumerate(parts):
         path = cache / f"{cell.models_id}_model{i}"
-        try:
-            model, sidecar = load_checkpoint(path, device="cpu")
-            info.append({"cached": True, **sidecar.get("train", {})})
-        except Exception:
-            model, train = _train_one(cell, data, idx, i, device)
-            save_checkpoint(model, path, metadata={"train": train, "cell": cell.describe()})
-            info.append({"cached": False, **train})
+        model, train = load_or_train(
+            path, cell.arch, data, idx, 1000 * cell.seed + i, device, {"cell": cell.describe()}
+        )
         models.append(model)
+        info.append(train)
     # the paper's 400 samples come from model 0's data; a small Dirichlet part (e.g. 8
     # non-IID models) may hold fewer, and then all of it is used (recorded in the result)
     n_fusion = cell.fusion_samples if part is None else min(cell.fusion_samples, len(parts[0]))

@@ -23,35 +23,12 @@ import torch
 from torch import nn
 
 import neurofuse as nf
-from neurofuse.bench.basemodels import dataset
+from neurofuse.bench.basemodels import dataset, load_or_train
 from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
-from neurofuse.bench.spec import Arch, Cell, MethodRun
+from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
-from neurofuse.checkpoint import load_checkpoint, save_checkpoint
 from neurofuse.data import DataSplits, fusion_indices, partition
 from neurofuse.evaluate import evaluate
-from neurofuse.models import build
-from neurofuse.train import TrainConfig, train_model
-
-
-def _trained(
-    arch: Arch, data: DataSplits, idx: torch.Tensor, seed: int, path: Path, device: Any
-) -> tuple[nn.Module, dict[str, Any]]:
-    """``arch`` trained on ``data.x_train[idx]`` (cached at ``path``)."""
-    try:
-        model, sidecar = load_checkpoint(path, device="cpu")
-        return model.eval(), {"cached": True, **sidecar.get("train", {})}
-    except Exception:
-        pass
-    torch.manual_seed(seed)
-    model = build(arch.name, **arch.build_kwargs())
-    cfg = TrainConfig(**dict(arch.train), seed=seed, device=device, progress=False)
-    result = train_model(
-        model, data.x_train[idx], data.y_train[idx], cfg, num_classes=data.num_classes
-    )
-    info = {k: v for k, v in result.to_dict().items() if k != "history"}
-    save_checkpoint(model.cpu(), path, metadata={"train": info})
-    return model.cpu().eval(), {"cached": False, **info}
 
 
 def _scores(model: nn.Module, data: DataSplits, seen: torch.Tensor, device: Any) -> dict:
@@ -79,21 +56,16 @@ def run_compression_cell(
     own = part.indices[0]
     seen = torch.unique(data.y_train[own])
     cache.mkdir(parents=True, exist_ok=True)
-    teacher, t_info = _trained(
+    teacher, t_info = load_or_train(
+        cache / f"{cell.models_id}_teacher",
         cell.arch,
         data,
         torch.arange(data.num_train),
         1000 * cell.seed,
-        cache / f"{cell.models_id}_teacher",
         device,
     )
-    student, s_info = _trained(
-        cell.student,
-        data,
-        own,
-        1000 * cell.seed + 1,
-        cache / f"{cell.models_id}_student",
-        device,
+    student, s_info = load_or_train(
+        cache / f"{cell.models_id}_student", cell.student, data, own, 1000 * cell.seed + 1, device
     )
     idx = fusion_indices(data.y_train, part, cell.fusion_samples, seed=cell.seed, from_part=0)
     fusion = (data.x_train[idx], data.y_train[idx])
