@@ -113,7 +113,7 @@ def _touching(spaces: Sequence[SpaceLike]) -> dict[str, list[tuple[int, int, Spa
     """key -> [(axis, repeat, space)] for every tensor that a space touches."""
     out: dict[str, list[tuple[int, int, SpaceLike]]] = {}
     for s in spaces:
-        for key, axis, repeat in s.members:
+        for key, axis, repeat, _parts in s.members:
             out.setdefault(key, []).append((axis, repeat, s))
     for key, items in out.items():
         axes = [a for a, _, _ in items]

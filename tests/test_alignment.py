@@ -11,9 +11,11 @@ from torch import Tensor, nn
 from toys import cnn_bn, mlp, permute_sequential, randomise_batchnorm, relative_error
 
 from neurofuse.alignment import (
+    Member,
     Space,
     apply_permutation,
     permutation_spaces,
+    random_permutation,
     reestimate_batchnorm,
 )
 from neurofuse.models import build
@@ -29,7 +31,9 @@ ZOO = [
     ),
     ("vgg", dict(config="vgg_small", input_size=16, batch_norm=False), (4, 3, 16, 16), 4),
     ("resnet18", dict(width=4), (4, 3, 8, 8), 12),  # 4 residual streams + 8 block-hidden spaces
-    ("vit_tiny", dict(image_size=16), (4, 3, 16, 16), 2),  # the MLP hidden space of each block
+    # the token stream, and per block the attention heads and the MLP hidden space
+    ("vit_tiny", dict(image_size=16), (4, 3, 16, 16), 5),
+    ("resmlp", dict(in_features=12, dim=16, hidden=[24, 24]), (5, 12), 3),
     ("cnn1d", dict(channels=[8, 8], hidden=[16]), (4, 1, 40), 3),
     ("cnn1d", dict(channels=[8, 8], batch_norm=True), (4, 1, 40), 2),
 ]
@@ -37,7 +41,7 @@ ZOO = [
 
 def random_perms(spaces: list[Space], seed: int = 1) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {s.name: torch.randperm(s.size, generator=g) for s in spaces if not s.fixed}
+    return {s.name: random_permutation(s, g) for s in spaces if not s.fixed}
 
 
 def permuted(model: nn.Module, spaces: list[Space], perms: dict[str, Tensor]) -> nn.Module:
@@ -88,7 +92,7 @@ def test_spaces_of_a_resnet_stage_and_the_flatten_repeat():
     resnet = permutation_spaces(build("resnet18", width=4))
     stem = resnet[0]
     assert not stem.fixed and stem.size == 4
-    keys = {k for k, a, _ in stem.members}
+    keys = {m.key for m in stem.members}
     # stem conv + bn, both blocks' conv2/bn2 (outgoing), both blocks' conv1 and the next
     # stage's conv1 and downsample (incoming)
     for key in (
@@ -98,26 +102,89 @@ def test_spaces_of_a_resnet_stage_and_the_flatten_repeat():
         "layer2.0.downsample.0.weight",
     ):
         assert key in keys
-    assert ("layer1.0.conv2.weight", 0, 1) in stem.members
-    assert ("layer1.0.conv1.weight", 1, 1) in stem.members
+    assert Member("layer1.0.conv2.weight", 0, 1) in stem.members
+    assert Member("layer1.0.conv1.weight", 1, 1) in stem.members
     assert resnet[-1].fixed and resnet[-1].name == "fc"
     vgg = permutation_spaces(build("vgg", config=[4, "M", 6, "M"], input_size=12, batch_norm=True))
     last = [s for s in vgg if not s.fixed][-1]
-    assert ("head.weight", 1, 9) in last.members  # 6 channels x 3 x 3 positions
+    assert Member("head.weight", 1, 9) in last.members  # 6 channels x 3 x 3 positions
     assert last.name == "features_5"  # the BatchNorm that ends the unit
 
 
-def test_vit_keeps_the_token_stream_and_attention_fixed():
+def test_vit_spaces_are_the_token_stream_the_heads_and_the_mlp_units():
     spaces = permutation_spaces(build("vit_tiny", image_size=16))
-    free = [s for s in spaces if not s.fixed]
-    assert [s.name for s in free] == ["blocks_0_mlp_fc1", "blocks_1_mlp_fc1"]
-    assert set(free[0].members) == {
-        ("blocks.0.mlp.fc1.weight", 0, 1),
-        ("blocks.0.mlp.fc1.bias", 0, 1),
-        ("blocks.0.mlp.fc2.weight", 1, 1),
+    by = {s.name: s for s in spaces}
+    stream = spaces[0]
+    assert not stream.fixed and stream.stream and stream.size == 32 and stream.heads == 1
+    for member in (
+        Member("embed.proj.weight", 0),
+        Member("embed.cls_token", 2),  # the class token and position embeddings join it
+        Member("embed.pos_embedding", 2),
+        Member("blocks.0.norm1.weight", 0),
+        Member("blocks.0.attn.qkv.weight", 1),
+        Member("blocks.1.mlp.fc2.bias", 0),
+        Member("norm.bias", 0),
+        Member("head.weight", 1),
+    ):
+        assert member in stream.members
+    heads = by["blocks_0_attn_qkv"]
+    assert not heads.fixed and heads.heads == 2 and heads.size == 32 and heads.head_dim == 16
+    assert set(heads.members) == {
+        Member("blocks.0.attn.qkv.weight", 0, 1, 3),  # query, key and value rows alike
+        Member("blocks.0.attn.qkv.bias", 0, 1, 3),
+        Member("blocks.0.attn.proj.weight", 1, 1, 1),  # the value's dimensions
     }
-    fixed = {s.name for s in spaces if s.fixed}
-    assert {"embed_proj", "blocks_0_attn_qkv", "blocks_0_attn_proj", "head"} <= fixed
+    assert set(by["blocks_1_mlp_fc1"].members) == {
+        Member("blocks.1.mlp.fc1.weight", 0),
+        Member("blocks.1.mlp.fc1.bias", 0),
+        Member("blocks.1.mlp.fc2.weight", 1),
+    }
+    assert by["head"].fixed and len(spaces) == 6
+
+
+@pytest.mark.parametrize("arch", ["vit", "gpt"])
+def test_a_permutation_that_splits_a_head_breaks_attention(arch):
+    """Heads really are units: moving one dimension to another head changes the function, and
+    apply_permutation refuses such a permutation."""
+    if arch == "vit":
+        model, x = build("vit_tiny", image_size=16).eval(), torch.randn(4, 3, 16, 16)
+    else:
+        model = build("gpt", vocab_size=20, max_len=8, dim=16, heads=4, mlp_dim=24).eval()
+        x = torch.randint(0, 20, (4, 7)).float()
+    spaces = permutation_spaces(model, example=x)
+    heads = next(s for s in spaces if s.heads > 1)
+    swap = torch.arange(heads.size)
+    swap[[0, heads.head_dim]] = swap[[heads.head_dim, 0]]  # dimension 0 of heads 0 and 1
+    with pytest.raises(ValueError, match="splits an attention head"):
+        apply_permutation(model.state_dict(), spaces, {heads.name: swap})
+    forced = copy.deepcopy(heads)
+    forced.heads = 1
+    twin = permuted(model, [forced], {heads.name: swap})
+    assert relative_error(logits(twin, x), logits(model, x)) > 1e-3
+    kept = permuted(model, spaces, {heads.name: random_permutation(heads)})
+    assert relative_error(logits(kept, x), logits(model, x)) < 1e-5
+
+
+def test_gpt_spaces_from_an_example_input():
+    model = build("gpt", vocab_size=20, max_len=8, dim=16, heads=4, mlp_dim=24).eval()
+    x = torch.randint(0, 20, (4, 7)).float()
+    spaces = permutation_spaces(model, example=x)
+    assert [(s.name, s.heads, s.fixed) for s in spaces] == [
+        ("add_1", 1, False),  # token stream: embedding columns and position rows
+        ("blocks_0_attn_qkv", 4, False),
+        ("blocks_0_mlp_fc1", 1, False),
+        ("blocks_1_attn_qkv", 4, False),
+        ("blocks_1_mlp_fc1", 1, False),
+        ("head", 1, True),
+    ]
+    assert Member("embed.tok.weight", 1) in spaces[0].members
+    assert Member("embed.pos", 2) in spaces[0].members
+    twin = permuted(model, spaces, random_perms(spaces))
+    assert relative_error(logits(twin, x), logits(model, x)) < 1e-5
+    # without an example the rank after the token lookup is unknown, so split(dim=2) cannot be
+    # followed: the attention spaces are left unpermuted, which is safe
+    blind = permutation_spaces(model)
+    assert [s.fixed for s in blind] == [False, True, False, True, False, True]
 
 
 class Odd(nn.Module):
@@ -141,7 +208,7 @@ class Odd(nn.Module):
         g = self.gate_a(h) * torch.sigmoid(self.gate_b(h))  # gating unions two spaces
         g = self.gn(g).mean((2, 3))  # reduction over positions keeps the channels
         s = self.shared(self.shared(g).relu())
-        t = self.fc(s) + self.offset  # a raw parameter: this space stays fixed
+        t = self.fc(s) + self.offset  # a raw parameter joins fc's space, which cat fixes
         u = self.side(s).view(s.size(0), -1)
         return self.out(torch.cat([t, u], dim=1))  # cat: fixed
 
@@ -154,15 +221,15 @@ def test_odd_constructs_keep_the_function_and_fix_what_they_must():
             p.add_(torch.randn_like(p))
     spaces = permutation_spaces(model)
     by = {s.name: s for s in spaces}
-    assert not by["conv"].fixed and ("dw.weight", 0, 1) in by["conv"].members
-    gate = next(s for s in spaces if ("gate_b.weight", 0, 1) in s.members)
+    assert not by["conv"].fixed and Member("dw.weight", 0) in by["conv"].members
+    gate = next(s for s in spaces if Member("gate_b.weight", 0) in s.members)
     assert (
         not gate.fixed
-        and ("gate_a.weight", 0, 1) in gate.members
-        and ("gn.weight", 0, 1) in gate.members
+        and Member("gate_a.weight", 0) in gate.members
+        and Member("gn.weight", 0) in gate.members
     )
     # shared(shared(g)): g, shared(g) and the result all meet the same weight, so one space
-    assert {("shared.weight", 0, 1), ("shared.weight", 1, 1), ("fc.weight", 1, 1)} <= set(
+    assert {Member("shared.weight", 0), Member("shared.weight", 1), Member("fc.weight", 1)} <= set(
         gate.members
     )
     assert by["fc"].fixed and by["side"].fixed and by["out"].fixed
@@ -181,7 +248,7 @@ def test_spaces_match_the_hand_written_toy_permutations():
         moved = {
             k for k, v in model.state_dict().items() if not torch.equal(v, twin.state_dict()[k])
         }
-        derived = {k for s in permutation_spaces(model) if not s.fixed for k, _, _ in s.members}
+        derived = {m.key for s in permutation_spaces(model) if not s.fixed for m in s.members}
         assert moved == derived
 
 

@@ -24,7 +24,7 @@ from toys import (
 
 import neurofuse as nf
 from neurofuse import api
-from neurofuse.alignment import apply_permutation, permutation_spaces
+from neurofuse.alignment import apply_permutation, permutation_spaces, random_permutation
 from neurofuse.methods import otfusion as otfusion_module
 from neurofuse.models import build
 
@@ -45,7 +45,7 @@ def logits(model: nn.Module, x: Tensor) -> Tensor:
 def permuted_by_analysis(model: nn.Module, seed: int = 1) -> nn.Module:
     spaces = permutation_spaces(model)
     g = torch.Generator().manual_seed(seed)
-    perms = {s.name: torch.randperm(s.size, generator=g) for s in spaces if not s.fixed}
+    perms = {s.name: random_permutation(s, g) for s in spaces if not s.fixed}
     twin = copy.deepcopy(model)
     twin.load_state_dict(apply_permutation(model.state_dict(), spaces, perms))
     return twin.eval()

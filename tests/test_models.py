@@ -44,6 +44,9 @@ SMALL: dict[str, tuple[dict, tuple[int, ...], int]] = {
     "vit_tiny": ({}, (3, 32, 32), 10),
     "vit_cifar": (dict(dim=24, depth=1, heads=3, mlp_dim=16), (3, 32, 32), 100),
     "cnn1d": (dict(channels=[8, 8], hidden=[16], batch_norm=True), (1, 40), 10),
+    "resmlp": (dict(input_shape=(1, 6, 6), dim=12, hidden=[16, 8], num_classes=5), (1, 6, 6), 5),
+    # token ids in, next-token logits (B, T, vocab) out
+    "gpt": (dict(vocab_size=11, max_len=8, dim=12, depth=2, heads=3, mlp_dim=16), (6,), 11),
 }
 
 TOP_LEVEL_CHILDREN = {
@@ -54,6 +57,8 @@ TOP_LEVEL_CHILDREN = {
     + [f"layer{i}" for i in range(1, 5)]
     + ["avgpool", "flatten", "fc"],
     "vit": ["embed", "blocks", "norm", "pool", "head"],
+    "resmlp": ["flatten", "embed", "blocks", "norm", "head"],
+    "gpt": ["embed", "blocks", "norm", "head"],
 }
 TOP_LEVEL_CHILDREN["resnet34"] = TOP_LEVEL_CHILDREN["resnet18"]
 TOP_LEVEL_CHILDREN["vit_tiny"] = TOP_LEVEL_CHILDREN["vit_cifar"] = TOP_LEVEL_CHILDREN["vit"]
@@ -63,6 +68,9 @@ NAMES = sorted(SMALL)
 
 def _small(name: str, batch: int = 4) -> tuple[nn.Module, torch.Tensor, int]:
     kwargs, shape, classes = SMALL[name]
+    if name == "gpt":  # token ids, as floats (the model casts them)
+        x = torch.randint(0, classes, (batch, *shape), generator=torch.Generator().manual_seed(0))
+        return build(name, **kwargs), x.float(), classes
     return build(name, **kwargs), torch.randn(batch, *shape), classes
 
 
@@ -100,8 +108,12 @@ def test_forward_backward_reaches_every_parameter(name: str) -> None:
     model, x, classes = _small(name)
     model.train()
     logits = model(x)
-    assert logits.shape == (x.shape[0], classes)
-    F.cross_entropy(logits, torch.arange(x.shape[0]) % classes).backward()
+    if logits.dim() == 3:  # a language model: one prediction per position
+        assert logits.shape == (*x.shape, classes)
+        logits = logits.reshape(-1, classes)
+    else:
+        assert logits.shape == (x.shape[0], classes)
+    F.cross_entropy(logits, torch.arange(logits.shape[0]) % classes).backward()
     total = 0.0
     for param_name, param in model.named_parameters():
         assert param.grad is not None, f"{name}: no gradient for {param_name}"

@@ -19,8 +19,16 @@ with the space carried on its neuron axis:
   ``repeat = in_features / channels`` (channel ``c`` feeds inputs ``c*repeat .. c*repeat+repeat-1``);
 - an elementwise op on two tagged tensors (the residual ``add``, a gating ``mul``) unions their
   spaces (union-find), as does a parameter shared by two calls;
-- anything else that touches a tagged tensor (reshape into heads, ``cat``, indexing, a raw
-  parameter fetched with ``get_attr``, the model's output) marks its space ``fixed``: it is kept
+- attention: a projection's output unflattened (or split, then viewed) into ``(parts, heads,
+  head_dim)`` and fed to ``scaled_dot_product_attention`` as query, key and value makes a space
+  of ``heads`` blocks (:attr:`Space.heads`) whose permutations move whole heads and the
+  dimensions inside them, alike in every part; the joint ``qkv`` weight is a member with
+  ``parts=3``;
+- raw parameters fetched with ``get_attr`` (a class token, a position embedding) that are added
+  to or concatenated with a tagged tensor along another axis join its space; token selection
+  (``x[:, 0]``), ``expand`` and slices of other axes pass the tag on;
+- anything else that touches a tagged tensor (an unknown reshape, ``cat`` along the neurons,
+  indexing single neurons, the model's output) marks its space ``fixed``: it is kept
   unpermuted, which is always safe.
 
 Teach the analysis your own per-neuron module with :func:`register_elementwise_module`, or give
@@ -43,11 +51,13 @@ from neurofuse.alignment.rules import FUNCTION_RULES as FUNCTION_RULES
 from neurofuse.alignment.rules import METHOD_RULES as METHOD_RULES
 from neurofuse.alignment.rules import MODULE_RULES as MODULE_RULES
 from neurofuse.alignment.rules import register_elementwise_module
-from neurofuse.alignment.space import Space
+from neurofuse.alignment.space import Member, Space, random_permutation
 from neurofuse.alignment.values import Rule as Rule
 
 __all__ = [
+    "Member",
     "Space",
+    "random_permutation",
     "apply_permutation",
     "permutation_spaces",
     "reestimate_batchnorm",

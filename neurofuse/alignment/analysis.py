@@ -9,15 +9,17 @@ is the public entry point.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from neurofuse.alignment.layer_rules import _elementwise
 from neurofuse.alignment.rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
-from neurofuse.alignment.space import Space, _check_spec
-from neurofuse.alignment.values import _Value
+from neurofuse.alignment.space import Member, Space, _check_spec
+from neurofuse.alignment.values import _Tag, _Value
 from neurofuse.levels import ACTIVATION_FUNCTIONS, TraceError, trace, unit_end
 
 
@@ -25,10 +27,14 @@ from neurofuse.levels import ACTIVATION_FUNCTIONS, TraceError, trace, unit_end
 class _Group:
     size: int
     origin: str
-    members: dict[tuple[str, int], int] = field(default_factory=dict)  # (key, axis) -> repeat
-    nodes: list[tuple[int, str, int]] = field(default_factory=list)  # (position, name, axis)
+    # (key, axis) -> (repeat, parts)
+    members: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # (position, name, axis, parts)
+    nodes: list[tuple[int, str, int, int]] = field(default_factory=list)
     fixed: bool = False
     joined_at: tuple[int, str] | None = None
+    heads: int = 1
+    parts: int = 1
 
 
 class _Analysis:
@@ -71,9 +77,13 @@ class _Analysis:
             origin=ga.origin,
             members=dict(ga.members),
             nodes=ga.nodes + gb.nodes,
-            fixed=ga.fixed or gb.fixed or ga.size != gb.size,
+            fixed=ga.fixed or gb.fixed or ga.size != gb.size or ga.parts != gb.parts,
             joined_at=min(joins) if joins else None,
+            heads=max(ga.heads, gb.heads),
+            parts=ga.parts,
         )
+        if 1 < ga.heads != gb.heads > 1:
+            merged.fixed = True
         for k, r in gb.members.items():
             if merged.members.setdefault(k, r) != r:
                 merged.fixed = True
@@ -91,21 +101,57 @@ class _Analysis:
         mod = self.gm.get_submodule(str(node.target))
         if getattr(mod, param, None) is None:
             return
-        key = f"{node.target}.{param}"
+        self.member_key(space, f"{node.target}.{param}", axis, repeat)
+
+    def member_key(self, space: int, key: str, axis: int, repeat: int = 1, parts: int = 1) -> None:
         if (key, axis) in self.owner:  # a parameter shared by two calls couples both spaces
             space = self.union(self.owner[(key, axis)], space)
         g = self.group(space)
-        if g.members.setdefault((key, axis), repeat) != repeat:
+        if g.members.setdefault((key, axis), (repeat, parts)) != (repeat, parts):
             g.fixed = True
         self.owner[(key, axis)] = self.find(space)
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]:
+        """Shape of a parameter or buffer of the traced model."""
+        path, _, attr = key.rpartition(".")
+        t = getattr(self.gm.get_submodule(path), attr)
+        return tuple(t.shape)
+
+    def split_space(self, space: int, parts: int, heads: int) -> bool:
+        """Declare that the space's index is ``parts`` copies of ``heads`` blocks: its members
+        so far (a layer computing all parts at once) hold every part. False (and the space is
+        fixed) when this contradicts what is known of it."""
+        g = self.group(space)
+        size = g.size if g.parts == parts else g.size // parts
+        if g.parts not in (1, parts) or g.size % (parts // g.parts) or size % heads:
+            g.fixed = True
+            return False
+        if g.parts == 1 and parts > 1:
+            g.size //= parts
+            g.members = {k: (r, parts) for k, (r, _) in g.members.items()}
+            g.nodes = [(i, name, a, parts) for i, name, a, _ in g.nodes]
+            g.parts = parts
+        if g.heads not in (1, heads):
+            g.fixed = True
+            return False
+        g.heads = heads
+        return True
 
     def arg(self, node: fx.Node, i: int = 0) -> _Value:
         a = node.args[i] if i < len(node.args) else None
         return self.values[a] if isinstance(a, fx.Node) else _Value()
 
     def opaque(self, node: fx.Node) -> _Value:
-        """An op we cannot see through: every space it touches stays unpermuted."""
-        self.fix(*(self.values[a] for a in node.all_input_nodes if not self.values[a].meta))
+        """An op we cannot see through: every space it touches stays unpermuted, and so does
+        any space holding a raw parameter it reads."""
+        for a in node.all_input_nodes:
+            v = self.values[a]
+            if v.meta:
+                continue
+            self.fix(v, *(v.items or ()))
+            for item in (v, *(v.items or ())):
+                if item.param is not None:
+                    self.raw.add(item.param)
         return _Value()
 
     # -- the walk
@@ -115,8 +161,7 @@ class _Analysis:
             if n.op == "placeholder":
                 v = _Value()
             elif n.op == "get_attr":
-                self.raw.add(str(n.target))
-                v = _Value()
+                v = self.get_attr(n)
             elif n.op == "output":
                 self.opaque(n)  # the logits (and any other returned value) are fixed
                 continue
@@ -124,10 +169,45 @@ class _Analysis:
                 v = _Value(meta=True)  # arithmetic on shapes
             else:
                 v = self.dispatch(n)
+            if v.rank is None and v.items is None and not v.meta:
+                shape = _shape_of(n)
+                if shape is not None:
+                    v = replace(v, rank=len(shape))
             self.values[n] = v
-            if v.tag is not None and not v.tag.flat:
-                axis = v.tag.axis + v.rank if v.rank is not None else v.tag.axis
-                self.group(v.tag.space).nodes.append((i, n.name, axis))
+            tag = v.tag
+            if tag is not None and not tag.flat and tag.subs is None:
+                axis = tag.axis + v.rank if v.rank is not None else tag.axis
+                self.group(tag.space).nodes.append((i, n.name, axis, tag.parts))
+
+    def get_attr(self, n: fx.Node) -> _Value:
+        """A raw parameter (a class token, a position embedding): it joins the space of
+        whatever it is added to or concatenated with, on the matching axis."""
+        key = str(n.target)
+        try:
+            shape = self.tensor_shape(key)
+        except AttributeError:
+            self.raw.add(key)
+            return _Value()
+        return _Value(rank=len(shape), param=key, param_axes=tuple(range(len(shape))))
+
+    def join_param(self, param: _Value, tag: _Tag, rank: int | None) -> bool:
+        """Make the raw parameter ``param`` a member of ``tag``'s space on the axis that meets
+        the tag's neuron axis (broadcasting aligns axes from the end). False if impossible."""
+        if param.param is None or param.param_axes is None or param.rank is None:
+            return False
+        if not tag.plain:
+            return False
+        at = param.rank + tag.axis
+        if at < 0:
+            return False
+        axis = param.param_axes[at]
+        if axis is None:
+            return False
+        size = self.tensor_shape(param.param)[axis]
+        if size != self.group(tag.space).size:
+            return False  # broadcast across the neurons
+        self.member_key(tag.space, param.param, axis)
+        return True
 
     def dispatch(self, n: fx.Node) -> _Value:
         if n.op == "call_module":
@@ -150,7 +230,9 @@ class _Analysis:
                 g.fixed = True  # also used outside the graph's module calls
             nodes = sorted(g.nodes)
             name = g.joined_at[1] if g.joined_at is not None else g.origin
-            members = [(k, a, r) for (k, a), r in g.members.items() if k in state_keys]
+            members = [
+                Member(k, a, r, p) for (k, a), (r, p) in g.members.items() if k in state_keys
+            ]
             first = nodes[0][0] if nodes else len(self.pos)
             out.append(
                 (
@@ -160,13 +242,23 @@ class _Analysis:
                         name=name,
                         size=g.size,
                         members=members,
-                        nodes=[name_ for _, name_, _ in nodes],
+                        nodes=[name_ for _, name_, _, _ in nodes],
                         fixed=g.fixed,
-                        axes=[a for _, _, a in nodes],
+                        axes=[a for _, _, a, _ in nodes],
+                        heads=g.heads,
+                        node_parts=[p for _, _, _, p in nodes],
+                        stream=g.joined_at is not None,
                     ),
                 )
             )
         return [s for _, _, s in sorted(out, key=lambda t: (t[0], t[1]))]
+
+
+def _shape_of(n: fx.Node) -> tuple[int, ...] | None:
+    """The output shape recorded by ``ShapeProp`` (when an example input was given)."""
+    meta = n.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
 
 
 def _aliases(state: Mapping[str, Tensor]) -> dict[str, set[str]]:
@@ -178,7 +270,9 @@ def _aliases(state: Mapping[str, Tensor]) -> dict[str, set[str]]:
     return {k: set(ks) for ks in by_ptr.values() if len(ks) > 1 for k in ks}
 
 
-def permutation_spaces(model: nn.Module, spec: Sequence[Space] | None = None) -> list[Space]:
+def permutation_spaces(
+    model: nn.Module, spec: Sequence[Space] | None = None, example: Tensor | None = None
+) -> list[Space]:
     """Every set of neurons of ``model`` that must be permuted together, in graph order.
 
     Permuting every non-fixed space by any permutation (:func:`apply_permutation`) gives a
@@ -189,6 +283,9 @@ def permutation_spaces(model: nn.Module, spec: Sequence[Space] | None = None) ->
         model: an fx-traceable model (see :func:`neurofuse.levels.trace`).
         spec: the spaces given by hand instead (for models fx cannot trace, or to override the
             analysis); they are checked against the model's ``state_dict`` and returned.
+        example: an input batch (a few samples). With it every node's rank is known, which
+            some ops need to be followed (token embeddings of ids, ``split`` along a positive
+            axis); without it such ops leave their spaces fixed.
     """
     if spec is not None:
         return _check_spec(model, spec)
@@ -199,6 +296,9 @@ def permutation_spaces(model: nn.Module, spec: Sequence[Space] | None = None) ->
             f"{exc} Permutation spaces can also be given by hand: "
             "permutation_spaces(model, spec=[Space(name, size, members, nodes, fixed), ...])."
         ) from exc
+    if example is not None:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example[:2])
     analysis = _Analysis(gm)
     analysis.run()
     state = model.state_dict()

@@ -7,14 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from neurofuse.alignment.space import Space
-
-
-def _expand(p: Tensor, repeat: int) -> Tensor:
-    """Neuron permutation -> index permutation of an axis with ``repeat`` entries per neuron."""
-    if repeat == 1:
-        return p
-    return (p[:, None] * repeat + torch.arange(repeat, device=p.device)).flatten()
+from neurofuse.alignment.space import Space, head_blocks_kept, member_index
 
 
 def apply_permutation(
@@ -24,8 +17,10 @@ def apply_permutation(
 
     ``perms[space.name] = p`` (an index tensor, a permutation of ``range(space.size)``): new
     neuron ``i`` is old neuron ``p[i]``, i.e. every member becomes ``t.index_select(axis, p)``
-    (expanded to ``repeat`` consecutive entries per neuron). Tensors of untouched keys are the
-    given objects (not copied); nothing is modified in place.
+    (expanded to ``repeat`` consecutive entries per neuron and to each of its ``parts``). A
+    space with ``heads > 1`` takes only permutations that move whole heads (blocks of
+    ``size / heads`` neurons). Tensors of untouched keys are the given objects (not copied);
+    nothing is modified in place.
     """
     by_name = {s.name: s for s in spaces}
     unknown = sorted(set(perms) - set(by_name))
@@ -41,9 +36,15 @@ def apply_permutation(
             torch.sort(p.cpu()).values, torch.arange(space.size)
         ):
             raise ValueError(f"perms[{name!r}] must be a permutation of range({space.size})")
-        for key, axis, repeat in space.members:
+        if not head_blocks_kept(p, space.heads):
+            raise ValueError(
+                f"perms[{name!r}] splits an attention head: space {name!r} has {space.heads} "
+                f"heads of {space.head_dim} neurons, and a permutation must move whole heads"
+            )
+        for key, axis, repeat, parts in space.members:
             if key not in out:
                 raise ValueError(f"space {name!r} names {key!r}, which the state dict lacks")
             t = out[key]
-            out[key] = t.index_select(axis, _expand(p.to(t.device), repeat))
+            index = member_index(p.to(t.device), space.size, repeat, parts)
+            out[key] = t.index_select(axis, index)
     return out

@@ -11,16 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurofuse.alignment.layer_rules import (
+    _attention,
     _batchnorm,
     _conv,
     _elementwise,
+    _embedding,
     _groupnorm,
     _layernorm,
     _linear,
     _pool,
 )
 from neurofuse.alignment.tensor_rules import (
+    _cat,
+    _chunks,
     _combine,
+    _expand,
     _flatten_call,
     _flatten_module,
     _getattr,
@@ -29,6 +34,8 @@ from neurofuse.alignment.tensor_rules import (
     _permute,
     _reduce,
     _transpose,
+    _unbind,
+    _unflatten,
     _view,
 )
 from neurofuse.alignment.values import Rule
@@ -58,6 +65,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.BatchNorm2d: _batchnorm((2,)),
     nn.BatchNorm3d: _batchnorm((3,)),
     nn.LayerNorm: _layernorm,
+    nn.Embedding: _embedding,
     nn.GroupNorm: _groupnorm,
     nn.Flatten: _flatten_module,
     **{t: _pool(d) for t, d in _POOLS.items()},
@@ -94,6 +102,13 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.adaptive_avg_pool2d: _pool(2),
     torch.flatten: _flatten_call,
     torch.transpose: _transpose,
+    torch.cat: _cat,
+    torch.concat: _cat,
+    torch.unflatten: _unflatten,
+    torch.split: _chunks,
+    torch.chunk: _chunks,
+    torch.unbind: _unbind,
+    F.scaled_dot_product_attention: _attention,
     torch.mean: _reduce,
     torch.sum: _reduce,
     getattr: _getattr,
@@ -105,12 +120,18 @@ METHOD_RULES: dict[str, Rule] = {
     **{
         m: _elementwise
         for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous")
-        + ("clone", "detach", "float", "to")
+        + ("clone", "detach", "float", "to", "type_as")
     },
     **{m: _combine for m in ("add", "add_", "sub", "mul", "mul_", "div")},
     "flatten": _flatten_call,
     "view": _view,
     "reshape": _view,
+    "unflatten": _unflatten,
+    "split": _chunks,
+    "chunk": _chunks,
+    "unbind": _unbind,
+    "expand": _expand,
+    "repeat": _expand,
     "transpose": _transpose,
     "permute": _permute,
     "mean": _reduce,

@@ -78,15 +78,20 @@ def check_same_graphs(models: Sequence[nn.Module], method: str) -> list[fx.Graph
 
 
 def matched_spaces(
-    models: Sequence[nn.Module], method: str, equal_widths: bool
+    models: Sequence[nn.Module], method: str, equal_widths: bool, example: Tensor | None = None
 ) -> list[list[Space]]:
     """The permutation spaces of every model; they must agree in structure (names, members,
-    fixed flags), fixed spaces in size, and with ``equal_widths`` every space in size."""
-    all_spaces = [permutation_spaces(m) for m in models]
+    fixed flags), fixed spaces in size, and with ``equal_widths`` every space in size.
+    ``example``: an input batch (see :func:`neurofuse.alignment.permutation_spaces`)."""
+    all_spaces = [permutation_spaces(m, example=example) for m in models]
     ref = all_spaces[0]
     for i, spaces in enumerate(all_spaces[1:], start=1):
         for a, b in zip(ref, spaces, strict=False):
-            same = a.name == b.name and a.members == b.members and a.fixed == b.fixed
+            same = (
+                a.name == b.name
+                and [(m.key, m.axis) for m in a.members] == [(m.key, m.axis) for m in b.members]
+                and a.fixed == b.fixed
+            )
             if not same:
                 raise ValueError(
                     f"models[{i}] does not have the architecture of models[0]: its neuron space "
@@ -202,10 +207,15 @@ def check_reference(reference: int, n: int) -> int:
 
 
 def node_features(runner: GraphRunner, space: Space, i: int) -> Tensor:
-    """(d, N) float64: the values of the space's ``i``-th node, one row per neuron."""
+    """(d, N) float64: the values of the space's ``i``-th node, one row per neuron (a node that
+    holds several parts of the space, ``[q | k | v]``, gives each neuron all its parts)."""
     out = runner.value(runner.node(space.nodes[i]))
     axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
-    return to_neurons(out.detach(), axis).to(torch.float64)
+    rows = to_neurons(out.detach(), axis).to(torch.float64)
+    parts = space.node_parts[i] if space.node_parts else 1
+    if parts > 1:
+        rows = rows.reshape(parts, space.size, -1).transpose(0, 1).reshape(space.size, -1)
+    return rows
 
 
 def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) -> Tensor | None:
@@ -257,7 +267,7 @@ def alignment_setup(
     states = states_of(ctx.models)
     check_same_layers(states, method, same_shapes=False)
     check_same_graphs(ctx.models, method)
-    spaces = matched_spaces(ctx.models, method, equal_widths=equal_widths)
+    spaces = matched_spaces(ctx.models, method, equal_widths=equal_widths, example=ctx.inputs[:2])
     if equal_widths:
         check_same_layers(states, method)
     return ref, model_w, states, spaces

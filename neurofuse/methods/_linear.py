@@ -11,11 +11,26 @@ affine and is folded into the fit) is fitted in forward order, each from the inp
 3. the weights whose outputs are the importance-weighted group centroids are solved in closed
    form: ``W = (X^T X)^{-1} X^T T``.
 
-Residual additions ``out = unit(h) + skip`` tie the unit's neurons to the skip's: the group of the
-sum is inherited from the skip (or found once for all the units summed together), and the unit is
-fitted to ``T_sum - skip_fused``, which also absorbs the drift of the fused skip. The classifier
-head's neurons (classes) are already aligned: its target is the importance-weighted mean of the
-base logits.
+Which neurons belong together comes from the model's permutation spaces
+(:mod:`neurofuse.alignment`, through :class:`neurofuse.methods._plan.FusionPlan`), so any
+fx-traceable model is covered:
+
+- a space is grouped once, where its first unit is fitted, and every later unit writing into it
+  inherits that grouping. Residual additions ``out = unit(h) + skip`` tie the unit's neurons to
+  the skip's (a residual stream is one space): the unit is fitted to ``T_sum - skip_fused``,
+  which also absorbs the drift of the fused skip;
+- a space of attention heads (a joint ``qkv`` projection, or separate query/key/value layers) is
+  grouped with heads as units (:mod:`neurofuse.grouping.heads`): whole base heads form a fused
+  head, their dimensions matched alike for query, key and value;
+- a space that cannot be permuted (the classes of the logits, anything an unsupported op
+  touches) keeps its neurons aligned across models: each fused neuron is the
+  importance-weighted mean of the same neuron of every model (for the head: the mean logits);
+- a LayerNorm (or BatchNorm) read only by affine units is folded: set to the identity, its
+  scale and shift absorbed by the least-squares fit of the units after it;
+- every other parameter (class tokens, position embeddings, token embeddings, the remaining
+  normalisations) is the aligned, importance-weighted average of the base models' through the
+  groupings of its spaces; for a token embedding that is exactly the least-squares answer
+  (its input, the token ids, is the same for every model).
 """
 
 from __future__ import annotations
@@ -28,32 +43,18 @@ from torch import Tensor, nn
 
 from neurofuse.fitting import LeastSquares, affine_inputs, affine_output_rows, set_affine_weights
 from neurofuse.grouping import group
+from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
 from neurofuse.levels import (
-    ACTIVATION_MODULES,
-    ADD_FUNCTIONS,
     AFFINE_TYPES,
     NORM_TYPES,
     GraphRunner,
-    affine_nodes,
-    is_activation,
     module_of,
     trace,
     unit_end,
 )
+from neurofuse.methods._plan import FusionPlan, aligned_average
 from neurofuse.methods.registry import FusionContext
 from neurofuse.progress import progress_bar
-
-# Ops that keep the neuron axis and act per neuron: a group found before them holds after them.
-_PASS_THROUGH_MODULES = ACTIVATION_MODULES + (
-    nn.Dropout,
-    nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-)
 
 
 @dataclass
@@ -96,31 +97,12 @@ class LinearOptions:
             raise ValueError("ridge must be >= 0 and chunk_size, n_init, max_iter positive")
 
 
-def _check_supported(fgm: fx.GraphModule) -> None:
-    covered: set[nn.Module] = set()
-    for n in affine_nodes(fgm):
-        covered.add(module_of(fgm, n))  # type: ignore[arg-type]
-        end = unit_end(fgm, n)
-        if end is not n:
-            covered.add(module_of(fgm, end))  # type: ignore[arg-type]
-    bad = [
-        name
-        for name, m in fgm.named_modules()
-        if m not in covered and any(True for _ in m.parameters(recurse=False))
-    ]
-    bad += [n.name for n in fgm.graph.nodes if n.op == "get_attr"]
-    if bad:
-        raise ValueError(
-            "the Linear variants fit models whose parameters all sit in Linear/Conv layers and "
-            f"the BatchNorms right after them; these are not: {bad[:8]}. Use a gradient variant "
-            "(kf_gradient or hf_gradient) for this model."
-        )
-    for n in affine_nodes(fgm):
-        end = unit_end(fgm, n)
-        bn = module_of(fgm, end)
-        if end is not n and (bn.running_mean is None or not bn.affine):  # type: ignore[union-attr]
+def _check_batchnorms(fgm: fx.GraphModule, plan: FusionPlan) -> None:
+    for n in fgm.graph.nodes:
+        bn = module_of(fgm, n)
+        if isinstance(bn, NORM_TYPES) and (bn.running_mean is None or not bn.affine):
             raise ValueError(
-                f"BatchNorm {end.target!r} has no running statistics or no affine parameters; "
+                f"BatchNorm {n.target!r} has no running statistics or no affine parameters; "
                 "the Linear variants need eval-mode BatchNorm with both. Use kf_gradient."
             )
 
@@ -130,15 +112,40 @@ def _set_unit(layer: nn.Module, bn: nn.Module | None, w: Tensor, intercept: Tens
     carries_bias = layer.bias is not None  # type: ignore[union-attr]
     set_affine_weights(layer, w, intercept if carries_bias else None)
     if bn is not None:
-        with torch.no_grad():
-            bn.weight.fill_(1.0)  # type: ignore[union-attr]
-            bn.bias.zero_()  # type: ignore[union-attr]
-            bn.running_mean.zero_()  # type: ignore[union-attr]
-            bn.running_var.fill_(1.0 - bn.eps)  # type: ignore[union-attr]
-            if intercept is not None and not carries_bias:
+        _identity_norm(bn)
+        if intercept is not None and not carries_bias:
+            with torch.no_grad():
                 bn.bias.copy_(intercept.to(bn.bias))  # type: ignore[union-attr]
     elif intercept is not None and not carries_bias:
         raise ValueError(f"{layer} has no bias and no BatchNorm to carry the fitted intercept")
+
+
+def _identity_norm(norm: nn.Module) -> None:
+    """Set a normalisation's affine part to the identity (and a BatchNorm's statistics to zero
+    mean and unit variance): what it did is absorbed by the fit of the layer next to it."""
+    with torch.no_grad():
+        norm.weight.fill_(1.0)  # type: ignore[union-attr]
+        norm.bias.zero_()  # type: ignore[union-attr]
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.zero_()  # type: ignore[union-attr]
+            norm.running_var.fill_(1.0 - norm.eps)  # type: ignore[union-attr,operator]
+
+
+def expand_parts(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
+    """A grouping ``(k, sum C_k)`` of a space, for a layer computing ``parts`` copies of it
+    side by side (``[q | k | v]``): ``(parts k, sum parts C_k)``, model blocks in order."""
+    if parts == 1:
+        return a
+    k = a.shape[0]
+    out = a.new_zeros(parts * k, parts * sum(sizes))
+    lo = 0
+    for c in sizes:
+        for p in range(parts):
+            out[p * k : (p + 1) * k, parts * lo + p * c : parts * lo + (p + 1) * c] = a[
+                :, lo : lo + c
+            ]
+        lo += c
+    return out
 
 
 class _LinearFusion:
@@ -160,21 +167,47 @@ class _LinearFusion:
                     f"at {diff}); the Linear variants need models with the same layers (widths "
                     "may differ)"
                 )
-        _check_supported(self.fgm)
         # Every affine unit is fitted as its own level (a Linear-variant level must be affine in
         # its weights); explicit level names are still checked so that a typo is an error.
         ctx.levels.cut_nodes(self.fgm)
+        example = ctx.inputs[:2]
+        self.plan = FusionPlan(self.fgm, self.fused, example)
+        self.bplans = [
+            FusionPlan(g, m, example) for g, m in zip(self.bgms, ctx.models, strict=True)
+        ]
+        self._check_spaces()
+        _check_batchnorms(self.fgm, self.plan)
         self.fnode = {n.name: n for n in self.fgm.graph.nodes}
         self.bnode = [{n.name: n for n in g.graph.nodes} for g in self.bgms]
         self.frun = GraphRunner(self.fgm, ctx.inputs)
         self.bruns = [GraphRunner(g, ctx.inputs) for g in self.bgms]
-        self.assignments: dict[fx.Node, Tensor] = {}  # node -> (k, d_M) group-averaging matrix
-        out = next(n for n in self.fgm.graph.nodes if n.op == "output")
-        self.final = out.args[0]
+        self.groupings: dict[int, Tensor] = {}  # space index -> (k, d_M) averaging matrix
+        for name in self.plan.folded:
+            _identity_norm(self.fgm.get_submodule(name))
+        self.pending = self.plan.settled_keys()
         self.n = ctx.inputs.shape[0]
         self.stats: dict[str, float] = {}
 
+    def _check_spaces(self) -> None:
+        ref = self.plan.spaces
+        for i, bp in enumerate(self.bplans):
+            mine = [(s.name, s.fixed, len(s.members)) for s in bp.spaces]
+            if mine != [(s.name, s.fixed, len(s.members)) for s in ref]:
+                raise ValueError(
+                    f"model {i}'s neuron spaces differ from the fused model's; the Linear "
+                    "variants need models with the same layers (widths may differ)"
+                )
+            for s, b in zip(ref, bp.spaces, strict=True):
+                if s.heads > 1 and b.size % b.heads == 0 and b.size // b.heads != s.head_dim:
+                    raise ValueError(
+                        f"attention space {s.name!r}: model {i} has heads of {b.size // b.heads} "
+                        f"dimensions, the fused model {s.head_dim}; heads must have equal widths"
+                    )
+
     # ------------------------------------------------------------------ helpers
+    def sizes(self, space: int) -> list[int]:
+        return [bp.spaces[space].size for bp in self.bplans]
+
     def base_rows(self, node: fx.Node, layer: nn.Module) -> tuple[Tensor, list[int], list[Tensor]]:
         with self.ctx.timer("forward"):
             ys = [r.value(self.bnode[i][node.name]) for i, r in enumerate(self.bruns)]
@@ -192,17 +225,6 @@ class _LinearFusion:
     def fused_value(self, node: fx.Node) -> Tensor:
         with self.ctx.timer("forward"):
             return self.frun.value(node)
-
-    def inherited(self, node: fx.Node) -> Tensor | None:
-        """The grouping of ``node``'s neurons, following per-neuron ops back to where it was set."""
-        while node not in self.assignments:
-            m = module_of(self.fgm, node)
-            passthrough = isinstance(m, _PASS_THROUGH_MODULES) or is_activation(self.fgm, node)
-            inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
-            if not passthrough or len(inputs) != 1:
-                return None
-            node = inputs[0]
-        return self.assignments[node]
 
     def accumulate(
         self, layers: list[nn.Module], xs: list[Tensor], bias: bool, y_rows
@@ -266,6 +288,69 @@ class _LinearFusion:
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
         return a
 
+    def grouping(self, space: int) -> tuple[Tensor, list[int]]:
+        """The grouping of a space (found earlier; for a space that cannot be permuted, each
+        neuron with the same neuron of the other models) and the base models' sizes."""
+        if space not in self.groupings:
+            if not self.plan.spaces[space].fixed:
+                raise KeyError(space)
+            self.groupings[space] = self._identity_grouping(space)
+        return self.groupings[space], self.sizes(space)
+
+    def _identity_grouping(self, space: int) -> Tensor:
+        s = self.plan.spaces[space]
+        sizes = self.sizes(space)
+        if any(c != s.size for c in sizes):
+            raise ValueError(
+                f"the models' neurons at {s.name!r} cannot be permuted (an operation that the "
+                f"analysis cannot see through uses them) and their widths differ ({sizes}, fused "
+                f"{s.size}); fusing them needs equal widths. Use kf_gradient for this model."
+            )
+        scores = torch.ones(len(sizes), s.size, dtype=torch.float64)
+        named = [i for i, p in enumerate(s.node_parts or [1] * len(s.nodes)) if p == 1]
+        if named and not self.ctx.importance.uniform:
+            node = s.nodes[named[0]]
+            axis = (s.axes or [-1] * len(s.nodes))[named[0]]
+            with self.ctx.timer("forward"):
+                ys = [r.value(self.bnode[i][node]) for i, r in enumerate(self.bruns)]
+            scores = torch.stack(
+                [
+                    self.ctx.importance.scores(i, node, y, y.shape[axis]).to(torch.float64).cpu()
+                    for i, y in enumerate(ys)
+                ]
+            )
+        scores = scores / scores.sum(0, keepdim=True)  # per neuron, a convex combination
+        return torch.cat([torch.diag(scores[i]) for i in range(len(sizes))], dim=1).to(
+            self.ctx.inputs.device
+        )
+
+    def ready(self, space: int) -> bool:
+        return space in self.groupings or self.plan.spaces[space].fixed
+
+    def settle(self) -> None:
+        """Set every parameter that is not a unit's (normalisations, class tokens, position and
+        token embeddings) whose spaces are all grouped, to the aligned average."""
+        state = [dict(m.state_dict()) for m in self.ctx.models]
+        own = dict(self.fused.state_dict())
+        left = []
+        for key in self.pending:
+            t = own[key]
+            axes = self.plan.spaces_of_key(key, t.dim())
+            if not all(self.ready(space) for _, space, _ in axes):
+                left.append(key)
+                continue
+            if not t.is_floating_point():
+                continue  # e.g. num_batches_tracked
+            value = aligned_average(self.fgm, key, [s[key] for s in state], axes, self.grouping)
+            if value.shape != t.shape:
+                raise ValueError(
+                    f"{key!r}: the fused model has shape {tuple(t.shape)} but the aligned average "
+                    f"of the models' has {tuple(value.shape)}"
+                )
+            with torch.no_grad():
+                t.copy_(value.to(t))
+        self.pending = left
+
     def write(self, units: list[fx.Node], ls: LeastSquares, w: Tensor) -> None:
         start = 0
         intercept = w[-1] if ls.bias else None
@@ -280,104 +365,176 @@ class _LinearFusion:
     def can_carry_bias(self, u: fx.Node) -> bool:
         return module_of(self.fgm, u).bias is not None or unit_end(self.fgm, u) is not u  # type: ignore[union-attr]
 
-    # ------------------------------------------------------------------ the three kinds of unit
-    def fit_free(self, u: fx.Node) -> None:
+    def parts(self, u: fx.Node) -> int:
+        space = self.plan.output_space(u)
+        hit = self.plan.member_space.get((f"{u.target}.weight", 0))
+        return hit[1].parts if hit is not None and space is not None else 1
+
+    # ------------------------------------------------------------------ the kinds of unit
+    def fit_unit(self, u: fx.Node, space: int) -> None:
+        """A unit whose space is grouped here (its projected outputs), or was grouped before."""
         layer = module_of(self.fgm, u)
         end = unit_end(self.fgm, u)
         y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
-        k = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels  # type: ignore[union-attr]
         x = self.fused_value(u.args[0])  # type: ignore[arg-type]
         ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi])  # type: ignore[list-item]
         chol = ls.factor(self.opt.ridge)
         coords = ls.coordinates(chol)  # (q, d_M)
-        a = self.group(coords.T.contiguous(), self.scores(end, ys, widths), k, widths)
+        parts = self.parts(u)
+        if not self.ready(space):
+            if parts != 1:
+                raise ValueError(
+                    f"{u.target!r} computes {parts} parts of a space that is not attention; "
+                    "the Linear variants cannot group it. Use kf_gradient."
+                )
+            k = self.plan.spaces[space].size
+            s = self.scores(end, ys, widths)
+            self.groupings[space] = self.group(coords.T.contiguous(), s, k, widths)
+        a = expand_parts(self.grouping(space)[0], parts, self.sizes(space))
         w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
         self.write([u], ls, w)
-        self.assignments[end] = a
 
-    def fit_head(self, u: fx.Node) -> None:
-        layer = module_of(self.fgm, u)
-        end = unit_end(self.fgm, u)
-        y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
-        c = widths[0]
-        if any(w != c for w in widths):
-            raise ValueError(
-                f"the models have different numbers of classes {widths}; fusion needs the same classes"
-            )
-        s = self.scores(end, ys, widths).view(len(widths), c)
-        s = s / s.sum(0, keepdim=True)  # per class, a convex combination of the models
-        a = torch.cat([torch.diag(s[i]) for i in range(len(widths))], dim=1)  # (c, n*c)
-        x = self.fused_value(u.args[0])  # type: ignore[arg-type]
-        ls = self.accumulate(
-            [layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi] @ a.T.to(y)
-        )  # type: ignore[list-item]
-        self.write([u], ls, ls.solve(self.opt.ridge))
-        self.assignments[end] = a
+    def fit_heads(self, space: int) -> list[fx.Node]:
+        """The query/key/value units of an attention space: heads grouped as units on the
+        units' projected outputs, then each unit refitted to its part of the targets."""
+        sp = self.plan.spaces[space]
+        units = self.plan.units_of(space)
+        sizes = self.sizes(space)
+        fits, feats, weights = [], [], []
+        for u in units:
+            layer = module_of(self.fgm, u)
+            end = unit_end(self.fgm, u)
+            y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
+            x = self.fused_value(u.args[0])  # type: ignore[arg-type]
+            ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi, y=y: y[lo:hi])  # type: ignore[list-item]
+            chol = ls.factor(self.opt.ridge)
+            coords = ls.coordinates(chol)
+            parts = self.parts(u)
+            fits.append((u, ls, chol, coords, parts))
+            s = self.scores(end, ys, widths)
+            per_model, lo = [], 0
+            w_model = []
+            for c in sizes:
+                block = coords[:, lo : lo + parts * c].reshape(-1, parts, c)
+                per_model.append(block.permute(2, 1, 0).reshape(c, -1))
+                w_model.append(s[lo : lo + parts * c].reshape(parts, c).mean(0))
+                lo += parts * c
+            feats.append(torch.cat(per_model))
+            weights.append(torch.cat(w_model))
+        points = torch.cat(feats, dim=1)
+        w = torch.stack(weights).mean(0)
+        with self.ctx.timer("grouping"):
+            if self.method == "hungarian":
+                if len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] != sp.size:
+                    raise ValueError(
+                        f"Hungarian fusion needs two models of equal width; attention space "
+                        f"{sp.name!r} has widths {sizes} (fused {sp.size}). Use kf_linear."
+                    )
+                c = sizes[0]
+                g = hungarian_heads(points[:c], points[c:], sp.heads, w[:c], w[c:])
+            else:
+                g = kmeans_heads(
+                    points,
+                    w,
+                    sp.head_dim,
+                    sp.heads,
+                    n_init=self.opt.n_init,
+                    max_iter=self.opt.max_iter,
+                    seed=self.ctx.seed,
+                    first_centres=range(sizes[0] // sp.head_dim)[: sp.heads],
+                )
+        self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
+        self.groupings[space] = g.assignment_matrix(w).to(torch.float64)
+        for u, ls, chol, coords, parts in fits:
+            a = expand_parts(self.groupings[space], parts, sizes)
+            self.write([u], ls, LeastSquares.weights_from_coordinates(chol, coords @ a.T))
+        return units
 
-    def fit_sum(self, add: fx.Node) -> list[fx.Node]:
-        """Units summed at a residual addition, fitted jointly to the grouped sum."""
-        unit_of_end = {unit_end(self.fgm, u): u for u in affine_nodes(self.fgm)}
-        units = [unit_of_end[a] for a in add.all_input_nodes if a in unit_of_end]
-        fixed = [a for a in add.all_input_nodes if a not in unit_of_end]
+    def fit_sum(self, add: fx.Node, space: int, done: set[fx.Node]) -> list[fx.Node]:
+        """Units summed at a residual addition, fitted jointly to the grouped sum; the other
+        operands (the skip, units fitted before) are taken as the fused model gives them."""
+        unit_of_end = {unit_end(self.fgm, u): u for u in self.plan.units if u not in done}
+        operands = add.all_input_nodes
+        sources = [self.plan.through_identity(a) for a in operands]
+        units = [unit_of_end[a] for a in sources if a in unit_of_end]
+        fixed = [o for o, a in zip(operands, sources, strict=True) if a not in unit_of_end]
         layer0 = module_of(self.fgm, units[0])
         y, widths, ys = self.base_rows(add, layer0)  # type: ignore[arg-type]
         layers = [module_of(self.fgm, u) for u in units]
         xs = [self.fused_value(u.args[0]) for u in units]  # type: ignore[arg-type]
         bias = self.can_carry_bias(units[0])
-        if fixed:
-            inherited = [self.inherited(f) for f in fixed]
-            if any(a is None for a in inherited):
-                raise ValueError(
-                    f"residual addition {add.name!r} adds a value whose neurons the Linear "
-                    "variants cannot trace back to a fitted layer; use kf_gradient"
-                )
-            a = inherited[0]
-            skip = sum(
-                affine_output_rows(layer0, self.fused_value(f)).to(torch.float64) for f in fixed
-            )  # type: ignore[arg-type]
+        if self.ready(space):
+            a = self.grouping(space)[0]
+            skip = torch.zeros((), dtype=torch.float64, device=y.device)
+            for f in fixed:
+                skip = skip + affine_output_rows(layer0, self.fused_value(f)).to(torch.float64)  # type: ignore[arg-type]
             ls = self.accumulate(
-                layers, xs, bias, lambda lo, hi: y[lo:hi].to(a) @ a.T - skip[lo:hi]
-            )  # type: ignore[union-attr,index]
+                layers,
+                xs,
+                bias,
+                lambda lo, hi: y[lo:hi].to(a) @ a.T - (skip[lo:hi] if skip.dim() else 0.0),
+            )
             w = ls.solve(self.opt.ridge)
+        elif fixed:
+            raise ValueError(
+                f"residual addition {add.name!r} adds a value whose neurons the Linear variants "
+                "cannot trace back to a fitted layer; use kf_gradient"
+            )
         else:
-            k = layer0.out_features if isinstance(layer0, nn.Linear) else layer0.out_channels  # type: ignore[union-attr]
+            k = self.plan.spaces[space].size
             ls = self.accumulate(layers, xs, bias, lambda lo, hi: y[lo:hi])  # type: ignore[arg-type]
             chol = ls.factor(self.opt.ridge)
             coords = ls.coordinates(chol)
-            a = self.group(coords.T.contiguous(), self.scores(add, ys, widths), k, widths)
+            self.groupings[space] = a = self.group(
+                coords.T.contiguous(), self.scores(add, ys, widths), k, widths
+            )
             w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
         self.write(units, ls, w)
-        self.assignments[add] = a  # type: ignore[assignment]
         return units
 
-    def sum_node(self, u: fx.Node) -> fx.Node | None:
-        end = unit_end(self.fgm, u)
-        users = list(end.users)
-        if len(users) == 1 and users[0].op == "call_function" and users[0].target in ADD_FUNCTIONS:
-            if all(isinstance(a, fx.Node) for a in users[0].args):
-                return users[0]
-        return None
+    def group_embedding(self, u: fx.Node, space: int) -> None:
+        """A token embedding opening a space: grouped on its outputs (the same input, the token
+        ids, feeds every model, so its aligned average is the exact fit)."""
+        if self.ready(space):
+            return
+        with self.ctx.timer("forward"):
+            ys = [r.value(self.bnode[i][u.name]).detach() for i, r in enumerate(self.bruns)]
+        rows = [y.reshape(-1, y.shape[-1]).to(torch.float64) for y in ys]
+        widths = [r.shape[1] for r in rows]
+        points = torch.cat(rows, dim=1).T.contiguous()
+        k = self.plan.spaces[space].size
+        self.groupings[space] = self.group(points, self.scores(u, ys, widths), k, widths)
 
     def run(self) -> nn.Module:
         done: set[fx.Node] = set()
-        units = affine_nodes(self.fgm)
+        order = {n: i for i, n in enumerate(self.fgm.graph.nodes)}
+        units = sorted(self.plan.units + self.plan.embeddings, key=order.__getitem__)
+        self.settle()
         with progress_bar(self.ctx.progress, "linear fusion", len(units)) as advance:
             for u in units:
                 if u in done:
                     continue
-                add = self.sum_node(u)
+                space = self.plan.output_space(u)
+                assert space is not None
+                add = self.plan.sum_after(u)
                 with self.ctx.timer("fitting"):
-                    if unit_end(self.fgm, u) is self.final:
-                        self.fit_head(u)
+                    if isinstance(module_of(self.fgm, u), nn.Embedding):
+                        self.group_embedding(u, space)
                         done.add(u)
-                    elif add is not None:
-                        done.update(self.fit_sum(add))
+                    elif add is not None and self.plan.node_space.get(add.name) is not None:
+                        space = self.plan.node_space[add.name].index
+                        done.update(self.fit_sum(add, space, done))
+                    elif self.plan.spaces[space].heads > 1 and not self.ready(space):
+                        done.update(self.fit_heads(space))
                     else:
-                        self.fit_free(u)
+                        self.fit_unit(u, space)
                         done.add(u)
+                    self.settle()
                 for r in self.bruns:
                     r.release_consumed()
                 advance(len(done))
+        for key in self.pending:  # parameters of spaces no unit opened
+            raise ValueError(f"no grouping was found for the neurons of {key!r}; use kf_gradient")
         self.ctx.report.update(self.stats)
         return self.fused.eval()
 
@@ -386,4 +543,4 @@ def fuse_linear(ctx: FusionContext, grouping_method: str) -> nn.Module:
     return _LinearFusion(ctx, grouping_method).run()
 
 
-__all__ = ["LinearOptions", "fuse_linear", "AFFINE_TYPES", "NORM_TYPES"]
+__all__ = ["LinearOptions", "fuse_linear", "expand_parts", "AFFINE_TYPES", "NORM_TYPES"]

@@ -33,6 +33,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, apply_permutation
+from neurofuse.alignment.space import neuron_rows
+from neurofuse.grouping.heads import block_assignment
 from neurofuse.levels import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
@@ -82,8 +84,11 @@ def correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     return x @ y.T
 
 
-def assign(similarity: Tensor) -> Tensor:
-    """The permutation ``p`` maximising ``sum_i similarity[i, p[i]]`` (rows: reference)."""
+def assign(similarity: Tensor, heads: int = 1) -> Tensor:
+    """The permutation ``p`` maximising ``sum_i similarity[i, p[i]]`` (rows: reference); for a
+    space of attention heads, the best one that moves whole heads onto heads."""
+    if heads > 1:
+        return block_assignment(similarity, heads, maximize=True)
     rows, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
     p = torch.empty(len(rows), dtype=torch.long)
     p[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
@@ -109,12 +114,8 @@ def _match_acts(
             correlation(node_features(ref_runner, ref, i), node_features(runner, space, i))
             for i in range(len(space.nodes))
         )
-        perms[space.name] = assign(sim)  # type: ignore[arg-type]
+        perms[space.name] = assign(sim, space.heads)  # type: ignore[arg-type]
     return perms
-
-
-def _rows(t: Tensor, axis: int, size: int) -> Tensor:
-    return t.movedim(axis, 0).reshape(size, -1).to(torch.float64)
 
 
 def _match_weights(
@@ -137,10 +138,11 @@ def _match_weights(
         for i in torch.randperm(len(free), generator=g).tolist():
             s = free[i]
             sim = sum(
-                _rows(ref_state[key], axis, s.size) @ _rows(state[key], axis, s.size).T
-                for key, axis, _ in s.members
+                neuron_rows(ref_state[m.key], m, s.size).to(torch.float64)
+                @ neuron_rows(state[m.key], m, s.size).to(torch.float64).T
+                for m in s.members
             ).cpu()  # type: ignore[union-attr]
-            c = assign(sim)  # type: ignore[arg-type]
+            c = assign(sim, s.heads)  # type: ignore[arg-type]
             gain = float(sim[torch.arange(s.size), c].sum() - sim.diagonal().sum())  # type: ignore[union-attr]
             if gain > 1e-9 * max(1.0, float(sim.abs().max())):  # type: ignore[union-attr]
                 state = apply_permutation(state, [s], {s.name: c})
@@ -183,9 +185,10 @@ def _per_neuron(
             assert scores is not None
             if s.name in perms[k]:
                 scores = scores[perms[k][s.name]]
-            for key, axis, repeat in s.members:
-                if axis == 0:
-                    coeffs.setdefault(key, []).append(scores.repeat_interleave(repeat))
+            for m in s.members:
+                if m.axis == 0:
+                    per_row = scores.repeat_interleave(m.repeat).repeat(m.parts)
+                    coeffs.setdefault(m.key, []).append(per_row)
     return coeffs
 
 

@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space
+from neurofuse.alignment.space import neuron_rows
 from neurofuse.levels import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
@@ -46,6 +47,7 @@ from neurofuse.methods._averaging import (
     template_for,
     write_state,
 )
+from neurofuse.methods._plan import is_incoming, map_axis
 from neurofuse.methods.registry import FusionContext, register_method
 from neurofuse.progress import progress_bar
 
@@ -119,15 +121,12 @@ def squared_distances(x: Tensor, y: Tensor) -> Tensor:
 def map_space(state: State, space: Space, q: Tensor) -> State:
     """Apply the transport map ``q`` (``space.size x m``) to every member of ``space``:
     ``t'[..., j, ...] = sum_i q[i, j] t[..., i, ...]`` along the member's axis, where neuron
-    ``i`` owns ``repeat`` consecutive entries."""
+    ``i`` owns ``repeat`` consecutive entries in each of the member's ``parts``."""
     out = dict(state)
-    for key, axis, repeat in space.members:
-        t = state[key]
-        moved = t.movedim(axis, 0)
-        blocks = moved.reshape(space.size, repeat, -1).to(torch.float64)
-        mapped = torch.einsum("irx,ij->jrx", blocks, q.to(blocks.device))
-        shape = (q.shape[1] * repeat, *moved.shape[1:])
-        out[key] = mapped.reshape(shape).movedim(0, axis).to(t.dtype)
+    for member in space.members:
+        t = state[member.key]
+        mapped = map_axis(t.to(torch.float64), member.axis, q.T, member, space.size)
+        out[member.key] = mapped.to(t.dtype)
     return out
 
 
@@ -149,7 +148,7 @@ class _Aligner:
         self.state: State = dict(self.model.state_dict())
         self.ref_state: State = dict(ctx.models[self.opt.reference].state_dict())
         self.runner = GraphRunner(self.gm, ctx.inputs) if ref_runner is not None else None
-        self.where = {(key, axis): s for s in spaces for key, axis, _ in s.members}
+        self.where = {(m.key, m.axis): s for s in spaces for m in s.members}
         self.aligned: set[str] = set()
 
     def cost(self, space: Space, ref: Space) -> Tensor:
@@ -159,7 +158,7 @@ class _Aligner:
         self.state = map_space(self.state, space, q)
         self.aligned.add(space.name)
         if self.runner is not None:
-            self._reload([key for key, _, _ in space.members])
+            self._reload([m.key for m in space.members])
 
     def _reload(self, keys: list[str]) -> None:
         """Put the mapped tensors into the model copy (their shapes may change) and forget the
@@ -203,21 +202,24 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
 
 
 def _weights_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
-    """Incoming weight rows of the space's producers (Linear/Conv weights); producers whose
+    """Incoming weight rows of the space's producers (Linear/Conv weights, embedding
+    columns, class tokens and position embeddings); producers whose
     other axes belong to spaces not aligned yet (the far end of a residual stream) are left
     out while an aligned producer exists."""
     rows, rows_ref, ready = [], [], []
-    for key, axis, _ in space.members:
+    for member in space.members:
+        key, axis = member.key, member.axis
         t = al.state[key]
-        if axis != 0 or t.dim() < 2:
-            continue
-        x = t.reshape(space.size, -1).to(torch.float64)
-        y = al.ref_state[key].reshape(ref.size, -1).to(torch.float64)
+        if is_incoming(al.gm, key, axis) or t.dim() < 2:
+            continue  # weight rows of producers (an embedding's columns), not readers
+        x = neuron_rows(t, member, space.size).to(torch.float64)
+        y = neuron_rows(al.ref_state[key], member, ref.size).to(torch.float64)
         if x.shape[1] != y.shape[1]:
             continue
         done = all(
             (s := al.where.get((key, ax))) is None or s.fixed or s.name in al.aligned
-            for ax in range(1, t.dim())
+            for ax in range(t.dim())
+            if ax != axis
         )
         rows.append(x)
         rows_ref.append(y)

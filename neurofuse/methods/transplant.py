@@ -94,7 +94,7 @@ def hidden_spaces(models: Sequence[nn.Module]) -> tuple[list[Space], list[list[S
                 "residual stream, split into heads and layer-normalised). Neuron Transplantation "
                 "supports MLPs, CNNs and ResNets; for transformers use kd, lp or kf_gradient"
             )
-        for key, _, _ in s.members:
+        for key, *_ in s.members:
             owner = modules.get(key.rpartition(".")[0])
             if isinstance(owner, _MIXING_NORMS):
                 raise ValueError(
@@ -113,7 +113,7 @@ def _axes(spaces: Sequence[Space]) -> dict[str, dict[int, tuple[int, str]]]:
     """key -> {axis: (repeat, space name)}."""
     out: dict[str, dict[int, tuple[int, str]]] = {}
     for s in spaces:
-        for key, axis, repeat in s.members:
+        for key, axis, repeat, *_ in s.members:
             out.setdefault(key, {})[axis] = (repeat, s.name)
     return out
 
@@ -215,7 +215,7 @@ def neuron_norms(model: nn.Module, space: Space, criterion: str = "incoming") ->
         raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(sorted(CRITERIA))}")
     params = dict(model.named_parameters())
     total = None
-    for key, axis, repeat in space.members:
+    for key, axis, repeat, *_ in space.members:
         p = params.get(key)
         if p is None or not CRITERIA[criterion](p, axis):
             continue

@@ -12,8 +12,9 @@ Add your own with `register_architecture`.
 from __future__ import annotations
 
 # Importing the architecture modules registers them.
-from neurofuse.models import cnn1d, mlp, resnet, vgg, vit  # noqa: F401
+from neurofuse.models import cnn1d, gpt, mlp, resmlp, resnet, vgg, vit  # noqa: F401
 from neurofuse.models.cnn1d import CNN1d
+from neurofuse.models.gpt import GPT, GPTBlock
 from neurofuse.models.mlp import MLP
 from neurofuse.models.registry import (
     architecture_factory,
@@ -23,6 +24,7 @@ from neurofuse.models.registry import (
     model_config,
     register_architecture,
 )
+from neurofuse.models.resmlp import ResidualMLP, ResidualMLPBlock
 from neurofuse.models.resnet import BasicBlock, ResNet
 from neurofuse.models.vgg import VGG, VGG_CONFIGS
 from neurofuse.models.vit import (
@@ -38,10 +40,14 @@ __all__ = [
     "CNN1d",
     "ClassTokenPool",
     "EncoderBlock",
+    "GPT",
+    "GPTBlock",
     "MLP",
     "MultiHeadSelfAttention",
     "PatchEmbedding",
     "ResNet",
+    "ResidualMLP",
+    "ResidualMLPBlock",
     "VGG",
     "VGG_CONFIGS",
     "VisionTransformer",

@@ -1,0 +1,231 @@
+"""What the neuron-interpolation engines know of a model's graph, read from its permutation
+spaces (:mod:`neurofuse.alignment`): which space each node and each parameter axis carries,
+its affine units (Linear/Conv with the BatchNorm right after them, embeddings), the
+normalisations whose affine part the next unit absorbs, and the aligned average of any
+parameter through the groupings of its spaces.
+
+A *grouping* of a space is its ``(k, d_M)`` averaging matrix ``A``: fused neuron ``i`` is the
+importance-weighted mean ``sum_j A[i, j] z_j`` of the base neurons ``j`` of its group (the base
+models' neurons stacked model after model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.alignment import Space, permutation_spaces
+from neurofuse.alignment.space import Member
+from neurofuse.levels import ADD_FUNCTIONS, AFFINE_TYPES, module_of, unit_end
+
+NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+#: Ops that are the identity in eval mode: a unit's output passes them unchanged.
+IDENTITY_MODULES = (nn.Dropout, nn.Identity)
+#: Ops that are linear and act on each neuron alike, so an affine map before them can be moved
+#: after them (a normalisation's scale and shift into the unit that reads it).
+_LINEAR_METHODS = frozenset(
+    {"contiguous", "transpose", "permute", "flatten", "reshape", "view", "clone", "to", "float"}
+)
+
+
+@dataclass(frozen=True)
+class NodeSpace:
+    """A node's space: its index in the plan, the node's neuron axis, and the parts it holds."""
+
+    index: int
+    axis: int
+    parts: int
+
+
+def _is_identity(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return isinstance(module_of(gm, n), IDENTITY_MODULES)
+
+
+def _is_linear_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if _is_identity(gm, n):
+        return True
+    if n.op == "call_method":
+        return str(n.target) in _LINEAR_METHODS
+    return n.op == "call_function" and getattr(n.target, "__name__", "") == "getitem"
+
+
+class FusionPlan:
+    """Spaces, units and parameter roles of one model (all the base models share them).
+
+    Args:
+        gm: the model's fx graph (parameters shared with the model).
+        model: the model.
+        example: an input batch for the space analysis.
+    """
+
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, example: Tensor) -> None:
+        self.gm = gm
+        self.spaces: list[Space] = permutation_spaces(model, example=example)
+        self.node_space: dict[str, NodeSpace] = {}
+        self.member_space: dict[tuple[str, int], tuple[int, Member]] = {}
+        for i, s in enumerate(self.spaces):
+            parts = s.node_parts or [1] * len(s.nodes)
+            axes = s.axes or [-1] * len(s.nodes)
+            for name, axis, p in zip(s.nodes, axes, parts, strict=True):
+                self.node_space.setdefault(name, NodeSpace(i, axis, p))
+            for m in s.members:
+                self.member_space[(m.key, m.axis)] = (i, m)
+        self.units = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), AFFINE_TYPES)]
+        self.embeddings = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), nn.Embedding)]
+        self.unit_modules = {id(module_of(gm, u)) for u in self.units}
+        for u in self.units:
+            end = unit_end(gm, u)
+            if end is not u:
+                self.unit_modules.add(id(module_of(gm, end)))
+        self.folded = self._foldable_norms()
+
+    # ------------------------------------------------------------------ spaces
+    def output_space(self, unit: fx.Node) -> int | None:
+        """The space of a unit's output neurons (its weight rows; an embedding's columns)."""
+        axis = 1 if isinstance(module_of(self.gm, unit), nn.Embedding) else 0
+        hit = self.member_space.get((f"{unit.target}.weight", axis))
+        return hit[0] if hit is not None else None
+
+    def units_of(self, space: int) -> list[fx.Node]:
+        """The affine units whose outputs are (parts of) ``space``, in graph order."""
+        return [u for u in self.units if self.output_space(u) == space]
+
+    def sum_after(self, unit: fx.Node) -> fx.Node | None:
+        """The residual addition a unit's output reaches through identity ops, if any."""
+        node = unit_end(self.gm, unit)
+        while True:
+            users = list(node.users)
+            if len(users) != 1:
+                return None
+            user = users[0]
+            if _is_identity(self.gm, user):
+                node = user
+                continue
+            if user.op == "call_function" and user.target in ADD_FUNCTIONS:
+                if all(isinstance(a, fx.Node) for a in user.args):
+                    return user
+            return None
+
+    def through_identity(self, node: fx.Node) -> fx.Node:
+        """Back from ``node`` through identity ops (dropout) to what produced its value."""
+        while _is_identity(self.gm, node):
+            node = node.all_input_nodes[0]
+        return node
+
+    # ------------------------------------------------------------------ normalisations
+    def _foldable_norms(self) -> set[str]:
+        """Normalisations (not right after a unit) whose output reaches only affine units, as
+        their input, through linear per-neuron ops: their scale and shift are absorbed by the
+        least-squares fit of those units, so they can be set to the identity."""
+        out = set()
+        for n in self.gm.graph.nodes:
+            mod = module_of(self.gm, n)
+            if not isinstance(mod, NORMS) or id(mod) in self.unit_modules:
+                continue
+            if isinstance(mod, nn.LayerNorm) and not mod.elementwise_affine:
+                continue
+            if self._reaches_only_units(n):
+                out.add(str(n.target))
+        return out
+
+    def _reaches_only_units(self, node: fx.Node) -> bool:
+        stack, seen = list(node.users), set()
+        while stack:
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if isinstance(module_of(self.gm, u), AFFINE_TYPES):
+                if u.args[0] is not node and not self._linear_chain(u.args[0], node):  # type: ignore[arg-type]
+                    return False
+                continue
+            if not _is_linear_pass(self.gm, u):
+                return False
+            stack.extend(u.users)
+        return True
+
+    def _linear_chain(self, start: fx.Node, node: fx.Node) -> bool:
+        while start is not node:
+            if not _is_linear_pass(self.gm, start):
+                return False
+            start = start.all_input_nodes[0]
+        return True
+
+    # ------------------------------------------------------------------ parameters
+    def settled_keys(self) -> list[str]:
+        """Parameters and buffers the engines set by aligned averaging: everything but the
+        affine units' own tensors and the folded normalisations."""
+        keys = []
+        for name, mod in self.gm.named_modules():
+            own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+            if not own or id(mod) in self.unit_modules or name in self.folded:
+                continue
+            keys += [f"{name}.{p}" if name else p for p, _ in own]
+        return keys
+
+    def spaces_of_key(self, key: str, ndim: int) -> list[tuple[int, int, Member]]:
+        """``(axis, space index, member)`` for every axis of ``key`` that a space permutes."""
+        out = []
+        for axis in range(ndim):
+            hit = self.member_space.get((key, axis))
+            if hit is not None:
+                out.append((axis, hit[0], hit[1]))
+        return out
+
+
+def is_incoming(gm: fx.GraphModule, key: str, axis: int) -> bool:
+    """Whether ``axis`` of ``key`` reads neurons (a layer's input columns) instead of writing
+    or describing them (weight rows, biases, normalisation parameters, embeddings)."""
+    path, _, attr = key.rpartition(".")
+    mod = gm.get_submodule(path) if path else gm
+    return isinstance(mod, AFFINE_TYPES) and attr == "weight" and axis == 1
+
+
+def map_axis(t: Tensor, axis: int, m: Tensor, member: Member, size: int) -> Tensor:
+    """``t`` with the ``size`` neurons on ``axis`` (``parts`` x ``repeat`` layout of ``member``)
+    mapped through ``m`` (``(k, size)``): new neuron ``i`` is ``sum_j m[i, j]`` old ``j``."""
+    moved = t.movedim(axis, 0)
+    rest = moved.shape[1:]
+    blocks = moved.reshape(member.parts, size, member.repeat, -1)
+    mapped = torch.einsum("ij,pjrx->pirx", m.to(blocks), blocks)
+    return mapped.reshape(member.parts * m.shape[0] * member.repeat, *rest).movedim(0, axis)
+
+
+def aligned_average(
+    gm: fx.GraphModule,
+    key: str,
+    tensors: Sequence[Tensor],
+    axes: Sequence[tuple[int, int, Member]],
+    grouping: Callable[[int], tuple[Tensor, list[int]]],
+) -> Tensor:
+    """The fused value of parameter ``key`` from the base models' ``tensors``.
+
+    Along an axis that writes or describes neurons (a normalisation's scale, a class token),
+    fused neuron ``i`` takes ``sum_j A[i, j] t_j`` over its group (``A`` already averages
+    across models); along an axis that reads neurons it takes, per model, the sum over the
+    group's members (their inputs are replaced by the group's mean), then the models' mean.
+    Axes in no space must agree across models and are averaged.
+
+    Args:
+        grouping: ``space index -> (A, base sizes)``.
+    """
+    out = None
+    n = len(tensors)
+    writes = any(not is_incoming(gm, key, axis) for axis, _, _ in axes)
+    for k, t in enumerate(tensors):
+        t = t.detach().to(torch.float64)
+        for axis, space, member in axes:
+            a, sizes = grouping(space)
+            lo = sum(sizes[:k])
+            block = a[:, lo : lo + sizes[k]]
+            if is_incoming(gm, key, axis):
+                block = (block > 0).to(block)
+            t = map_axis(t, axis, block, member, sizes[k])
+        t = t if writes else t / n
+        out = t if out is None else out + t
+    assert out is not None
+    return out
