@@ -11,6 +11,11 @@ activation starts the next level (``cut="pre"``, the default, which keeps every 
 level affine in its weights). ``cut="post"`` moves each cut past the activation. A cut that would
 leave a skip connection dangling (a layer inside a residual block) is moved forward to the first
 valid cut, so a residual block becomes one level.
+
+Transformer-like models (any LayerNorm or attention in the graph) are cut as the
+neuron-interpolation paper cuts its ViTs (appendix F.2): the embedding (up to the first value of
+the residual stream), then each block (a module whose forward holds residual additions: an
+encoder block), then the head (final norm, pooling, classifier).
 """
 
 from __future__ import annotations
@@ -180,7 +185,11 @@ class Levels:
         if not isinstance(final, fx.Node):
             raise ValueError("the model must return a single tensor (its logits)")
         if self.names is None:
-            wanted = [index[self._auto_end(gm, n)] for n in affine_nodes(gm)]
+            blocks = _block_ends(gm)
+            if blocks is not None:
+                wanted = sorted({index[n] for n in blocks})
+            else:
+                wanted = [index[self._auto_end(gm, n)] for n in affine_nodes(gm)]
         else:
             wanted = [index[_resolve_name(gm, name)] for name in self.names]
             for name, i in zip(self.names, wanted, strict=True):
@@ -208,6 +217,69 @@ class Levels:
             if user is not None and is_activation(gm, user):
                 end = user
         return end
+
+
+def _data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose values depend on the input's values (not only on parameters or shapes)."""
+    data: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            data.add(n)
+        elif n.op == "call_method" and n.target in ("size", "dim"):
+            continue
+        elif n.op == "call_function" and n.target is getattr:
+            continue
+        elif any(a in data for a in n.all_input_nodes):
+            data.add(n)
+    return data
+
+
+def _residual_adds(gm: fx.GraphModule) -> list[fx.Node]:
+    """Additions of two tensors computed from the input (residual connections), in order."""
+    data = _data_nodes(gm)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ADD_FUNCTIONS:
+            args = [a for a in n.args if isinstance(a, fx.Node)]
+            if len(args) == 2 and all(a in data and a.op != "placeholder" for a in args):
+                out.append(n)
+    return out
+
+
+def _is_transformer_like(gm: fx.GraphModule) -> bool:
+    return any(
+        isinstance(module_of(gm, n), nn.LayerNorm | nn.MultiheadAttention)
+        or (n.op == "call_function" and n.target is nn.functional.scaled_dot_product_attention)
+        for n in gm.graph.nodes
+    )
+
+
+def _block_ends(gm: fx.GraphModule) -> list[fx.Node] | None:
+    """For transformer-like models: the end of the embedding (the skip operand of the first
+    residual addition) and the last node of every module whose forward holds residual
+    additions (its blocks). ``None`` for other models, or when no block is found."""
+    if not _is_transformer_like(gm):
+        return None
+    adds = _residual_adds(gm)
+    if not adds:
+        return None
+    owners: dict[str, fx.Node] = {}
+    for add in adds:
+        stack = list(add.meta.get("nn_module_stack", {}))
+        if stack:
+            owners[stack[-1]] = add
+    if not owners:
+        return None
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    ends = []
+    for path in owners:
+        inside = [n for n in nodes if path in n.meta.get("nn_module_stack", {})]
+        ends.append(inside[-1])
+    first = adds[0]
+    skip = [a for a in first.args if isinstance(a, fx.Node)]
+    position = {n: i for i, n in enumerate(nodes)}
+    embed = min(skip, key=lambda a: position.get(a, -1))
+    return [embed, *ends]
 
 
 def _copy_segment(

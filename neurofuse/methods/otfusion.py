@@ -176,7 +176,12 @@ class _Aligner:
                 mod.normalized_shape = tuple(t.shape)
             paths.add(path)
         stale: set[fx.Node] = set()
-        stack = [n for n in self.gm.graph.nodes if n.op == "call_module" and n.target in paths]
+        stack = [
+            n
+            for n in self.gm.graph.nodes
+            if (n.op == "call_module" and n.target in paths)
+            or (n.op == "get_attr" and n.target in keys)  # a class token, a position embedding
+        ]
         while stack:
             n = stack.pop()
             if n not in stale:

@@ -1,0 +1,143 @@
+"""Transformers as first-class citizens: paper-style levels, exact recovery of a permuted copy
+by every alignment method and both Linear variants, finite fused outputs, untouched models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+from toys import relative_error
+
+import neurofuse as nf
+from neurofuse.alignment import apply_permutation, permutation_spaces, random_permutation
+from neurofuse.levels import Levels, trace
+from neurofuse.models import build
+
+
+def _vit() -> nn.Module:
+    return build("vit", image_size=8, patch_size=4, dim=16, depth=2, heads=4, mlp_dim=24)
+
+
+def _resmlp() -> nn.Module:
+    return build("resmlp", in_features=10, dim=12, hidden=[16, 16], num_classes=4)
+
+
+def _gpt() -> nn.Module:
+    return build("gpt", vocab_size=13, max_len=8, dim=16, depth=2, heads=4, mlp_dim=24)
+
+
+def _inputs(arch: str, n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if arch == "vit":
+        return torch.randn(n, 3, 8, 8, generator=g)
+    if arch == "resmlp":
+        return torch.randn(n, 10, generator=g)
+    return torch.randint(0, 13, (n, 6), generator=g).float()  # token ids
+
+
+ARCHS = {"vit": _vit, "resmlp": _resmlp, "gpt": _gpt}
+
+
+def _random_model(arch: str, seed: int) -> nn.Module:
+    """A model whose LayerNorms, class token and position embeddings are far from their
+    initial values (so that folding and aligned averaging are really exercised)."""
+    torch.manual_seed(seed)
+    model = ARCHS[arch]().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith(("cls_token", "pos_embedding", "pos")):
+                p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+def _permuted(model: nn.Module, x: Tensor, seed: int) -> nn.Module:
+    spaces = permutation_spaces(model, example=x)
+    g = torch.Generator().manual_seed(seed)
+    perms = {s.name: random_permutation(s, g) for s in spaces if not s.fixed}
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(apply_permutation(model.state_dict(), spaces, perms))
+    return twin.eval()
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+RECOVERING = [
+    ("kf_linear", {}),
+    ("hf_linear", {}),
+    ("git_rebasin", {"match": "acts"}),
+    ("git_rebasin", {"match": "weights"}),
+    ("otfusion", {"ground_metric": "acts"}),
+    ("otfusion", {"ground_metric": "weights"}),
+    ("otfusion", {"solver": "sinkhorn", "reg": 1e-3}),
+]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize(
+    "method,options", RECOVERING, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in RECOVERING]
+)
+def test_a_permuted_copy_is_recovered_exactly(arch, method, options):
+    model = _random_model(arch, 0)
+    x = _inputs(arch, 96, 1)
+    twin = _permuted(model, x, seed=2)
+    x_test = _inputs(arch, 64, 3)
+    assert relative_error(_logits(twin, x_test), _logits(model, x_test)) < 1e-5  # same function
+    assert relative_error(twin.state_dict()["head.weight"], model.state_dict()["head.weight"]) > 0.1
+    fused = nf.fuse([model, twin], x, method=method, **options)
+    assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_kmeans_fusion_of_three_permuted_copies(arch):
+    model = _random_model(arch, 0)
+    x = _inputs(arch, 96, 1)
+    models = [model, _permuted(model, x, 2), _permuted(model, x, 3)]
+    fused = nf.fuse(models, x, method="kf_linear")
+    x_test = _inputs(arch, 64, 3)
+    assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize(
+    "method", ["kf_linear", "hf_linear", "git_rebasin", "otfusion", "vanilla", "kf_gradient"]
+)
+def test_independent_models_fuse_to_finite_outputs_and_stay_untouched(arch, method):
+    models = [_random_model(arch, s) for s in (0, 1)]
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    x = _inputs(arch, 64, 1)
+    options = {"epochs": 2, "last_epochs": 2} if method == "kf_gradient" else {}
+    fused = nf.fuse(models, x, method=method, **options)
+    out = _logits(fused, _inputs(arch, 16, 2))
+    assert torch.isfinite(out).all()
+    assert out.shape == _logits(models[0], _inputs(arch, 16, 2)).shape
+    for m, state in zip(models, before, strict=True):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_automatic_levels_are_embedding_blocks_head():
+    cases = {
+        "vit": ["embed_drop", "add_2", "add_4", "head"],  # embed.drop ends the embedding
+        "resmlp": ["embed", "add", "add_1", "head"],
+        "gpt": ["embed_drop", "add_2", "add_4", "head"],
+    }
+    for arch, expected in cases.items():
+        assert [n.name for n in Levels().cut_nodes(trace(ARCHS[arch]()))] == expected
+    # explicit levels by module name still work (and name the same cuts)
+    gm = trace(_vit())
+    named = Levels(["embed", "blocks.0", "blocks.1", "head"]).cut_nodes(gm)
+    assert [n.name for n in named] == cases["vit"]
+    # models without LayerNorm or attention keep one level per affine layer
+    mlp = build("mlp", in_features=4, hidden=[5, 6])
+    assert [n.name for n in Levels().cut_nodes(trace(mlp))] == ["fc1", "fc2", "head"]
+
+
+def test_heads_of_other_widths_are_refused_clearly():
+    a = build("vit", image_size=8, patch_size=4, dim=16, depth=1, heads=4, mlp_dim=24).eval()
+    b = build("vit", image_size=8, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=24).eval()
+    with pytest.raises(ValueError, match="heads must have equal widths"):
+        nf.fuse([a, b], _inputs("vit", 32, 0), method="kf_linear")
