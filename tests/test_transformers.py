@@ -47,7 +47,11 @@ def _random_model(arch: str, seed: int) -> nn.Module:
     model = ARCHS[arch]().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name or name.endswith(("cls_token", "pos_embedding", "pos")):
+            if (
+                "norm" in name
+                or "ln" in name
+                or name.endswith(("cls_token", "pos_embedding", "pos"))
+            ):
                 p.add_(0.5 * torch.randn_like(p))
     return model
 
@@ -79,7 +83,9 @@ RECOVERING = [
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize(
-    "method,options", RECOVERING, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in RECOVERING]
+    "method,options",
+    RECOVERING,
+    ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in RECOVERING],
 )
 def test_a_permuted_copy_is_recovered_exactly(arch, method, options):
     model = _random_model(arch, 0)

@@ -195,7 +195,9 @@ def _seed(heads_z: Tensor, heads_w: Tensor, k: int, gen: torch.Generator) -> Ten
     return torch.stack(centres).clone()
 
 
-def _lloyd(heads_z: Tensor, heads_w: Tensor, centres: Tensor, max_iter: int) -> tuple[float, Tensor]:
+def _lloyd(
+    heads_z: Tensor, heads_w: Tensor, centres: Tensor, max_iter: int
+) -> tuple[float, Tensor]:
     """Lloyd's iterations over heads; returns the cost and the per-neuron group labels."""
     n_heads, h, _ = heads_z.shape
     k = centres.shape[0]

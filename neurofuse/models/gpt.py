@@ -104,7 +104,10 @@ class GPT(NamedSequential):
         super().__init__(
             OrderedDict(
                 embed=TokenEmbedding(
-                    vocab_size, positive_int("max_len", max_len), dim, probability("dropout", dropout)
+                    vocab_size,
+                    positive_int("max_len", max_len),
+                    dim,
+                    probability("dropout", dropout),
                 ),
                 blocks=nn.Sequential(
                     *[GPTBlock(dim, heads, mlp_dim) for _ in range(positive_int("depth", depth))]
