@@ -78,6 +78,10 @@ RECOVERING = [
     ("otfusion", {"ground_metric": "acts"}),
     ("otfusion", {"ground_metric": "weights"}),
     ("otfusion", {"solver": "sinkhorn", "reg": 1e-3}),
+    ("transformer_otfusion", {"solver": "emd"}),
+    ("transformer_otfusion", {"solver": "emd", "heads": "units"}),
+    ("transformer_otfusion", {"solver": "emd", "ground_metric": "wts"}),
+    ("transformer_otfusion", {"solver": "sinkhorn", "reg": 1e-3, "residual": "weighted_scalar"}),
 ]
 
 
@@ -110,7 +114,16 @@ def test_kmeans_fusion_of_three_permuted_copies(arch):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize(
-    "method", ["kf_linear", "hf_linear", "git_rebasin", "otfusion", "vanilla", "kf_gradient"]
+    "method",
+    [
+        "kf_linear",
+        "hf_linear",
+        "git_rebasin",
+        "otfusion",
+        "transformer_otfusion",
+        "vanilla",
+        "kf_gradient",
+    ],
 )
 def test_independent_models_fuse_to_finite_outputs_and_stay_untouched(arch, method):
     models = [_random_model(arch, s) for s in (0, 1)]
@@ -147,3 +160,18 @@ def test_heads_of_other_widths_are_refused_clearly():
     b = build("vit", image_size=8, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=24).eval()
     with pytest.raises(ValueError, match="heads must have equal widths"):
         nf.fuse([a, b], _inputs("vit", 32, 0), method="kf_linear")
+
+
+def test_transformer_otfusion_soft_alignment_is_soft_and_options_are_checked():
+    """The paper's default (Sinkhorn, reg 0.08) blends neurons: a permuted copy is no longer
+    recovered exactly, but closely; hard EMD is exact (above). Bad options name the choices."""
+    model = _random_model("vit", 0)
+    x = _inputs("vit", 96, 1)
+    twin = _permuted(model, x, seed=2)
+    x_test = _inputs("vit", 64, 3)
+    fused = nf.fuse([model, twin], x, method="transformer_otfusion")
+    err = relative_error(_logits(fused, x_test), _logits(model, x_test))
+    assert 1e-4 < err < 0.2
+    for bad in ({"residual": "max"}, {"heads": "some"}, {"ground_metric": "cka"}, {"reg": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            nf.fuse([model, twin], x, method="transformer_otfusion", **bad)

@@ -11,6 +11,7 @@ from neurofuse.methods import (  # noqa: F401  (importing a method file register
     kf_linear,
     lp,
     otfusion,
+    transformer_otfusion,
     transplant,
     vanilla,
 )

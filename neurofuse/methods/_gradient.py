@@ -2,14 +2,25 @@
 
 Level by level from the input (paper section 4.2.2(b), appendix B.2 and F.1): the base models'
 level outputs are grouped (Hungarian matching or importance-weighted k-means over the neurons'
-values on the fusion set), the group centroids become the targets, and the fused level,
-initialised from a base model's level plus noise, is trained with plain MSE to reach them from
-the input that the *already fused* levels give it. The last level (the classifier head) targets
-the importance-weighted mean of the base logits, by MSE or by KL to the averaged soft predictions.
+values on the fusion set), the group centroids become the targets, and the fused level is trained
+with plain MSE to reach them from the input that the *already fused* levels give it. The last
+level (the classifier head) targets the importance-weighted mean of the base logits, by MSE or by
+KL to the averaged soft predictions.
+
+Where training starts is the preset's choice:
+
+- ``"closed_form"`` (the default): from the Linear variant's fit of the same level (every affine
+  unit solved in closed form, attention heads and residual streams grouped as units, see
+  :mod:`neurofuse.methods._linear`), with the Linear variant's groupings as the targets, so the
+  training refines a solution that is already consistent with them; the starting weights are
+  kept when training does not lower the loss on held-out fusion samples;
+- ``"setting1"`` / ``"setting2"`` (the paper's Table 9): from a base model's level plus relative
+  noise ``eps``, each level grouped on its own outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -28,12 +39,28 @@ from neurofuse.levels import (
     to_neurons,
     trace,
 )
+from neurofuse.methods._linear import LinearOptions, _LinearFusion, expand_parts
 from neurofuse.methods.registry import FusionContext
 from neurofuse.progress import progress_bar
 
-#: The two hyperparameter sets of the paper's Table 9.
+#: Hyperparameter sets: the paper's two (Table 9) and ``closed_form`` (start from the Linear fit).
 PRESETS: dict[str, dict[str, object]] = {
+    "closed_form": dict(
+        init="linear",
+        optimizer="adamw",
+        lr=1e-4,
+        epochs=30,
+        weight_decay=0.0,
+        eps=0.0,
+        last_optimizer="adamw",
+        last_lr=1e-4,
+        last_epochs=30,
+        batch_size=32,
+        val_split=0.1,
+        patience=5,
+    ),
     "setting1": dict(
+        init="model",
         optimizer="adamw",
         lr=1e-3,
         epochs=100,
@@ -44,8 +71,10 @@ PRESETS: dict[str, dict[str, object]] = {
         last_epochs=100,
         batch_size=32,
         val_split=0.1,
+        patience=20,
     ),
     "setting2": dict(
+        init="model",
         optimizer="sgd",
         lr=1e-4,
         epochs=50,
@@ -56,8 +85,10 @@ PRESETS: dict[str, dict[str, object]] = {
         last_epochs=100,
         batch_size=32,
         val_split=0.1,
+        patience=20,
     ),
 }
+INITS = ("linear", "model")
 
 
 @dataclass
@@ -65,9 +96,13 @@ class GradientOptions:
     """Options of the Gradient variants; ``None`` takes the value of ``preset``.
 
     Attributes:
-        preset: ``"setting1"`` (AdamW, lr 1e-3, 100 epochs, eps 1.0: moves far from the
+        preset: ``"closed_form"`` (the default: start each level from the Linear variant's fit,
+            AdamW lr 1e-4, at most 30 epochs, stop after 5 without a better held-out loss),
+            ``"setting1"`` (AdamW, lr 1e-3, 100 epochs, eps 1.0: moves far from the
             initialisation) or ``"setting2"`` (SGD, lr 1e-4, 50 epochs, eps 0.1: stays near it),
             the paper's Table 9.
+        init: ``"linear"`` (start from the Linear variant's fit and use its groupings as
+            targets) or ``"model"`` (start from ``init_model``'s level plus noise ``eps``).
         optimizer, lr, epochs, weight_decay: for every level but the last.
         last_optimizer, last_lr, last_epochs: for the last level (the head).
         eps: relative noise added to the initial weights (``eps * std(param) * N(0, 1)``).
@@ -82,7 +117,8 @@ class GradientOptions:
         n_init, max_iter: k-means restarts and iterations (KF only).
     """
 
-    preset: str = "setting1"
+    preset: str = "closed_form"
+    init: str | None = None
     optimizer: str | None = None
     lr: float | None = None
     epochs: int | None = None
@@ -93,7 +129,7 @@ class GradientOptions:
     last_epochs: int | None = None
     batch_size: int | None = None
     val_split: float | None = None
-    patience: int = 20
+    patience: int | None = None
     head_loss: str = "mse"
     temperature: float = 1.0
     init_model: int | None = 0
@@ -108,6 +144,8 @@ class GradientOptions:
                 setattr(self, f.name, PRESETS[self.preset][f.name])
         if self.head_loss not in ("mse", "kl"):
             raise ValueError(f"head_loss must be 'mse' or 'kl', got {self.head_loss!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         self.level_config(last=False)  # validates optimizer names and ranges
         self.level_config(last=True)
 
@@ -119,7 +157,7 @@ class GradientOptions:
             weight_decay=self.weight_decay,  # type: ignore[arg-type]
             batch_size=self.batch_size,  # type: ignore[arg-type]
             val_split=self.val_split,  # type: ignore[arg-type]
-            patience=self.patience,
+            patience=self.patience,  # type: ignore[arg-type]
             loss=self.head_loss if last else "mse",
             temperature=self.temperature,
         )
@@ -162,6 +200,7 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
     f_levels = split(ctx.target, ctx.levels, gm=fgm)
     b_levels = [split(m, ctx.levels, gm=g) for m, g in zip(ctx.models, bgms, strict=True)]
     producers = [producing_layer(fgm, c) for c in ctx.levels.cut_nodes(fgm)]
+    linear = _linear_start(ctx, grouping_method) if opt.init == "linear" else None
     gen = ctx.generator()
     f_in: Tensor = ctx.inputs
     b_in: list[Tensor] = [ctx.inputs] * n
@@ -174,6 +213,11 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
                 probe = _forward(f_level, f_in[:2])
             if li == last:
                 target = _mean_logits(ctx, [c[li] for c in b_cuts], b_out)
+            elif (
+                linear is not None
+                and (found := _linear_target(linear, cut_names[li], b_out)) is not None
+            ):
+                target = found
             else:
                 hint, channels_first = layer_width(producers[li])
                 axis = ctx.levels.neuron_axes.get(li, neuron_axis(probe, hint, channels_first))
@@ -185,7 +229,8 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
                     ]
                 )
                 points = torch.cat(rows)
-                if opt.init_model is None:  # order the groups like the template's own neurons
+                if opt.init_model is None or linear is not None:
+                    # order the groups like the neurons of the level we start from
                     with ctx.timer("forward"):
                         reference = to_neurons(_forward(f_level, f_in), axis)
                 else:
@@ -194,9 +239,10 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
                     a = _group_level(ctx, grouping_method, li, rows, s, probe.shape[axis])
                     a = _order_like(a, points, reference)
                 target = from_neurons(a @ points, b_out[0], axis)
-            source = None if opt.init_model is None else b_levels[opt.init_model][li]
-            if source is not None and _same_shapes(source, f_level):
-                f_level.load_state_dict(source.state_dict())
+            if linear is None:
+                source = None if opt.init_model is None else b_levels[opt.init_model][li]
+                if source is not None and _same_shapes(source, f_level):
+                    f_level.load_state_dict(source.state_dict())
             perturb_(f_level, float(opt.eps), gen)  # type: ignore[arg-type]
             with ctx.timer("fitting"):
                 stats = fit_gradient(f_level, f_in, target, opt.level_config(li == last), gen)
@@ -207,6 +253,39 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
             advance(li + 1)
     ctx.report["levels"] = history
     return ctx.target.eval()
+
+
+def _linear_start(ctx: FusionContext, grouping_method: str) -> _LinearFusion | None:
+    """Fit ``ctx.target`` with the Linear variant (the starting point of every level) and keep
+    the engine for its groupings; ``None`` (and the paper's initialisation) when the Linear
+    variant cannot fuse these models (e.g. levels that span layers of other depths)."""
+    opt: GradientOptions = ctx.options
+    lctx = dataclasses.replace(ctx, options=LinearOptions(n_init=opt.n_init, max_iter=opt.max_iter))
+    saved = {k: v.clone() for k, v in ctx.target.state_dict().items()}
+    try:
+        engine = _LinearFusion(lctx, grouping_method)
+        engine.run()
+    except (ValueError, NotImplementedError) as exc:
+        ctx.target.load_state_dict(saved)
+        ctx.report["init"] = f"model {opt.init_model} (no closed-form start: {exc})"
+        return None
+    ctx.report["init"] = "linear"
+    return engine
+
+
+def _linear_target(engine: _LinearFusion, cut: str, b_out: list[Tensor]) -> Tensor | None:
+    """The targets of the level ending at node ``cut``: the base outputs averaged over the
+    Linear variant's grouping of that node's space (``None`` if the node has none)."""
+    where = engine.plan.node_space.get(cut)
+    if where is None or not engine.ready(where.index):
+        return None
+    a, sizes = engine.grouping(where.index)
+    a = expand_parts(a, where.parts, sizes).to(b_out[0])
+    axis = where.axis
+    points = torch.cat([to_neurons(o, axis) for o in b_out])
+    if points.shape[0] != a.shape[1]:
+        return None
+    return from_neurons(a @ points, b_out[0], axis)
 
 
 def _group_level(

@@ -45,10 +45,12 @@ from neurofuse.fitting import LeastSquares, affine_inputs, affine_output_rows, s
 from neurofuse.grouping import group
 from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
 from neurofuse.levels import (
+    ADD_FUNCTIONS,
     AFFINE_TYPES,
     NORM_TYPES,
     GraphRunner,
     module_of,
+    to_neurons,
     trace,
     unit_end,
 )
@@ -72,6 +74,11 @@ class LinearOptions:
             ``row_budget * p`` of its rows (sample x position), ``p`` being the layer's fan-in:
             a sketch of the least-squares problem that bounds the Gram cost of wide
             convolutions. ``None`` (default) uses every row and is exact.
+        stream: how a residual stream (a space joined by residual additions) is grouped:
+            ``"first"`` on the projected outputs of the first layer that writes it (the stem
+            or the embedding), like any other layer; ``"all"`` on the base models' values at
+            every residual addition of the stream (each addition's values scaled to the same
+            norm), which sees what the stream carries in every block, not only at its start.
         precision: ``"float32"`` or ``"float64"``: the precision of the blockwise products that
             build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
             float32 is faster (about twice on CPU, more on GPUs) but, with the tiny default ridge,
@@ -85,8 +92,11 @@ class LinearOptions:
     local_search: bool = False
     row_budget: int | None = None
     precision: str = "float64"
+    stream: str = "first"
 
     def __post_init__(self) -> None:
+        if self.stream not in ("first", "all"):
+            raise ValueError(f"stream must be 'first' or 'all', got {self.stream!r}")
         if self.row_budget is not None and self.row_budget < 2:
             raise ValueError(
                 f"row_budget must be at least 2 (rows per weight), got {self.row_budget}"
@@ -377,6 +387,7 @@ class _LinearFusion:
         end = unit_end(self.fgm, u)
         y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
         x = self.fused_value(u.args[0])  # type: ignore[arg-type]
+
         ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi])  # type: ignore[list-item]
         chol = ls.factor(self.opt.ridge)
         coords = ls.coordinates(chol)  # (q, d_M)
@@ -389,7 +400,10 @@ class _LinearFusion:
                 )
             k = self.plan.spaces[space].size
             s = self.scores(end, ys, widths)
-            self.groupings[space] = self.group(coords.T.contiguous(), s, k, widths)
+            points = coords.T.contiguous()
+            if self.opt.stream == "all" and self.plan.spaces[space].stream:
+                points = self.stream_points(space)
+            self.groupings[space] = self.group(points, s, k, widths)
         a = expand_parts(self.grouping(space)[0], parts, self.sizes(space))
         w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
         self.write([u], ls, w)
@@ -491,6 +505,22 @@ class _LinearFusion:
             w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
         self.write(units, ls, w)
         return units
+
+    def stream_points(self, space: int) -> Tensor:
+        """The base models' neurons of a residual stream as points: their values at every
+        residual addition of the stream, each addition's block scaled to unit norm."""
+        sp = self.plan.spaces[space]
+        blocks = []
+        axes = sp.axes or [-1] * len(sp.nodes)
+        for name, axis in zip(sp.nodes, axes, strict=True):
+            node = self.fnode[name]
+            if not (node.op == "call_function" and node.target in ADD_FUNCTIONS):
+                continue
+            with self.ctx.timer("forward"):
+                ys = [r.value(self.bnode[i][name]).detach() for i, r in enumerate(self.bruns)]
+            rows = torch.cat([to_neurons(y, axis).to(torch.float64) for y in ys])
+            blocks.append(rows / rows.norm().clamp_min(1e-12))
+        return torch.cat(blocks, dim=1)
 
     def group_embedding(self, u: fx.Node, space: int) -> None:
         """A token embedding opening a space: grouped on its outputs (the same input, the token
