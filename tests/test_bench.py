@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -239,12 +240,28 @@ def test_quick_suite_end_to_end(tmp_path: Path):
     cells = sorted((tmp_path / "cells").glob("*.json"))
     assert len(cells) == len(get_suite("quick").cells([0]))
     assert "Status: complete" in text and "EGR" in text and "sharded 2" in text
+    runs = get_suite("quick").methods
     for path in cells:
         rec = json.loads(path.read_text())
+        arch = rec["cell"]["arch"]
         ok = [e for e in rec["methods"].values() if e["status"] == "ok"]
-        assert len(ok) == len(get_suite("quick").methods)
+        assert len(ok) == sum(1 for r in runs if not r.archs or arch in r.archs)
         assert all(0.0 <= e["accuracy"] <= 1.0 and e["seconds"] > 0 for e in ok)
+        if arch == "vit_small":  # the paper-vit slice: a fused ViT, not an error
+            assert {e["method"] for e in ok} >= {"transformer_otfusion", "kf_linear"}
     assert (tmp_path / "mlp_small_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "vit_small_accuracy.png").stat().st_size > 0
+    # a method added to a finished suite is run on the cached base models and recorded
+    before = {p.name: json.loads(p.read_text()) for p in cells}
+    with_more = dataclasses.replace(
+        get_suite("quick"), methods=(*runs, MethodRun("Git Re-Basin", "git_rebasin"))
+    )
+    runner.run_suite(with_more, [0], tmp_path, device="cpu", progress=False)
+    for path in cells:
+        rec = json.loads(path.read_text())
+        assert rec["methods"]["Git Re-Basin | uniform"]["status"] == "ok"
+        for key, entry in before[path.name]["methods"].items():
+            assert rec["methods"][key] == entry  # earlier runs are kept as they were
 
 
 def test_select_cells_by_split_key():

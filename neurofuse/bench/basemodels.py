@@ -55,7 +55,12 @@ def _train_one(
     """``arch`` trained on ``data.x_train[idx]``, seeded by ``seed``."""
     torch.manual_seed(seed)
     model = build(arch.name, **arch.build_kwargs())
-    cfg = TrainConfig(**dict(arch.train), seed=seed, device=device, progress=False)
+    train = dict(arch.train)
+    if isinstance(train.get("augment"), str):  # a spec such as "crop=2" (kept JSON-friendly)
+        from neurofuse.data import Augment
+
+        train["augment"] = Augment.from_spec(train["augment"])
+    cfg = TrainConfig(**train, seed=seed, device=device, progress=False)
     result = train_model(
         model, data.x_train[idx], data.y_train[idx], cfg, num_classes=data.num_classes
     )

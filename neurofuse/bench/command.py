@@ -34,11 +34,12 @@ def bench(
     cache: Path | None = None,
     splits: str | None = None,
     report_only: bool = False,
+    threads: int = 2,
 ) -> Path:
     """Run ``suite`` into ``out`` (default ``benchmarks/results/<suite>``) and return the
     path of its ``report.md`` (``report_only``: only rewrite the report from finished
     cells). Finished cells are reused when ``resume``; trained base models are cached in
-    ``cache`` (default ``out/cache``; suites may share one)."""
+    ``cache`` (default ``out/cache``; suites may share one). ``threads``: torch CPU threads."""
     spec = get_suite(suite)
     seed_list = parse_seeds(seeds) or list(spec.default_seeds)
     out = Path(out) if out is not None else Path("benchmarks/results") / suite
@@ -54,6 +55,8 @@ def bench(
     split_list = [s for s in splits.split(",") if s.strip()] if splits else None
     if splits:
         parts += ["--splits", splits]
+    if threads != 2:
+        parts += ["--threads", str(threads)]
     command = "neurofuse bench " + " ".join(shlex.quote(p) for p in parts)
 
     def log(line: str) -> None:
@@ -71,6 +74,7 @@ def bench(
             log=log,
             splits=split_list,
             cache=Path(cache) if cache else None,
+            threads=threads,
         )
     expected = len(select_cells(spec.cells(seed_list), split_list))
     return write_report(spec, out, command, expected, len(spec.cells(seed_list)))

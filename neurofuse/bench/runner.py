@@ -155,7 +155,8 @@ def run_suite(
 
     ``methods`` keeps only the runs whose method name or label is listed; ``splits`` only the
     cells whose split key (``noniid2``, ``sharded6``, ``full2`` ...) is listed. With ``resume``, a
-    cell whose result file exists is not recomputed.
+    cell whose result file exists is not recomputed, except for runs its record lacks (added to
+    the suite since), which are fused with the cached base models and added to it.
     """
     # importing these registers the "runtime" and "compression" cell runners
     from neurofuse.bench.compression import run_compression_cell  # noqa: F401
@@ -173,9 +174,11 @@ def run_suite(
     with progress_bar(progress, f"bench {suite.name}", len(cells)) as update:
         for done, cell in enumerate(cells, 1):
             path = result_path(out, cell)
-            if resume and path.exists():
+            if resume and path.exists() and not _missing_runs(path, runs):
                 status = "cached"
             else:
+                if resume and path.exists():  # a finished cell gains the runs added since
+                    write_record(partial_path(out, cell), json.loads(path.read_text()))
                 try:
                     record = CELL_RUNNERS[cell.kind](
                         suite, cell, runs, out, cache or out / "cache", dev
@@ -197,6 +200,15 @@ def run_suite(
             paths.append(path)
             update(done)
     return paths
+
+
+def _missing_runs(path: Path, runs: Sequence[MethodRun]) -> list[MethodRun]:
+    """The runs that a finished cell's record lacks (methods added to the suite since)."""
+    try:
+        done = json.loads(path.read_text()).get("methods", {})
+    except (OSError, ValueError):
+        return list(runs)
+    return [r for r in runs if r.key not in done]
 
 
 def select_runs(runs: Sequence[MethodRun], methods: Sequence[str] | None) -> list[MethodRun]:

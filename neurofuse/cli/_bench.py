@@ -15,8 +15,8 @@ def bench(
     suite: Annotated[
         str,
         typer.Argument(
-            help="suite name: paper-mlp, paper-cnn, mnist1d, runtime, fusion-size, "
-            "compression, quick"
+            help="suite name: paper-mlp, paper-cnn, mnist1d, paper-vit, runtime, fusion-size, "
+            "compression, ablation-mlp, quick"
         ),
     ],
     seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, e.g. 0,1,2")] = None,
@@ -37,6 +37,7 @@ def bench(
     report_only: Annotated[
         bool, typer.Option(help="only rewrite report.md and plots from finished cells")
     ] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads", min=1)] = 2,
 ) -> None:
     """Run a benchmark suite cell by cell (a killed run resumes) and write its report and plots."""
     from neurofuse.bench.command import bench as run_bench
@@ -51,5 +52,6 @@ def bench(
         cache=cache,
         splits=splits,
         report_only=report_only,
+        threads=threads,
     )
     typer.echo(f"report: {path}")
