@@ -390,3 +390,68 @@ def test_cost_is_close_to_scikit_learn():
         points.numpy(), sample_weight=weights.numpy()
     )
     assert ours.cost <= 1.05 * theirs.inertia_
+
+
+# ----------------------------------------------------------------------------- heads as units
+
+
+def _head_permuted(
+    points: torch.Tensor, heads: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h = points.shape[0] // heads
+    order = torch.randperm(heads, generator=g)
+    perm = torch.cat([order[i] * h + torch.randperm(h, generator=g) for i in range(heads)])
+    return points[perm], perm
+
+
+def test_block_assignment_is_the_best_head_preserving_matching():
+    """Against brute force over every head matching and every dimension matching (2 heads of
+    3 dimensions: 2 x 6 x 6 = 72 candidates)."""
+    import itertools
+
+    from neurofuse.grouping.heads import block_assignment
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(6, 6, generator=g)
+    best = float("inf")
+    for heads_perm in itertools.permutations(range(2)):
+        for d0 in itertools.permutations(range(3)):
+            for d1 in itertools.permutations(range(3)):
+                p = [heads_perm[0] * 3 + d for d in d0] + [heads_perm[1] * 3 + d for d in d1]
+                best = min(best, float(score[torch.arange(6), torch.tensor(p)].sum()))
+    p = block_assignment(score, 2)
+    assert abs(float(score[torch.arange(6), p].sum()) - best) < 1e-9
+    assert sorted((p // 3).tolist()[:3]) == [int(p[0]) // 3] * 3  # head 0 lands in one head
+    with pytest.raises(ValueError, match="multiple of heads"):
+        block_assignment(score, 4)
+
+
+def test_hungarian_heads_recovers_a_head_permutation():
+    from neurofuse.grouping.heads import hungarian_heads
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 20, generator=g)
+    b, perm = _head_permuted(a, 4, seed=2)
+    b = b + 0.01 * torch.randn(b.shape, generator=g)
+    res = hungarian_heads(a, b, 4)
+    assert torch.equal(res.labels[16:], perm)  # B's neuron j joins A's neuron perm[j]
+    assert res.cost < 0.05 and res.k == 16  # the noise: 16 pairs x 20 x 1e-4 / 2
+
+
+def test_kmeans_heads_groups_whole_heads_of_several_models():
+    from neurofuse.grouping.heads import kmeans_heads
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 30, generator=g)  # 3 heads of 4 dimensions
+    b, pb = _head_permuted(a, 3, seed=4)
+    c, pc = _head_permuted(a, 3, seed=5)
+    res = kmeans_heads(torch.cat([a, b, c]), None, 4, 3, seed=0)
+    la, lb, lc = res.labels[:12], res.labels[12:24], res.labels[24:]
+    assert torch.equal(lb, la[pb]) and torch.equal(lc, la[pc])
+    assert res.cost < 1e-9
+    # every group holds one dimension of one head of each model: heads stay whole
+    for labels in (la, lb, lc):
+        assert all(len(set((labels[i * 4 : i * 4 + 4] // 4).tolist())) == 1 for i in range(3))
+    with pytest.raises(ValueError, match="whole heads"):
+        kmeans_heads(torch.randn(10, 3), None, 4, 2)
