@@ -18,13 +18,14 @@ from toys import (
     mlp,
     permute_resnet,
     permute_sequential,
+    permuted_by_analysis,
     randomise_batchnorm,
     relative_error,
 )
 
 import neurofuse as nf
 from neurofuse import api
-from neurofuse.alignment import apply_permutation, permutation_spaces, random_permutation
+from neurofuse.alignment import apply_permutation, permutation_spaces
 from neurofuse.methods import otfusion as otfusion_module
 from neurofuse.models import build
 
@@ -40,15 +41,6 @@ ALIGNING_IDS = ["ot-acts", "ot-weights", "rebasin-acts", "rebasin-weights"]
 def logits(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return model(x)
-
-
-def permuted_by_analysis(model: nn.Module, seed: int = 1) -> nn.Module:
-    spaces = permutation_spaces(model)
-    g = torch.Generator().manual_seed(seed)
-    perms = {s.name: random_permutation(s, g) for s in spaces if not s.fixed}
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(apply_permutation(model.state_dict(), spaces, perms))
-    return twin.eval()
 
 
 def zoo_pair(name: str) -> tuple[nn.Module, nn.Module, Tensor]:

@@ -90,6 +90,21 @@ def test_closed_form_gradient_start_recovers_a_permuted_model(arch, method):
     assert relative_error(_logits(noisy, x_test), _logits(a, x_test)) > 1e-2
 
 
+def test_default_gradient_equals_the_linear_variant_where_every_level_is_affine(trained_pair):
+    """MLP levels (activation, then one Linear) are affine in their weights: the closed form is
+    their least-squares optimum, so the default Gradient variant keeps it, bit for bit."""
+    a, _, x_fuse, x_test, _ = trained_pair
+    c = permute_sequential(a, seed=7)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for grad, lin in (("kf_gradient", "kf_linear"), ("hf_gradient", "hf_linear")):
+        g = nf.fuse([a, c], x_fuse, method=grad, seed=1)
+        f = nf.fuse([a, c], x_fuse, method=lin, seed=1)
+        torch.testing.assert_close(_logits(g, x_test), _logits(f, x_test), rtol=0, atol=0)
+        assert all(level.get("closed_form") == 1.0 for level in g.neurofuse_report["levels"])
+
+
 def test_gradient_init_option_is_checked_and_model_init_is_the_paper_start(trained_pair):
     a, b, x_fuse, _, _ = trained_pair
     with pytest.raises(ValueError, match="init must be one of"):

@@ -8,10 +8,9 @@ import copy
 import pytest
 import torch
 from torch import Tensor, nn
-from toys import relative_error
+from toys import permuted_by_analysis, relative_error
 
 import neurofuse as nf
-from neurofuse.alignment import apply_permutation, permutation_spaces, random_permutation
 from neurofuse.levels import Levels, trace
 from neurofuse.models import build
 
@@ -57,12 +56,7 @@ def _random_model(arch: str, seed: int) -> nn.Module:
 
 
 def _permuted(model: nn.Module, x: Tensor, seed: int) -> nn.Module:
-    spaces = permutation_spaces(model, example=x)
-    g = torch.Generator().manual_seed(seed)
-    perms = {s.name: random_permutation(s, g) for s in spaces if not s.fixed}
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(apply_permutation(model.state_dict(), spaces, perms))
-    return twin.eval()
+    return permuted_by_analysis(model, seed, example=x)
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:

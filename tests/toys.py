@@ -189,3 +189,18 @@ def train(
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
+
+
+def permuted_by_analysis(
+    model: nn.Module, seed: int = 1, example: Tensor | None = None
+) -> nn.Module:
+    """A copy of ``model`` with every free permutation space (heads kept whole) permuted at
+    random: the same function, other weights."""
+    from neurofuse.alignment import apply_permutation, permutation_spaces, random_permutation
+
+    spaces = permutation_spaces(model, example=example)
+    g = torch.Generator().manual_seed(seed)
+    perms = {s.name: random_permutation(s, g) for s in spaces if not s.fixed}
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(apply_permutation(model.state_dict(), spaces, perms))
+    return twin.eval()

@@ -158,6 +158,19 @@ def average_states(
     return out
 
 
+def check_aligned_shapes(aligned: Sequence[State], reference: State) -> None:
+    """After alignment every model's tensors have the reference's shapes (only neuron counts
+    may differ between models: not kernel sizes or inputs)."""
+    for key, t in reference.items():
+        for k, state in enumerate(aligned):
+            if state[key].shape != t.shape:
+                raise ValueError(
+                    f"after alignment, models[{k}] parameter {key!r} has shape "
+                    f"{tuple(state[key].shape)} but the reference has {tuple(t.shape)}: only "
+                    "neuron counts may differ between the models (not kernel sizes or inputs)"
+                )
+
+
 def write_state(target: nn.Module, state: State, method: str) -> nn.Module:
     """Load ``state`` into ``target`` (the fused template); a shape mismatch names the fix."""
     own = target.state_dict()
@@ -237,6 +250,7 @@ def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) 
 __all__ = [
     "State",
     "average_states",
+    "check_aligned_shapes",
     "check_reference",
     "check_same_graphs",
     "check_same_layers",

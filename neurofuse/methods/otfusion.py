@@ -41,6 +41,7 @@ from neurofuse.methods._averaging import (
     State,
     alignment_setup,
     average_states,
+    check_aligned_shapes,
     finish,
     node_features,
     space_scores,
@@ -300,14 +301,7 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 advance(k * len(free) + j + 1)
             aligned.append(al.state)
             costs.append(total)
-    for key, t in states[ref].items():
-        for k, state in enumerate(aligned):
-            if state[key].shape != t.shape:
-                raise ValueError(
-                    f"after alignment, models[{k}] parameter {key!r} has shape "
-                    f"{tuple(state[key].shape)} but the reference has {tuple(t.shape)}: only "
-                    "neuron counts may differ between the models (not kernel sizes or inputs)"
-                )
+    check_aligned_shapes(aligned, states[ref])
     ctx.report["transport_cost"] = costs
     fused = average_states(aligned, weights)
     target = template_for(ctx, ref, "otfusion")

@@ -50,6 +50,7 @@ from neurofuse.levels import ADD_FUNCTIONS, GraphRunner, module_of, to_neurons, 
 from neurofuse.methods._averaging import (
     State,
     average_states,
+    check_aligned_shapes,
     check_reference,
     check_same_graphs,
     check_same_layers,
@@ -415,13 +416,7 @@ def transformer_otfusion(ctx: FusionContext) -> nn.Module:
         al = _Aligner(ctx, k, ref, plan, acts)
         aligned.append(al.run())
         costs.append(al.cost_total)
-    for key, t in states[ref].items():
-        for k, state in enumerate(aligned):
-            if state[key].shape != t.shape:
-                raise ValueError(
-                    f"after alignment, models[{k}] parameter {key!r} has shape "
-                    f"{tuple(state[key].shape)} but the reference has {tuple(t.shape)}"
-                )
+    check_aligned_shapes(aligned, states[ref])
     ctx.report["transport_cost"] = costs
     fused = average_states(aligned, weights)
     target = template_for(ctx, ref, "transformer_otfusion")
