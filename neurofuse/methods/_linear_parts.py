@@ -1,0 +1,152 @@
+"""The pieces of the Linear variants' closed-form fits: their options, the normal equations of a
+unit's least-squares problem over chunks of the fusion set, writing fitted weights (a BatchNorm
+after the layer folded into them), and the grouping of a layer that computes several parts of a
+space side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
+from neurofuse.levels import NORM_TYPES, module_of
+
+
+@dataclass
+class LinearOptions:
+    """Options of the Linear variants.
+
+    Attributes:
+        ridge: relative ridge added to ``X^T X`` (times its mean diagonal) for rank-deficient
+            inputs.
+        chunk_size: samples per chunk when accumulating Gram matrices.
+        n_init: k-means restarts (KF only).
+        max_iter: Lloyd iterations per restart (KF only).
+        local_search: refine k-means with Kanungo et al.'s swap local search (KF only).
+        row_budget: if set, fit each layer on a uniform random sample of about
+            ``row_budget * p`` of its rows (sample x position), ``p`` being the layer's fan-in:
+            a sketch of the least-squares problem that bounds the Gram cost of wide
+            convolutions. ``None`` (default) uses every row and is exact.
+        stream: how a residual stream (a space joined by residual additions) is grouped:
+            ``"first"`` on the projected outputs of the first layer that writes it (the stem
+            or the embedding), like any other layer; ``"all"`` on the base models' values at
+            every residual addition of the stream (each addition's values scaled to the same
+            norm), which sees what the stream carries in every block, not only at its start.
+        precision: ``"float32"`` or ``"float64"``: the precision of the blockwise products that
+            build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
+            float32 is faster (about twice on CPU, more on GPUs) but, with the tiny default ridge,
+            loses the 1e-4 exactness of recovering a permuted model.
+    """
+
+    ridge: float = 1e-9
+    chunk_size: int = 128
+    n_init: int = 4
+    max_iter: int = 100
+    local_search: bool = False
+    row_budget: int | None = None
+    precision: str = "float64"
+    stream: str = "first"
+
+    def __post_init__(self) -> None:
+        if self.stream not in ("first", "all"):
+            raise ValueError(f"stream must be 'first' or 'all', got {self.stream!r}")
+        if self.row_budget is not None and self.row_budget < 2:
+            raise ValueError(
+                f"row_budget must be at least 2 (rows per weight), got {self.row_budget}"
+            )
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+        if self.ridge < 0 or self.chunk_size < 1 or self.n_init < 1 or self.max_iter < 1:
+            raise ValueError("ridge must be >= 0 and chunk_size, n_init, max_iter positive")
+
+
+def check_batchnorms(fgm: fx.GraphModule) -> None:
+    for n in fgm.graph.nodes:
+        bn = module_of(fgm, n)
+        if isinstance(bn, NORM_TYPES) and (bn.running_mean is None or not bn.affine):
+            raise ValueError(
+                f"BatchNorm {n.target!r} has no running statistics or no affine parameters; "
+                "the Linear variants need eval-mode BatchNorm with both. Use kf_gradient."
+            )
+
+
+def set_unit(layer: nn.Module, bn: nn.Module | None, w: Tensor, intercept: Tensor | None) -> None:
+    """Write fitted weights; a BatchNorm after the layer becomes the identity (it is folded)."""
+    carries_bias = layer.bias is not None  # type: ignore[union-attr]
+    set_affine_weights(layer, w, intercept if carries_bias else None)
+    if bn is not None:
+        identity_norm(bn)
+        if intercept is not None and not carries_bias:
+            with torch.no_grad():
+                bn.bias.copy_(intercept.to(bn.bias))  # type: ignore[union-attr]
+    elif intercept is not None and not carries_bias:
+        raise ValueError(f"{layer} has no bias and no BatchNorm to carry the fitted intercept")
+
+
+def identity_norm(norm: nn.Module) -> None:
+    """Set a normalisation's affine part to the identity (and a BatchNorm's statistics to zero
+    mean and unit variance): what it did is absorbed by the fit of the layer next to it."""
+    with torch.no_grad():
+        norm.weight.fill_(1.0)  # type: ignore[union-attr]
+        norm.bias.zero_()  # type: ignore[union-attr]
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.zero_()  # type: ignore[union-attr]
+            norm.running_var.fill_(1.0 - norm.eps)  # type: ignore[union-attr,operator]
+
+
+def expand_parts(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
+    """A grouping ``(k, sum C_k)`` of a space, for a layer computing ``parts`` copies of it
+    side by side (``[q | k | v]``): ``(parts k, sum parts C_k)``, model blocks in order."""
+    if parts == 1:
+        return a
+    k = a.shape[0]
+    out = a.new_zeros(parts * k, parts * sum(sizes))
+    lo = 0
+    for c in sizes:
+        for p in range(parts):
+            out[p * k : (p + 1) * k, parts * lo + p * c : parts * lo + (p + 1) * c] = a[
+                :, lo : lo + c
+            ]
+        lo += c
+    return out
+
+
+def normal_equations(
+    layers: list[nn.Module],
+    xs: list[Tensor],
+    bias: bool,
+    y_rows: Callable[[int, int], Tensor],
+    opt: LinearOptions,
+    seed: int,
+) -> LeastSquares:
+    """Normal equations of the joint fit ``sum_i X_i W_i (+ b) ~ Y`` over sample chunks, where
+    ``X_i`` are the rows ``layers[i]`` reads from its input ``xs[i]`` and ``y_rows(lo, hi)``
+    gives the target rows ``lo..hi`` (with ``opt.row_budget``, a uniform row sketch)."""
+    n = xs[0].shape[0]
+    feats = [affine_inputs(layer, x[:1]).shape for layer, x in zip(layers, xs, strict=True)]
+    per_sample = feats[0][0]
+    p = sum(f[1] for f in feats)
+    first = y_rows(0, per_sample)
+    ls = LeastSquares.empty(
+        p, first.shape[1], bias, xs[0].device, torch.float64, getattr(torch, opt.precision)
+    )
+    keep = 1.0
+    if opt.row_budget is not None:
+        keep = min(1.0, opt.row_budget * p / (n * per_sample))
+    gen = torch.Generator(device="cpu").manual_seed(seed + p)
+    for lo in range(0, n, opt.chunk_size):
+        hi = min(lo + opt.chunk_size, n)
+        xr = torch.cat(
+            [affine_inputs(layer, x[lo:hi]) for layer, x in zip(layers, xs, strict=True)], dim=1
+        )
+        yr = y_rows(lo * per_sample, hi * per_sample)
+        if keep < 1.0:  # a uniform row sketch of the least-squares problem
+            rows = torch.rand(xr.shape[0], generator=gen) < keep
+            rows = rows.nonzero().squeeze(1).to(xr.device)
+            xr, yr = xr[rows], yr[rows]
+        ls.add(xr, yr)
+    return ls
