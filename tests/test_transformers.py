@@ -169,3 +169,24 @@ def test_transformer_otfusion_soft_alignment_is_soft_and_options_are_checked():
     for bad in ({"residual": "max"}, {"heads": "some"}, {"ground_metric": "cka"}, {"reg": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             nf.fuse([model, twin], x, method="transformer_otfusion", **bad)
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("git_rebasin", {}),
+        ("otfusion", {}),
+        ("transformer_otfusion", {"solver": "emd"}),
+        ("kf_linear", {}),
+        ("hf_linear", {}),
+    ],
+)
+def test_importance_scores_of_attention_spaces(method, options):
+    """Scores at a joint qkv projection come per query/key/value column (3x the space's
+    neurons); every method reduces them to one per neuron and still recovers the copy."""
+    model = _random_model("vit", 0)
+    x = _inputs("vit", 96, 1)
+    twin = _permuted(model, x, seed=2)
+    fused = nf.fuse([model, twin], x, method=method, importance="activation", **options)
+    x_test = _inputs("vit", 64, 3)
+    assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4

@@ -156,7 +156,7 @@ def run_suite(
     ``methods`` keeps only the runs whose method name or label is listed; ``splits`` only the
     cells whose split key (``noniid2``, ``sharded6``, ``full2`` ...) is listed. With ``resume``, a
     cell whose result file exists is not recomputed, except for runs its record lacks (added to
-    the suite since), which are fused with the cached base models and added to it.
+    the suite since) or recorded as errors, which are fused with the cached base models.
     """
     # importing these registers the "runtime" and "compression" cell runners
     from neurofuse.bench.compression import run_compression_cell  # noqa: F401
@@ -203,12 +203,13 @@ def run_suite(
 
 
 def _missing_runs(path: Path, runs: Sequence[MethodRun]) -> list[MethodRun]:
-    """The runs that a finished cell's record lacks (methods added to the suite since)."""
+    """The runs that a finished cell's record lacks (methods added to the suite since) or
+    recorded as errors (rerun, e.g. after a fix)."""
     try:
         done = json.loads(path.read_text()).get("methods", {})
     except (OSError, ValueError):
         return list(runs)
-    return [r for r in runs if r.key not in done]
+    return [r for r in runs if done.get(r.key, {}).get("status", "error") == "error"]
 
 
 def select_runs(runs: Sequence[MethodRun], methods: Sequence[str] | None) -> list[MethodRun]:

@@ -244,7 +244,11 @@ def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) 
             "looked up at the node that names each space"
         ) from None
     out = runner.value(node)
-    return ctx.importance.scores(k, space.name, out, space.size).to(torch.float64).cpu()
+    parts = 1
+    if space.node_parts and space.name in space.nodes:
+        parts = space.node_parts[space.nodes.index(space.name)]
+    scores = ctx.importance.scores(k, space.name, out, parts * space.size).to(torch.float64)
+    return scores.reshape(parts, space.size).mean(0).cpu()  # [q | k | v]: one score per neuron
 
 
 __all__ = [
