@@ -190,3 +190,25 @@ def test_importance_scores_of_attention_spaces(method, options):
     fused = nf.fuse([model, twin], x, method=method, importance="activation", **options)
     x_test = _inputs("vit", 64, 3)
     assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("kf_linear", {}),
+        ("hf_linear", {}),
+        ("git_rebasin", {}),
+        ("transformer_otfusion", {"solver": "emd"}),
+        ("kf_gradient", {"epochs": 2, "last_epochs": 2}),
+    ],
+)
+def test_transformer_fusion_runs_on_cuda(arch, method, options):
+    model = _random_model(arch, 0)
+    x = _inputs(arch, 96, 1)
+    twin = _permuted(model, x, seed=2)
+    fused = nf.fuse([model.cuda(), twin.cuda()], x.cuda(), method=method, **options)
+    assert next(fused.parameters()).is_cuda
+    x_test = _inputs(arch, 64, 3).cuda()
+    assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-3

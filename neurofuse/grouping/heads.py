@@ -144,14 +144,16 @@ def kmeans_heads(
         A :class:`Grouping` of the neurons into ``k_heads * head_dim`` groups: group
         ``j * head_dim + e`` holds dimension ``e`` of fused head ``j``.
     """
-    z = _check_points(points).to(torch.float64)
+    device = points.device
+    # a few hundred heads at most: the assignments run in scipy, so the work stays on the CPU
+    z = _check_points(points).detach().to("cpu", torch.float64)
     n = z.shape[0]
     if head_dim < 1 or n % head_dim:
         raise ValueError(f"{n} neurons are not whole heads of {head_dim} dimensions")
     n_heads = n // head_dim
     if not 1 <= k_heads <= n_heads:
         raise ValueError(f"k_heads={k_heads} must be between 1 and the {n_heads} base heads")
-    w = _check_weights(weights, n, z.device).to(torch.float64)
+    w = _check_weights(weights, n, z.device).to(torch.float64).cpu()
     gen = _make_generator(seed, None, torch.device("cpu"))
     heads_z = z.reshape(n_heads, head_dim, -1)
     heads_w = w.reshape(n_heads, head_dim)
@@ -166,8 +168,8 @@ def kmeans_heads(
             best = (cost, labels)
     assert best is not None
     cost, labels = best
-    centroids = _centroids(z, w, labels, k_heads * head_dim).to(points.dtype)
-    return Grouping(labels, centroids, cost, k_heads * head_dim, weights=w)
+    centroids = _centroids(z, w, labels, k_heads * head_dim).to(device, points.dtype)
+    return Grouping(labels.to(device), centroids, cost, k_heads * head_dim, weights=w.to(device))
 
 
 def _distances(heads_z: Tensor, centre: Tensor) -> Tensor:
