@@ -266,3 +266,22 @@ def test_graphs_that_differ_only_in_parameter_free_layers_are_refused():
     for method in ("otfusion", "git_rebasin"):
         with pytest.raises(ValueError, match=r"act1 \(Tanh\)"):
             nf.fuse([relu, tanh], torch.randn(4, 6), method=method)
+
+
+@pytest.mark.parametrize("method", ["otfusion", "git_rebasin"])
+def test_a_linear_batchnorm1d_mlp_is_aligned(method):
+    """Without flatten the input's rank is unknown to the graph alone, so BatchNorm1d could not
+    tell (B, C) from (B, C, L) and left every space fixed (the permuted copy was averaged
+    unaligned). The fusion set's shapes settle it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.normal_()
+    x = torch.randn(64, 10)
+    twin = permuted_by_analysis(model, 3, example=x)
+    assert relative_error(logits(twin, x), logits(model, x)) < 1e-5
+    assert not torch.equal(twin[0].weight, model[0].weight)
+    fused = nf.fuse([model, twin], x, method=method)
+    assert relative_error(logits(fused, x), logits(model, x)) < 1e-5

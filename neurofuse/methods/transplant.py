@@ -65,13 +65,15 @@ def _output_space_names(model: nn.Module, spaces: Sequence[Space]) -> set[str]:
     return {s.name for s in spaces if returned & set(s.nodes)}
 
 
-def hidden_spaces(models: Sequence[nn.Module]) -> tuple[list[Space], list[list[Space]]]:
+def hidden_spaces(
+    models: Sequence[nn.Module], example: Tensor | None = None
+) -> tuple[list[Space], list[list[Space]]]:
     """The hidden spaces of every model (one list per model, in the same order) and the
     output spaces of model 0, after checking that they can be concatenated.
 
     Raises a ValueError naming the space when a hidden space is fixed or normalised jointly,
     or when the models' spaces differ in anything but width."""
-    per_model = [permutation_spaces(m) for m in models]
+    per_model = [permutation_spaces(m, example=example) for m in models]
     outputs = _output_space_names(models[0], per_model[0])
     ref = per_model[0]
     for k, spaces in enumerate(per_model[1:], start=1):
@@ -340,7 +342,7 @@ def _merge_error(wide: nn.Module, models: Sequence[nn.Module], x: Tensor) -> flo
 )
 def transplant(ctx: FusionContext) -> nn.Module:
     opt: TransplantOptions = ctx.options
-    hidden = hidden_spaces(ctx.models)[1]
+    hidden = hidden_spaces(ctx.models, ctx.inputs[:2])[1]
     wide, spaces = concatenate(ctx.models, hidden)
     error = _merge_error(wide, ctx.models, ctx.inputs[:256])
     ctx.report["merge_relative_error"] = error
@@ -350,7 +352,7 @@ def transplant(ctx: FusionContext) -> nn.Module:
             f"{error:.2e} (relative): some layer of this architecture mixes neurons in a way "
             "transplant cannot concatenate. Use kd, lp or kf_gradient for this model"
         )
-    _, target_hidden = hidden_spaces([ctx.target])
+    _, target_hidden = hidden_spaces([ctx.target], ctx.inputs[:2])
     widths = {s.name: s.size for s in target_hidden[0]}
     wide_widths = {s.name: s.size for s in spaces}
     if widths.keys() != wide_widths.keys() or any(widths[k] > wide_widths[k] for k in widths):
