@@ -298,3 +298,126 @@ def test_reestimate_batchnorm_gives_the_fusion_set_statistics():
     with torch.no_grad():
         z2 = model[4](model[3](model[2](model[1](z))))
     assert torch.allclose(model[5].running_mean, z2.mean((0, 2, 3)), atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- soundness
+
+
+class NanoGPTBlock(nn.Module):
+    """nanoGPT's attention as written there (sizes from x.size(), C // n_head), with its
+    position embedding looked up from torch.arange."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, heads: int = 2, block: int = 6) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.n_head, self.n_embd = heads, dim
+
+    def forward(self, idx: Tensor) -> Tensor:
+        idx = idx.long()
+        t = idx.size(1)
+        x = self.wte(idx) + self.wpe(torch.arange(0, t, device=idx.device))
+        h = self.ln(x)
+        b, t, c = h.size(0), h.size(1), h.size(2)
+        q, k, v = self.c_attn(h).split(self.n_embd, dim=2)
+        q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return self.head(x)
+
+
+class SeparateQKV(nn.Module):
+    """Query, key and value from three layers (the Hugging Face layout)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.heads, self.hd = heads, dim // heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        b, t = h.size(0), h.size(1)
+        q = self.q(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k = self.k(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        v = self.v(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        return self.head(h + self.o(y))
+
+
+class SinusoidalPE(nn.Module):
+    """A position encoding computed in forward from sizes: a constant, not a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        pos = torch.arange(h.size(1), dtype=h.dtype)[:, None] * torch.arange(8, dtype=h.dtype)
+        return self.out(torch.relu(h + torch.sin(0.3 * pos)))
+
+
+class ParamReadTwice(nn.Module):
+    """A parameter added to one space and read, unpermuted, by another layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out, self.side = nn.Linear(5, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.pos = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x) + self.pos
+        return self.out(torch.relu(h)) + self.side(self.pos.view(1, 8))
+
+
+class VolatileBuffer(nn.Module):
+    """A non-persistent buffer added to a space: it is not in the state dict to permute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.register_buffer("pe", torch.randn(8), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.inp(x) + self.pe))
+
+
+HOSTILE = {
+    "nanogpt": (NanoGPTBlock, lambda: torch.randint(0, 11, (4, 6)).float(), {"c_attn", "add"}),
+    "separate_qkv": (SeparateQKV, lambda: torch.randn(4, 6, 5), {"q"}),
+    "sinusoidal": (SinusoidalPE, lambda: torch.randn(4, 6, 5), set()),
+    "param_read_twice": (ParamReadTwice, lambda: torch.randn(4, 5), set()),
+    "volatile_buffer": (VolatileBuffer, lambda: torch.randn(4, 5), set()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_permuting_every_free_space_of_unusual_models_keeps_the_function(name):
+    """The analysis may leave a space fixed when in doubt, never free when permuting it would
+    change the output; ``free`` lists spaces (by name prefix) it must still find."""
+    make, inputs, free = HOSTILE[name]
+    torch.manual_seed(0)
+    model, x = make().eval(), inputs()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    spaces = permutation_spaces(model, example=x)
+    found = {s.name for s in spaces if not s.fixed}
+    assert all(any(f.startswith(prefix) for f in found) for prefix in free), found
+    for seed in range(3):
+        twin = permuted(model, spaces, random_perms(spaces, seed))
+        assert relative_error(logits(twin, x), logits(model, x)) < 1e-5
+
+
+def test_an_example_input_leaves_a_training_model_untouched():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    permutation_spaces(model, example=torch.randn(8, 4))
+    assert model.training and model[1].training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -281,7 +281,7 @@ def test_bench_report_only_writes_a_partial_report(tmp_path: Path):
     result = ok("bench", "quick", "--out", tmp_path, "--report-only")
     text = (tmp_path / "report.md").read_text()
     assert "report.md" in result.output
-    assert "PARTIAL (0/2 cells)" in text and "neurofuse bench quick --seeds 0" in text
+    assert "PARTIAL (0/3 cells)" in text and "neurofuse bench quick --seeds 0" in text
 
 
 def test_unknown_method_is_a_clear_error(sharded_run: Path):

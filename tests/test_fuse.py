@@ -318,3 +318,15 @@ def test_row_sketch_keeps_exact_recovery_and_precision_option_is_checked():
         nf.fuse([a, b], x_fuse, method="kf_linear", precision="float16")
     with pytest.raises(ValueError, match="row_budget"):
         nf.fuse([a, b], x_fuse, method="kf_linear", row_budget=1)
+
+
+def test_closed_form_retrains_an_affine_level_whose_input_moved(trained_pair):
+    """After a level of several layers is retrained, the next level's input is not the one its
+    closed form was solved for: it is trained too (and a KL head always is)."""
+    a, b, x_fuse, x_test, y_test = trained_pair
+    fused = nf.fuse([a, b], x_fuse, method="kf_gradient", levels=["3"], epochs=5)  # 2 + 1 layers
+    levels = fused.neurofuse_report["levels"]
+    assert [lv.get("closed_form") for lv in levels] == [None, None]
+    kl = nf.fuse([a, b], x_fuse, method="kf_gradient", head_loss="kl", last_epochs=3)
+    assert kl.neurofuse_report["levels"][-1].get("closed_form") is None
+    assert accuracy(fused, x_test, y_test) >= accuracy(a, x_test, y_test) - 0.02

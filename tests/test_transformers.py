@@ -212,3 +212,72 @@ def test_transformer_fusion_runs_on_cuda(arch, method, options):
     assert next(fused.parameters()).is_cuda
     x_test = _inputs(arch, 64, 3).cuda()
     assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-3
+
+
+def _attention_maps(model: nn.Module, x: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) of every head at the model's attention call, (B, H, T, T)."""
+    from neurofuse.graph_runner import GraphRunner
+
+    gm = trace(model)
+    runner = GraphRunner(gm, x)
+    node = next(n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target))
+    q, k = runner.value(node.args[0]), runner.value(node.args[1])
+    return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, -1)
+
+
+def test_transformer_otfusion_heads_as_units_moves_query_and_key_alike():
+    """With separate query/key/value layers, heads="units" must match the heads once for all
+    three: model 1 carried into model 0's neurons keeps every head's attention pattern."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_alignment import SeparateQKV
+
+    torch.manual_seed(0)
+    a, b = SeparateQKV().eval(), SeparateQKV().eval()
+    x = torch.randn(32, 6, 5)
+    carried = nf.fuse(
+        [a, b], x, method="transformer_otfusion", solver="emd", heads="units", weights=[0, 1]
+    )
+    mine, theirs = _attention_maps(carried, x), _attention_maps(b, x)
+    for h in range(mine.shape[1]):  # each fused head is one of model 1's heads, exactly
+        assert min(float((mine[:, h] - theirs[:, g]).abs().max()) for g in range(2)) < 1e-5
+    cross = nf.fuse([a, b], x, method="transformer_otfusion", solver="emd", weights=[0, 1])
+    mixed = _attention_maps(cross, x)  # the reference's cross-head maps need not keep them
+    assert mixed.shape == mine.shape
+
+
+class _BiasedStream(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.b = nn.Parameter(torch.randn(8))
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.norm(self.inp(x) + self.b))
+
+
+def test_transformer_otfusion_reads_a_vector_added_to_a_space_with_its_map():
+    """A bias-like vector (one entry per neuron) added to a space has nothing to align it on:
+    it is carried with the space's map (it used to be z-scored over one value: NaN)."""
+    torch.manual_seed(0)
+    model = _BiasedStream().eval()
+    x = torch.randn(64, 5)
+    twin = permuted_by_analysis(model, 1, example=x)
+    for solver in ("emd", "sinkhorn"):
+        fused = nf.fuse([model, twin], x, method="transformer_otfusion", solver=solver)
+        out = _logits(fused, x)
+        assert torch.isfinite(out).all()
+        if solver == "emd":
+            assert relative_error(out, _logits(model, x)) < 1e-5
+
+
+def test_tied_weights_are_refused_by_the_linear_variants():
+    model = _gpt().eval()
+    model.head.weight = model.embed.tok.weight  # a tied language-model head
+    x = _inputs("gpt", 32, 0)
+    with pytest.raises(ValueError, match="tied parameter"):
+        nf.fuse([model, _gpt().eval()], x, method="kf_linear")
+    fused = nf.fuse([model, model], x, method="kf_gradient", epochs=1, last_epochs=1)
+    assert fused.neurofuse_report["init"].startswith("model 0")  # the paper's start instead

@@ -19,8 +19,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from neurofuse.alignment.layer_rules import _elementwise
 from neurofuse.alignment.rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 from neurofuse.alignment.space import Member, Space, _check_spec
-from neurofuse.alignment.values import _Tag, _Value
+from neurofuse.alignment.tensor_rules import _cat, _combine
+from neurofuse.alignment.values import _Tag, _Value, node_shape
 from neurofuse.levels import ACTIVATION_FUNCTIONS, TraceError, trace, unit_end
+
+#: Rules that make a raw parameter a member of a space (or mark it raw themselves).
+_JOINING_RULES = (_combine, _cat)
 
 
 @dataclass
@@ -165,12 +169,12 @@ class _Analysis:
             elif n.op == "output":
                 self.opaque(n)  # the logits (and any other returned value) are fixed
                 continue
-            elif n.all_input_nodes and all(self.values[a].meta for a in n.all_input_nodes):
+            elif _shape_arithmetic(n) and all(self.values[a].meta for a in n.all_input_nodes):
                 v = _Value(meta=True)  # arithmetic on shapes
             else:
                 v = self.dispatch(n)
             if v.rank is None and v.items is None and not v.meta:
-                shape = _shape_of(n)
+                shape = node_shape(n)
                 if shape is not None:
                     v = replace(v, rank=len(shape))
             self.values[n] = v
@@ -210,17 +214,25 @@ class _Analysis:
         return True
 
     def dispatch(self, n: fx.Node) -> _Value:
+        mod = None
         if n.op == "call_module":
             mod = self.gm.get_submodule(str(n.target))
             rule = next((MODULE_RULES[t] for t in type(mod).__mro__ if t in MODULE_RULES), None)
-            return rule(self, n, mod) if rule is not None else self.opaque(n)
-        if n.op == "call_function":
+        elif n.op == "call_function":
             rule = FUNCTION_RULES.get(n.target)  # type: ignore[arg-type]
             if rule is None and n.target in ACTIVATION_FUNCTIONS:
                 rule = _elementwise
         else:
             rule = METHOD_RULES.get(str(n.target))
-        return rule(self, n, None) if rule is not None else self.opaque(n)
+        if rule is None:
+            return self.opaque(n)
+        out = rule(self, n, mod)
+        if rule not in _JOINING_RULES:  # those add a raw parameter to a space, or mark it raw
+            for a in n.all_input_nodes:
+                v = self.values[a]
+                if v.param is not None and v.param != out.param:
+                    self.raw.add(v.param)  # read here without its space's permutation
+        return out
 
     def spaces(self, state_keys: set[str], aliases: Mapping[str, set[str]]) -> list[Space]:
         out = []
@@ -228,6 +240,8 @@ class _Analysis:
             keys = {k for k, _ in g.members}
             if keys & self.raw or any(not (aliases.get(k, set()) <= keys) for k in keys):
                 g.fixed = True  # also used outside the graph's module calls
+            if not keys <= state_keys:
+                g.fixed = True  # a non-persistent buffer: not in the state dict to permute
             nodes = sorted(g.nodes)
             name = g.joined_at[1] if g.joined_at is not None else g.origin
             members = [
@@ -254,11 +268,17 @@ class _Analysis:
         return [s for _, _, s in sorted(out, key=lambda t: (t[0], t[1]))]
 
 
-def _shape_of(n: fx.Node) -> tuple[int, ...] | None:
-    """The output shape recorded by ``ShapeProp`` (when an example input was given)."""
-    meta = n.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
+def _shape_arithmetic(n: fx.Node) -> bool:
+    """Ops that compute sizes from sizes (``x.size(0) // 2``); a tensor made from sizes
+    (``torch.arange(T)``, an embedding of it) is data, not a shape."""
+    if not n.all_input_nodes:
+        return False
+    if n.op == "call_function":
+        return n.target is getattr or getattr(n.target, "__module__", "") in (
+            "_operator",
+            "operator",
+        )
+    return n.op == "call_method" and n.target in ("size", "dim", "numel")
 
 
 def _aliases(state: Mapping[str, Tensor]) -> dict[str, set[str]]:
@@ -296,9 +316,15 @@ def permutation_spaces(
             f"{exc} Permutation spaces can also be given by hand: "
             "permutation_spaces(model, spec=[Space(name, size, members, nodes, fixed), ...])."
         ) from exc
-    if example is not None:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example[:2])
+    if example is not None:  # in eval mode: a training-mode BatchNorm must not update its stats
+        modes = {m: m.training for m in gm.modules()}
+        gm.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example[:2])
+        finally:
+            for m, training in modes.items():
+                m.training = training
     analysis = _Analysis(gm)
     analysis.run()
     state = model.state_dict()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 from torch import nn
 
-from neurofuse.alignment.values import _Sub, _Tag, _Value
+from neurofuse.alignment.values import _Sub, _Tag, _Value, node_shape
 
 if TYPE_CHECKING:
     from neurofuse.alignment.analysis import _Analysis
@@ -127,6 +127,9 @@ def _view(a: _Analysis, n: fx.Node, mod: Any) -> _Value:
     batch = shape[0] if shape else None
     if len(shape) == 2 and shape[1] == -1 and isinstance(batch, fx.Node) and a.values[batch].meta:
         return _flatten_value(a, x, 1, -1)
+    known = node_shape(n)  # sizes computed in forward (``C // n_head``) are known from an example
+    if known is not None and len(known) == len(shape):
+        shape = list(known)
     if x.tag is None or x.rank is None or not shape:
         return a.opaque(n) if x.tag is not None else _Value(rank=len(shape) or None)
     trailing = [s for s in reversed(shape) if isinstance(s, int) and s > 0]

@@ -68,3 +68,10 @@ class _Value:
 
 
 Rule = Callable[["_Analysis", fx.Node, Any], _Value]
+
+
+def node_shape(n: fx.Node) -> tuple[int, ...] | None:
+    """The output shape ``ShapeProp`` recorded for ``n`` (when an example input was given)."""
+    meta = n.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else None

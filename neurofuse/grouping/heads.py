@@ -138,7 +138,8 @@ def kmeans_heads(
         head_dim: dimensions per head (equal across models).
         k_heads: heads of the fused layer.
         first_centres: heads to start one restart from (e.g. the heads of the model whose
-            weights the fused layer resembles); the others use k-means++.
+            weights the fused layer resembles), completed by k-means++ if fewer than
+            ``k_heads``; the other restarts use k-means++.
 
     Returns:
         A :class:`Grouping` of the neurons into ``k_heads * head_dim`` groups: group
@@ -159,10 +160,8 @@ def kmeans_heads(
     heads_w = w.reshape(n_heads, head_dim)
     best: tuple[float, Tensor] | None = None
     for run in range(int(n_init)):
-        if run == 0 and first_centres is not None:
-            centres = heads_z[torch.as_tensor(list(first_centres))].clone()
-        else:
-            centres = _seed(heads_z, heads_w, k_heads, gen)
+        start = list(first_centres)[:k_heads] if run == 0 and first_centres is not None else []
+        centres = _seed(heads_z, heads_w, k_heads, gen, start)
         cost, labels = _lloyd(heads_z, heads_w, centres, int(max_iter))
         if best is None or cost < best[0] - 1e-12:
             best = (cost, labels)
@@ -178,12 +177,21 @@ def _distances(heads_z: Tensor, centre: Tensor) -> Tensor:
     return diff.square().sum(-1)
 
 
-def _seed(heads_z: Tensor, heads_w: Tensor, k: int, gen: torch.Generator) -> Tensor:
+def _seed(
+    heads_z: Tensor, heads_w: Tensor, k: int, gen: torch.Generator, start: Sequence[int] = ()
+) -> Tensor:
+    """k-means++ over heads (matched distances), continuing from the heads ``start``."""
     n_heads, h, _ = heads_z.shape
     mass = heads_w.sum(1)
-    first = int(torch.multinomial(mass / mass.sum(), 1, generator=gen))
-    centres = [heads_z[first]]
+    if start:
+        centres = [heads_z[i] for i in start]
+    else:
+        centres = [heads_z[int(torch.multinomial(mass / mass.sum(), 1, generator=gen))]]
     best = torch.full((n_heads,), float("inf"), dtype=torch.float64)
+    for centre in centres[:-1]:
+        dist = _distances(heads_z, centre)
+        for i in range(n_heads):
+            best[i] = min(float(best[i]), _head_to_centre(dist[i], heads_w[i], h)[0])
     while len(centres) < k:
         dist = _distances(heads_z, centres[-1])
         for i in range(n_heads):

@@ -105,7 +105,8 @@ class GradientOptions:
         preset: ``"closed_form"`` (the default: start each level from the Linear variant's fit,
             AdamW lr 1e-3, at most 60 epochs, stop after 10 without a better held-out loss; a
             level that is one affine layer keeps its closed-form solution, which already
-            minimises its loss),
+            minimises its loss, unless an earlier level was retrained (its input moved) or the
+            head is fitted with the KL loss),
             ``"setting1"`` (AdamW, lr 1e-3, 100 epochs, eps 1.0: moves far from the
             initialisation) or ``"setting2"`` (SGD, lr 1e-4, 50 epochs, eps 0.1: stays near it),
             the paper's Table 9.
@@ -214,6 +215,7 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
     b_in: list[Tensor] = [ctx.inputs] * n
     last = len(f_levels) - 1
     history = []
+    trained = False  # has a level been retrained (so later levels' inputs moved)?
     with progress_bar(ctx.progress, "gradient fusion", len(f_levels)) as advance:
         for li, f_level in enumerate(f_levels):
             with ctx.timer("forward"):
@@ -252,12 +254,15 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
                 if source is not None and _same_shapes(source, f_level):
                     f_level.load_state_dict(source.state_dict())
             perturb_(f_level, float(opt.eps), gen)  # type: ignore[arg-type]
-            if linear is not None and _is_affine(f_level):
-                # least squares already minimised this level's loss; training cannot lower it
+            mse = li != last or opt.head_loss == "mse"
+            if linear is not None and not trained and mse and _is_affine(f_level):
+                # least squares already minimised this level's loss on the input it still gets
+                # (no earlier level was retrained); training cannot lower it
                 stats = {"val_loss": float("nan"), "train_loss": float("nan"), "closed_form": 1.0}
             else:
                 with ctx.timer("fitting"):
                     stats = fit_gradient(f_level, f_in, target, opt.level_config(li == last), gen)
+                trained = True
             history.append({"level": cut_names[li], **stats})
             with ctx.timer("forward"):
                 f_in = _forward(f_level, f_in)

@@ -55,6 +55,7 @@ from neurofuse.levels import (
 from neurofuse.methods._linear_parts import (
     LinearOptions,
     check_batchnorms,
+    check_untied,
     expand_parts,
     identity_norm,
     normal_equations,
@@ -63,6 +64,21 @@ from neurofuse.methods._linear_parts import (
 from neurofuse.methods._plan import FusionPlan, aligned_average
 from neurofuse.methods.registry import FusionContext
 from neurofuse.progress import progress_bar
+
+
+def _units_upstream(node: fx.Node, plan: FusionPlan) -> list[fx.Node]:
+    """The affine units (and embeddings) that ``node``'s value depends on."""
+    units = set(plan.units) | set(plan.embeddings)
+    seen, stack, out = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in units:
+            out.append(n)
+        stack.extend(n.all_input_nodes)
+    return out
 
 
 class _LinearFusion:
@@ -94,6 +110,7 @@ class _LinearFusion:
         ]
         self._check_spaces()
         check_batchnorms(self.fgm)
+        check_untied(self.fused)
         self.fnode = {n.name: n for n in self.fgm.graph.nodes}
         self.bnode = [{n.name: n for n in g.graph.nodes} for g in self.bgms]
         self.frun = GraphRunner(self.fgm, ctx.inputs)
@@ -285,11 +302,19 @@ class _LinearFusion:
         w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
         self.write([u], ls, w)
 
-    def fit_heads(self, space: int) -> list[fx.Node]:
+    def fit_heads(self, space: int, done: set[fx.Node]) -> list[fx.Node]:
         """The query/key/value units of an attention space: heads grouped as units on the
         units' projected outputs, then each unit refitted to its part of the targets."""
         sp = self.plan.spaces[space]
         units = self.plan.units_of(space)
+        for u in units:  # their inputs must be final (not so in cross-attention after q)
+            waiting = [v for v in _units_upstream(u.args[0], self.plan) if v not in done]  # type: ignore[arg-type]
+            if waiting:
+                raise ValueError(
+                    f"attention space {sp.name!r}: {u.target!r} reads {waiting[0].target!r}, "
+                    "which is fitted later; the Linear variants fit query, key and value "
+                    "together and need their inputs first (cross-attention). Use kf_gradient."
+                )
         sizes = self.sizes(space)
         fits, feats, weights = [], [], []
         for u in units:
@@ -432,7 +457,7 @@ class _LinearFusion:
                         space = self.plan.node_space[add.name].index
                         done.update(self.fit_sum(add, space, done))
                     elif self.plan.spaces[space].heads > 1 and not self.ready(space):
-                        done.update(self.fit_heads(space))
+                        done.update(self.fit_heads(space, done))
                     else:
                         self.fit_unit(u, space)
                         done.add(u)

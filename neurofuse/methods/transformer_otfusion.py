@@ -144,6 +144,8 @@ class _Aligner:
         self.current: dict[int, Tensor] = {}  # current map of each space (readers use it)
         self.row_maps: dict[str, list[Tensor]] = {}  # unit -> its outputs' map per part
         self.pending: dict[int, tuple[Tensor, fx.Node]] = {}  # stream -> branch map, its node
+        self.head_maps: dict[int, Tensor] = {}  # attention space -> its one head matching
+        self.deferred: dict[int, list[tuple[str, int]]] = {}  # read before the space had a map
         self.cost_total = 0.0
 
     # ------------------------------------------------------------------ transport
@@ -181,26 +183,41 @@ class _Aligner:
         return [_zscore(r) for r in rows.chunk(parts)]
 
     def unit_map(self, unit: fx.Node, space: int) -> list[Tensor]:
-        """The map of a unit's (or an embedding's) outputs, one per part."""
+        """The map of a unit's (or an embedding's) outputs, one per part; with heads as units,
+        one head-preserving matching per attention space, found on the features of all its
+        units (a joint qkv projection, or separate query, key and value layers) together."""
         sp = self.plan.spaces[space]
-        member = self.plan.member_space[(self.out_key(unit), self.out_axis(unit))][1]
-        parts = member.parts
+        parts = self.parts(unit)
+        if sp.heads > 1 and self.opt.heads == "units":
+            if space not in self.head_maps:
+                feats = [self.unit_features(u, space) for u in self.plan.units_of(space)]
+                mine = torch.cat([torch.cat(f[0], 1) for f in feats], 1)
+                theirs = torch.cat([torch.cat(f[1], 1) for f in feats], 1)
+                self.head_maps[space] = self._head_units(mine, theirs, sp.heads)
+            return [self.head_maps[space]] * parts
+        mine, theirs = self.unit_features(unit, space)
         end = unit_end(self.plan.gm, unit)
         a = self.scores(self.k, end.name, parts * self.sizes[space], parts)
         b = self.scores(self.ref, end.name, parts * sp.size, parts)
+        return [
+            self.transport(x, y, sa, sb) for x, y, sa, sb in zip(mine, theirs, a, b, strict=True)
+        ]
+
+    def parts(self, unit: fx.Node) -> int:
+        return self.plan.member_space[(self.out_key(unit), self.out_axis(unit))][1].parts
+
+    def unit_features(self, unit: fx.Node, space: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Rows describing the unit's output neurons for model k and the anchor, per part."""
+        parts, sp = self.parts(unit), self.plan.spaces[space]
         if self.opt.ground_metric == "acts":
+            end = unit_end(self.plan.gm, unit)
             axis = self.plan.node_space[end.name].axis if end.name in self.plan.node_space else -1
             mine = self.features(self.k, end.name, axis, parts)
             theirs = self.features(self.ref, end.name, axis, parts)
         else:
             mine = self.weight_rows(unit, self.state, parts, self.sizes[space], aligned=True)
             theirs = self.weight_rows(unit, self.ref_state, parts, sp.size, aligned=False)
-        if sp.heads > 1 and self.opt.heads == "units":
-            q = self._head_units(torch.cat(mine, 1), torch.cat(theirs, 1), sp.heads)
-            return [q] * parts
-        return [
-            self.transport(x, y, sa, sb) for x, y, sa, sb in zip(mine, theirs, a, b, strict=True)
-        ]
+        return mine, theirs
 
     def _head_units(self, x: Tensor, y: Tensor, heads: int) -> Tensor:
         cost = _cost(x, y)
@@ -222,8 +239,8 @@ class _Aligner:
         """L2-normalised outgoing rows (inputs mapped to the anchor's first, for model k)."""
         key, axis = self.out_key(unit), self.out_axis(unit)
         w = state[key].to(torch.float64)
-        if aligned and axis == 0 and w.dim() > 1:
-            hit = self.plan.member_space.get((key, 1))
+        if aligned and axis == 0 and w.dim() > 1:  # (with heads as units, the head matching
+            hit = self.plan.member_space.get((key, 1))  # is found on the layers' own rows)
             if hit is not None and hit[0] in self.current:
                 q = self.current[hit[0]]
                 w = map_axis(w, 1, q.T, hit[1], q.shape[0])
@@ -294,6 +311,8 @@ class _Aligner:
                 self.pending[space] = (qs[-1], unit_end(self.plan.gm, n))
         else:
             self.current[space] = qs[-1]  # readers take the last part (the value)
+        for key_axis in self.deferred.pop(space, []):  # e.g. a class token traced earlier
+            maps[key_axis] = [self.current[space]]
 
     def read_params(self, module: str, maps: dict, qs: list[Tensor] | None = None) -> None:
         """A normalisation's parameters and statistics: its unit's map, or its input's."""
@@ -313,12 +332,16 @@ class _Aligner:
         key = str(n.target)
         for axis in range(self.state[key].dim() if key in self.state else 0):
             hit = self.plan.member_space.get((key, axis))
-            if hit is None or self.plan.spaces[hit[0]].fixed or hit[0] not in self.current:
+            if hit is None or self.plan.spaces[hit[0]].fixed:
                 continue
             space = hit[0]
+            if space not in self.current:  # read before any layer wrote the space
+                self.deferred.setdefault(space, []).append((key, axis))
+                continue
             operand = _operand_of_add(n)
-            if operand is None:
-                maps[(key, axis)] = [self.current[space]]
+            entries = self.state[key].numel() // self.state[key].shape[axis]
+            if operand is None or entries < 2:  # read with the stream's map (a class token,
+                maps[(key, axis)] = [self.current[space]]  # a bias-like vector)
                 continue
             mine = self.state[key].to(torch.float64).movedim(axis, 0)
             theirs = self.ref_state[key].to(torch.float64).movedim(axis, 0)

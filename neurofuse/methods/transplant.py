@@ -88,6 +88,12 @@ def hidden_spaces(
     for s in ref:
         if s.name in outputs:
             continue
+        if s.heads > 1 or any(m.parts > 1 for m in s.members):
+            raise ValueError(
+                f"transplant cannot concatenate attention space {s.name!r} ({s.heads} heads): "
+                "pruning single dimensions would split heads. Use kd, lp, kf_linear or "
+                "kf_gradient for transformers"
+            )
         if s.fixed:
             raise ValueError(
                 f"transplant cannot concatenate the models: hidden space {s.name!r} (size "
