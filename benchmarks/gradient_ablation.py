@@ -51,8 +51,8 @@ def main() -> None:
     for cell in cells:
         setup = prepare(cell, Path("benchmarks/.cache/ablation"), "cpu")
 
-        def acc(model: torch.nn.Module) -> float:
-            return evaluate(model, setup.data.x_test, setup.data.y_test).accuracy
+        def acc(model: torch.nn.Module, data=setup.data) -> float:
+            return evaluate(model, data.x_test, data.y_test).accuracy
 
         print(cell.cell_id, "bases", [round(acc(m) * 100, 1) for m in setup.models], flush=True)
         for method, options in VARIANTS:
