@@ -262,6 +262,8 @@ def test_quick_suite_end_to_end(tmp_path: Path):
         assert rec["methods"]["Git Re-Basin | uniform"]["status"] == "ok"
         for key, entry in before[path.name]["methods"].items():
             assert rec["methods"][key] == entry  # earlier runs are kept as they were
+        # the cell's compute time adds the new run's to the earlier ones
+        assert rec["seconds"] > before[path.name]["seconds"]
 
 
 def test_select_cells_by_split_key():

@@ -281,3 +281,29 @@ def test_tied_weights_are_refused_by_the_linear_variants():
         nf.fuse([model, _gpt().eval()], x, method="kf_linear")
     fused = nf.fuse([model, model], x, method="kf_gradient", epochs=1, last_epochs=1)
     assert fused.neurofuse_report["init"].startswith("model 0")  # the paper's start instead
+
+
+def _nanogpt_attention(self, x: Tensor) -> Tensor:
+    """nanoGPT's own attention code: the shape unpacked from ``x.size()``, heads by view."""
+    B, T, C = x.size()  # noqa: N806 (nanoGPT's names)
+    q, k, v = self.qkv(x).split(self.dim, dim=2)
+    q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+    k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+    v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+@pytest.mark.parametrize("method", ["kf_linear", "git_rebasin"])
+def test_nanogpt_style_shape_unpacking_keeps_heads_and_recovers(monkeypatch, method):
+    from neurofuse.alignment import permutation_spaces
+    from neurofuse.models.gpt import CausalSelfAttention
+
+    monkeypatch.setattr(CausalSelfAttention, "forward", _nanogpt_attention)
+    model = _random_model("gpt", 0)
+    x = _inputs("gpt", 96, 1)
+    assert sum(s.heads == 4 for s in permutation_spaces(model, example=x[:2])) == 2
+    twin = _permuted(model, x, seed=2)
+    x_test = _inputs("gpt", 64, 3)
+    fused = nf.fuse([model, twin], x, method=method)
+    assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4

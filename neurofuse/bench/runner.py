@@ -46,6 +46,15 @@ def finished_methods(out: Path, cell: Cell) -> dict[str, Any]:
     return {k: e for k, e in methods.items() if e.get("status") != "error"}
 
 
+def _earlier_seconds(partial: Path) -> float:
+    """Seconds a finished cell took before it gained runs (its record was copied to
+    ``partial``); 0 for a fresh or killed cell."""
+    try:
+        return float(json.loads(partial.read_text()).get("seconds", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
 def write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(to_jsonable(record), indent=1, sort_keys=True))
@@ -108,6 +117,7 @@ def run_accuracy_cell(
     """Train/load the base models, evaluate them and their ensemble, fuse with every run."""
     partial = partial_path(out, cell)
     done = finished_methods(out, cell)
+    earlier = _earlier_seconds(partial)
     start = time.perf_counter()
     setup = prepare(cell, cache, device)
     record: dict[str, Any] = {
@@ -129,7 +139,7 @@ def run_accuracy_cell(
             continue
         record["methods"][run.key] = fuse_once(run, setup, cell, device)
         write_record(partial, record)
-    record["seconds"] = time.perf_counter() - start
+    record["seconds"] = earlier + time.perf_counter() - start
     record["device"] = str(device)
     record["torch_threads"] = torch.get_num_threads()
     return record
