@@ -195,6 +195,38 @@ def test_run_suite_writes_cells_and_resumes_without_recomputing(tmp_path: Path, 
     }
 
 
+def test_runs_added_to_a_cell_are_never_merged_with_runs_of_other_base_models(
+    tmp_path: Path, counted, monkeypatch: pytest.MonkeyPatch
+):
+    suite = _tiny_suite("tiny-digest")
+    one = dataclasses.replace(suite, cells=lambda seeds: suite.cells(seeds)[:1])
+    fewer = dataclasses.replace(one, methods=one.methods[:2])
+    (path,) = runner.run_suite(fewer, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 2, "train": 2}
+    rec = json.loads(path.read_text())
+    assert len(rec["base_digest"]) == 16
+    # same cached models: the added run joins the record, the earlier ones are kept
+    runner.run_suite(one, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 3, "train": 2}
+    # the cache is lost: retrained models (other weights) -> every run is fused again
+    for f in (tmp_path / "cache").glob("*"):
+        f.unlink()
+    rec = json.loads(path.read_text())
+    rec["methods"]["Vanilla averaging | uniform"]["status"] = "error"  # forces a rerun
+    path.write_text(json.dumps(rec))
+    counted_train = runner.prepare.__globals__["_train_one"]
+    monkeypatch.setitem(
+        runner.prepare.__globals__,
+        "_train_one",
+        lambda arch, data, idx, seed, device: counted_train(arch, data, idx, seed + 1, device),
+    )
+    runner.run_suite(one, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 6, "train": 4}  # all three runs, not just the errored one
+    new = json.loads(path.read_text())
+    assert new["base_digest"] != rec["base_digest"]
+    assert all(e["status"] == "ok" for e in new["methods"].values())
+
+
 def test_method_errors_are_recorded_not_raised(tmp_path: Path):
     suite = _tiny_suite("tiny-error")
     bad = MethodRun("FedAvg", "fedavg", options=(("sample_counts", [1]),))

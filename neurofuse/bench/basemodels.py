@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,19 @@ class Setup:
     fusion_y: torch.Tensor
     train_info: list[dict[str, Any]]
     partition: dict[str, Any]
+
+
+def models_digest(models: list[nn.Module]) -> str:
+    """A fingerprint of the models' weights and buffers (SHA-256 over every tensor, in order):
+    a cell's record carries it so that runs added later are only merged into a record made
+    from the same base models (a missing cache retrains them, and training is not
+    bit-reproducible across machines or thread counts)."""
+    h = hashlib.sha256()
+    for model in models:
+        for key, t in sorted(model.state_dict().items()):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import neurofuse as nf
-from neurofuse.bench.basemodels import dataset, load_or_train
+from neurofuse.bench.basemodels import dataset, load_or_train, models_digest
 from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
@@ -69,8 +69,10 @@ def run_compression_cell(
     )
     idx = fusion_indices(data.y_train, part, cell.fusion_samples, seed=cell.seed, from_part=0)
     fusion = (data.x_train[idx], data.y_train[idx])
+    digest = models_digest([teacher, student])
     record: dict[str, Any] = {
         "cell": cell.describe(),
+        "base_digest": digest,
         "train": {"teacher": t_info, "student": s_info},
         "teacher": _scores(teacher, data, seen, device),
         "student": _scores(student, data, seen, device),
@@ -79,7 +81,8 @@ def run_compression_cell(
         "methods": {},
     }
     partial = partial_path(out, cell)
-    record["methods"] = finished_methods(out, cell)  # resume: keep what a killed run finished
+    # resume: keep what a killed run finished with these same models
+    record["methods"] = finished_methods(out, cell, digest)
     for run in runs:
         if run.key in record["methods"]:
             continue

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import neurofuse as nf
-from neurofuse.bench.basemodels import Setup, prepare
+from neurofuse.bench.basemodels import Setup, models_digest, prepare
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
 from neurofuse.evaluate import evaluate, evaluate_ensemble
@@ -34,16 +34,37 @@ def partial_path(out: Path, cell: Cell) -> Path:
     return result_path(out, cell).with_suffix(".partial.json")
 
 
-def finished_methods(out: Path, cell: Cell) -> dict[str, Any]:
-    """The method entries a killed run of ``cell`` recorded without error (resume), or {}."""
+def finished_methods(
+    out: Path, cell: Cell, digest: str | None = None, base: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The method entries a killed (or finished, now extended) run of ``cell`` recorded
+    without error (resume), or {}. With ``digest`` (:func:`models_digest` of the base models
+    at hand), entries fused from other base models (the record's digest differs or is
+    missing: the cache was rebuilt) are discarded, so one record never mixes two sets of
+    base models. A record older than digests is matched by its base models' test metrics
+    (``base``) instead."""
     path = partial_path(out, cell)
     if not path.exists():
         return {}
     try:
-        methods = json.loads(path.read_text())["methods"]
-    except (ValueError, KeyError):
+        record = json.loads(path.read_text())
+        methods = record["methods"]
+    except (ValueError, KeyError, TypeError):
         return {}
+    if digest is not None and record.get("base_digest") != digest:
+        if "base_digest" in record or base is None or not _same_metrics(record.get("base"), base):
+            return {}
     return {k: e for k, e in methods.items() if e.get("status") != "error"}
+
+
+def _same_metrics(recorded: Any, base: list[dict[str, Any]]) -> bool:
+    try:
+        return len(recorded) == len(base) and all(
+            abs(r["accuracy"] - b["accuracy"]) < 1e-9 and abs(r["nll"] - b["nll"]) < 1e-6
+            for r, b in zip(recorded, base, strict=True)
+        )
+    except (TypeError, KeyError):
+        return False
 
 
 def _earlier_seconds(partial: Path) -> float:
@@ -116,15 +137,18 @@ def run_accuracy_cell(
 ) -> dict[str, Any]:
     """Train/load the base models, evaluate them and their ensemble, fuse with every run."""
     partial = partial_path(out, cell)
-    done = finished_methods(out, cell)
-    earlier = _earlier_seconds(partial)
     start = time.perf_counter()
     setup = prepare(cell, cache, device)
+    digest = models_digest(setup.models)
+    base = [_metrics(m, setup, device) for m in setup.models]
+    done = finished_methods(out, cell, digest, base)
+    earlier = _earlier_seconds(partial) if done else 0.0
     record: dict[str, Any] = {
         "cell": cell.describe(),
+        "base_digest": digest,
         "partition": setup.partition,
         "train": setup.train_info,
-        "base": [_metrics(m, setup, device) for m in setup.models],
+        "base": base,
         "ensemble": evaluate_ensemble(
             setup.models, setup.data.x_test, setup.data.y_test, device=device
         ).to_dict(),

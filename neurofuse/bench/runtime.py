@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from neurofuse.bench.basemodels import prepare
+from neurofuse.bench.basemodels import models_digest, prepare
 from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
@@ -127,20 +127,22 @@ def run_runtime_cell(
     device: torch.device,
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    prepare(cell, cache, device)  # trains and caches once, before the timed children
+    # trains and caches once, before the timed children
+    digest = models_digest(prepare(cell, cache, device).models)
     partial = partial_path(out, cell)
-    methods = finished_methods(out, cell)
+    methods = finished_methods(out, cell, digest)  # only runs timed on these base models
     for run in runs:
         if methods.get(run.key, {}).get("status") == "ok":
             continue
         methods[run.key] = time_method(cell, run, cache, device, suite.repeats)
-        write_record(partial, {"cell": cell.describe(), "methods": methods})
+        write_record(partial, {"cell": cell.describe(), "base_digest": digest, "methods": methods})
     ot = methods.get("OTFusion | uniform", {}).get("median_seconds")
     for entry in methods.values():
         if ot and entry.get("status") == "ok":
             entry["ratio_to_otfusion"] = entry["median_seconds"] / ot
     return {
         "cell": cell.describe(),
+        "base_digest": digest,
         "methods": methods,
         "repeats": suite.repeats,
         "device": str(device),
