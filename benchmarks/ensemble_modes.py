@@ -20,8 +20,9 @@ import torch
 
 from neurofuse.bench.basemodels import models_digest, prepare
 from neurofuse.bench.command import parse_seeds
+from neurofuse.bench.runner import same_base_models
 from neurofuse.bench.suites import get_suite
-from neurofuse.evaluate import evaluate_ensemble
+from neurofuse.evaluate import evaluate, evaluate_ensemble
 
 
 def main() -> None:
@@ -43,16 +44,13 @@ def main() -> None:
             continue
         record = json.loads(path.read_text())
         setup = prepare(cell, args.cache, "cpu")
-        digest = record.get("base_digest")
-        if digest is not None and digest != models_digest(setup.models):
+        x, y = setup.data.x_test, setup.data.y_test
+        base = [evaluate(m, x, y).to_dict() for m in setup.models]
+        if not same_base_models(record, models_digest(setup.models), base):
             print(f"{cell.cell_id}: cached models differ from the record's, skipped")
             continue
-        x, y = setup.data.x_test, setup.data.y_test
         prob = evaluate_ensemble(setup.models, x, y, mode="prob").accuracy
         logit = evaluate_ensemble(setup.models, x, y, mode="logit").accuracy
-        if digest is None and abs(prob - record["ensemble"]["accuracy"]) > 1e-9:
-            print(f"{cell.cell_id}: cached models differ from the record's, skipped")
-            continue
         per_split.setdefault(cell.split.label, []).append((prob, logit))
         print(
             f"{cell.cell_id}: probability average {100 * prob:.1f}, logit average {100 * logit:.1f}"

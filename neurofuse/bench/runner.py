@@ -34,46 +34,58 @@ def partial_path(out: Path, cell: Cell) -> Path:
     return result_path(out, cell).with_suffix(".partial.json")
 
 
-def finished_methods(
+def resumable_record(
     out: Path, cell: Cell, digest: str | None = None, base: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """The method entries a killed (or finished, now extended) run of ``cell`` recorded
-    without error (resume), or {}. With ``digest`` (:func:`models_digest` of the base models
-    at hand), entries fused from other base models (the record's digest differs or is
-    missing: the cache was rebuilt) are discarded, so one record never mixes two sets of
-    base models. A record older than digests is matched by its base models' test metrics
-    (``base``) instead."""
+    """The partial record of a killed (or finished, now extended) run of ``cell``, or {}.
+    With ``digest`` (:func:`models_digest` of the base models at hand), a record made from
+    other base models (the cache was rebuilt) counts as absent, so one record never mixes two
+    sets of base models; see :func:`same_base_models`."""
     path = partial_path(out, cell)
     if not path.exists():
         return {}
     try:
         record = json.loads(path.read_text())
-        methods = record["methods"]
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
         return {}
-    if digest is not None and record.get("base_digest") != digest:
-        if "base_digest" in record or base is None or not _same_metrics(record.get("base"), base):
-            return {}
-    return {k: e for k, e in methods.items() if e.get("status") != "error"}
+    if not isinstance(record, dict) or not isinstance(record.get("methods"), dict):
+        return {}
+    if digest is not None and not same_base_models(record, digest, base):
+        return {}
+    return record
 
 
-def _same_metrics(recorded: Any, base: list[dict[str, Any]]) -> bool:
+def same_base_models(
+    record: dict[str, Any], digest: str, base: list[dict[str, Any]] | None = None
+) -> bool:
+    """Was ``record`` made from the base models whose digest is ``digest``? A record older
+    than digests is matched by its base models' test metrics (``base``) instead."""
+    if "base_digest" in record:
+        return record["base_digest"] == digest
+    recorded = record.get("base")
     try:
-        return len(recorded) == len(base) and all(
-            abs(r["accuracy"] - b["accuracy"]) < 1e-9 and abs(r["nll"] - b["nll"]) < 1e-6
-            for r, b in zip(recorded, base, strict=True)
+        return (
+            base is not None
+            and len(recorded) == len(base)  # type: ignore[arg-type]
+            and all(
+                abs(r["accuracy"] - b["accuracy"]) < 1e-9 and abs(r["nll"] - b["nll"]) < 1e-6
+                for r, b in zip(recorded, base, strict=True)  # type: ignore[arg-type]
+            )
         )
     except (TypeError, KeyError):
         return False
 
 
-def _earlier_seconds(partial: Path) -> float:
-    """Seconds a finished cell took before it gained runs (its record was copied to
-    ``partial``); 0 for a fresh or killed cell."""
-    try:
-        return float(json.loads(partial.read_text()).get("seconds", 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0.0
+def finished_methods(
+    out: Path, cell: Cell, digest: str | None = None, base: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The method entries of :func:`resumable_record` recorded without error (resume)."""
+    return _without_errors(resumable_record(out, cell, digest, base))
+
+
+def _without_errors(record: dict[str, Any]) -> dict[str, Any]:
+    methods = record.get("methods", {})
+    return {k: e for k, e in methods.items() if e.get("status") != "error"}
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
@@ -141,8 +153,8 @@ def run_accuracy_cell(
     setup = prepare(cell, cache, device)
     digest = models_digest(setup.models)
     base = [_metrics(m, setup, device) for m in setup.models]
-    done = finished_methods(out, cell, digest, base)
-    earlier = _earlier_seconds(partial) if done else 0.0
+    earlier = resumable_record(out, cell, digest, base)
+    done = _without_errors(earlier)
     record: dict[str, Any] = {
         "cell": cell.describe(),
         "base_digest": digest,
@@ -163,7 +175,8 @@ def run_accuracy_cell(
             continue
         record["methods"][run.key] = fuse_once(run, setup, cell, device)
         write_record(partial, record)
-    record["seconds"] = earlier + time.perf_counter() - start
+    # a finished cell that gained runs keeps the time it took before
+    record["seconds"] = float(earlier.get("seconds", 0.0)) + time.perf_counter() - start
     record["device"] = str(device)
     record["torch_threads"] = torch.get_num_threads()
     return record

@@ -79,17 +79,15 @@ def check_untied(model: nn.Module) -> None:
     and output layer): the Linear variants fit each layer on its own and would overwrite the
     one with the other's solution after later layers were fitted against it."""
     seen: dict[int, str] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for name, p in module.named_parameters(recurse=False):
-            key = f"{module_name}.{name}" if module_name else name
-            first = seen.setdefault(id(p), key)
-            if first != key:
-                raise ValueError(
-                    f"{first!r} and {key!r} are one tied parameter; the Linear variants fit "
-                    "every layer separately and cannot keep them tied. Untie them first (e.g. "
-                    f"model.{key} = nn.Parameter(model.{key}.detach().clone())), or use "
-                    "kf_gradient with preset='setting1'."
-                )
+    for key, p in model.named_parameters(remove_duplicate=False):
+        first = seen.setdefault(id(p), key)
+        if first != key:
+            raise ValueError(
+                f"{first!r} and {key!r} are one tied parameter; the Linear variants fit "
+                "every layer separately and cannot keep them tied. Untie them first (e.g. "
+                f"model.{key} = nn.Parameter(model.{key}.detach().clone())), or use "
+                "kf_gradient with preset='setting1'."
+            )
 
 
 def set_unit(layer: nn.Module, bn: nn.Module | None, w: Tensor, intercept: Tensor | None) -> None:
