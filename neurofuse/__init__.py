@@ -13,6 +13,7 @@ from neurofuse._version import __version__
 # Public names resolved on first use, so `import neurofuse.data` stays light and quick.
 _LAZY = {
     "fuse": ("neurofuse.api", "fuse"),
+    "finetune": ("neurofuse.finetuning", "finetune"),
     "Levels": ("neurofuse.levels", "Levels"),
     "Importance": ("neurofuse.importance", "Importance"),
     "compute_importance": ("neurofuse.importance", "compute_importance"),

@@ -145,6 +145,7 @@ class LeastSquares:
         self.product_dtype = product_dtype or dtype
         z = functools.partial(torch.zeros, device=device, dtype=dtype)
         self.sxx, self.sxy, self.sx, self.sy = z(p, p), z(p, d), z(p), z(d)
+        self.syy = z(d, d)
         self.shift_x: Tensor | None = None
         self.shift_y: Tensor | None = None
         self.rows = 0
@@ -173,6 +174,7 @@ class LeastSquares:
             y = y_rows[lo : lo + BLOCK_ROWS].to(self.product_dtype) - ay
             self.sxx += (x.T @ x).to(self.dtype)
             self.sxy += (x.T @ y).to(self.dtype)
+            self.syy += (y.T @ y).to(self.dtype)
             self.sx += x.sum(0, dtype=self.dtype)
             self.sy += y.sum(0, dtype=self.dtype)
         self.rows += x_rows.shape[0]
@@ -196,6 +198,12 @@ class LeastSquares:
         if not self.bias:
             return xy
         return torch.cat([xy, (self.sy + n * c).unsqueeze(0)], 0)
+
+    @property
+    def target_gram(self) -> Tensor:
+        """``Y^T Y``, uncentred, in ``dtype`` (for the residual norms of :meth:`solve_prior`)."""
+        c, n = self._shift_y(), self.rows
+        return self.syy + torch.outer(self.sy, c) + torch.outer(c, self.sy) + n * torch.outer(c, c)
 
     def _shift_x(self) -> Tensor:
         return self.shift_x if self.shift_x is not None else torch.zeros_like(self.sx)
@@ -231,6 +239,73 @@ class LeastSquares:
         chol = self.factor(ridge)
         return self.weights_from_coordinates(chol, self.coordinates(chol, cross))
 
+    def solve_prior(
+        self,
+        prior: Tensor,
+        strength: float | None = None,
+        project: Tensor | None = None,
+        ridge: float = 1e-9,
+    ) -> tuple[Tensor, float]:
+        """Least squares regularised towards ``prior`` instead of towards zero:
+
+            W = argmin ||X W - T||^2 + lam ||W - W0||^2 = W0 + (G + lam I)^{-1} (X^T T - G W0),
+
+        with ``T = Y P^T`` (``P = project``, e.g. a grouping's averaging matrix; ``T = Y`` when
+        None). Where ``X`` has fewer independent rows than columns the unregularised answer is
+        only defined up to the null space of ``X``; this one takes ``W0``'s component there
+        instead of zero, so a prior that already fits the rows exactly is returned unchanged.
+
+        ``strength=None`` chooses ``lam`` by generalised cross-validation (Golub, Heath & Wahba
+        1979): the ``lam`` on a log grid (relative to the mean eigenvalue of ``G``) minimising
+        ``RSS(lam) / (1 - df(lam) / n)^2``, computed for the whole grid from one eigen-
+        decomposition of ``G``; a given ``strength`` is relative to ``mean(diag G)`` like
+        ``ridge``, which is the floor of the grid. Returns the weights and ``lam`` used,
+        relative to ``mean(diag G)``. (Hand-written: scikit-learn's ``RidgeCV`` does GCV, but centred on zero,
+        on explicit rows and in float64 NumPy; here the rows are never held, only ``G``.)
+        """
+        g = self.gram
+        c = self.cross if project is None else self.cross @ project.T.to(self.dtype)
+        w0 = prior.to(g)
+        if w0.shape != c.shape:
+            raise ValueError(f"prior has shape {tuple(w0.shape)}, the weights {tuple(c.shape)}")
+        scale = float(torch.diagonal(g).mean().clamp_min(1e-12))
+        s, v = torch.linalg.eigh(g)
+        s = s.clamp_min(0.0)
+        z = v.T @ (c - g @ w0)
+        if strength is not None:
+            lam = max(strength, ridge) * scale
+        else:
+            lam = self._gcv(s, z, c, g, w0, project, scale, ridge)
+        return w0 + v @ (z / (s + lam).unsqueeze(1)), lam / scale
+
+    def _gcv(
+        self,
+        s: Tensor,
+        z: Tensor,
+        c: Tensor,
+        g: Tensor,
+        w0: Tensor,
+        project: Tensor | None,
+        scale: float,
+        ridge: float,
+    ) -> float:
+        yy = self.target_gram
+        if project is not None:
+            pr = project.to(yy)
+            yy = pr @ yy @ pr.T
+        rss0 = float(torch.trace(yy) - 2 * (w0 * c).sum() + (w0 * (g @ w0)).sum())
+        n = self.rows
+        z2 = (z * z).sum(1)
+        grid = scale * torch.logspace(math.log10(max(ridge, 1e-12)), 4, 41, dtype=s.dtype)
+        den = s.unsqueeze(0) + grid.unsqueeze(1)  # (grid, p)
+        rss = rss0 - 2 * (z2 / den).sum(1) + (s * z2 / den**2).sum(1)
+        df = (s / den).sum(1)
+        gcv = rss.clamp_min(0.0) / (1.0 - df / n).clamp_min(1e-9) ** 2
+        gcv = torch.where(df < n - 1e-6, gcv, torch.full_like(gcv, math.inf))
+        if not torch.isfinite(gcv).any() or rss0 <= 1e-20 * max(float(torch.trace(yy)), 1e-300):
+            return float(grid[0])  # the prior fits already, or no valid grid point
+        return float(grid[int(torch.argmin(gcv))])
+
 
 def least_squares(x: Tensor, y: Tensor, bias: bool = True, ridge: float = 0.0) -> Tensor:
     """Closed-form ``argmin_W ||[X, 1] W - Y||^2 (+ ridge)`` for explicit matrices (reference)."""
@@ -261,7 +336,7 @@ class GradientConfig:
     batch_size: int = 32
     val_split: float = 0.1
     patience: int = 20
-    loss: str = "mse"  # "mse" or "kl" (head only: KL to the averaged soft predictions)
+    loss: str = "mse"  # "mse", "kl" (KL to soft predictions) or "ce" (targets are labels)
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
@@ -269,8 +344,8 @@ class GradientConfig:
             raise ValueError(
                 f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
             )
-        if self.loss not in ("mse", "kl"):
-            raise ValueError(f"loss must be 'mse' or 'kl', got {self.loss!r}")
+        if self.loss not in ("mse", "kl", "ce"):
+            raise ValueError(f"loss must be 'mse', 'kl' or 'ce', got {self.loss!r}")
         if not 0.0 <= self.val_split < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {self.val_split}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -290,6 +365,8 @@ def perturb_(module: nn.Module, eps: float, generator: torch.Generator) -> None:
 
 
 def _level_loss(out: Tensor, target: Tensor, cfg: GradientConfig) -> Tensor:
+    if cfg.loss == "ce":
+        return F.cross_entropy(out, target)
     if cfg.loss == "kl":
         t = cfg.temperature
         return (
@@ -312,8 +389,12 @@ def fit_gradient(
     cfg: GradientConfig,
     generator: torch.Generator,
     parameters: Sequence[nn.Parameter] | None = None,
+    penalty: Callable[[], Tensor] | None = None,
 ) -> dict[str, float]:
     """Minimise the loss between ``level(inputs)`` and ``targets`` over the level's parameters.
+
+    ``penalty()``, when given, is added to every training step's loss (e.g. an anchor to the
+    starting weights); validation and the returned losses are the data loss alone.
 
     A ``val_split`` fraction of the samples is held out; training stops after ``patience``
     epochs without a better validation loss and the best validation weights are restored.
@@ -354,8 +435,9 @@ def fit_gradient(
         for s in range(0, len(order), cfg.batch_size):
             b = order[s : s + cfg.batch_size]
             loss = _level_loss(level(inputs[b]), targets[b], cfg)
+            total = loss if penalty is None else loss + penalty()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             opt.step()
             running += float(loss.detach()) * len(b)
             count += len(b)

@@ -1,6 +1,8 @@
 """Fusion methods, one file each, all registered in one name table (see ``registry``)."""
 
 from neurofuse.methods import (  # noqa: F401  (importing a method file registers it)
+    auto,
+    distilled,
     ensemble,
     fedavg,
     git_rebasin,

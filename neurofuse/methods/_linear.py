@@ -56,10 +56,12 @@ from neurofuse.methods._linear_parts import (
     LinearOptions,
     check_batchnorms,
     check_untied,
+    effective_unit,
     expand_parts,
     identity_norm,
     normal_equations,
     set_unit,
+    weight_rows,
 )
 from neurofuse.methods._plan import FusionPlan, aligned_average
 from neurofuse.methods.registry import FusionContext
@@ -121,6 +123,7 @@ class _LinearFusion:
         self.pending = self.plan.settled_keys()
         self.n = ctx.inputs.shape[0]
         self.stats: dict[str, float] = {}
+        self.prior_strengths: dict[str, float] = {}
 
     def _check_spaces(self) -> None:
         ref = self.plan.spaces
@@ -274,6 +277,59 @@ class _LinearFusion:
         hit = self.plan.member_space.get((f"{u.target}.weight", 0))
         return hit[1].parts if hit is not None and space is not None else 1
 
+    def prior(self, units: list[fx.Node], space: int, bias: bool) -> Tensor:
+        """Rows ``(p [+ 1], k)`` of the joint fit of ``units`` (writing into ``space``) that the
+        base models' own weights give: each unit's effective affine map (normalisations folded
+        as the fused model folds them) averaged through the groupings of its spaces; the
+        intercept is the sum of the units' grouped biases."""
+        a_space, sizes = self.grouping(space)
+        blocks, intercept = [], None
+        for u in units:
+            a = expand_parts(a_space, self.parts(u), sizes)
+            end = unit_end(self.fgm, u)
+            before = self.plan.folded_before(u)
+            ws, bs = [], []
+            for m in self.ctx.models:
+                w, b = effective_unit(
+                    m.get_submodule(str(u.target)),
+                    m.get_submodule(before) if before is not None else None,
+                    m.get_submodule(str(end.target)) if end is not u else None,
+                )
+                ws.append(w)
+                bs.append(b)
+            key = f"{u.target}.weight"
+            axes = self.plan.spaces_of_key(key, ws[0].dim())
+            blocks.append(weight_rows(aligned_average(self.fgm, key, ws, axes, self.grouping)))
+            b = a @ torch.cat(bs).to(a)
+            intercept = b if intercept is None else intercept + b
+        rows = torch.cat(blocks)
+        if bias:
+            rows = torch.cat([rows, intercept.unsqueeze(0).to(rows)])  # type: ignore[union-attr]
+        return rows
+
+    def solve(
+        self,
+        ls: LeastSquares,
+        units: list[fx.Node],
+        space: int,
+        project: Tensor | None = None,
+        chol: Tensor | None = None,
+        coords: Tensor | None = None,
+    ) -> Tensor:
+        """The units' weights fitted to ``T = Y project^T`` (or ``Y``), regularised towards
+        the aligned prior (``prior="aligned"``) or towards zero."""
+        if self.opt.prior == "aligned":
+            prior = self.prior(units, space, ls.bias)
+            w, lam = ls.solve_prior(prior, self.opt.prior_strength, project, self.opt.ridge)
+            self.prior_strengths[str(units[0].target)] = lam
+            return w
+        if project is None:
+            return ls.solve(self.opt.ridge)
+        if chol is None or coords is None:
+            chol = ls.factor(self.opt.ridge)
+            coords = ls.coordinates(chol)
+        return LeastSquares.weights_from_coordinates(chol, coords @ project.T)
+
     # ------------------------------------------------------------------ the kinds of unit
     def fit_unit(self, u: fx.Node, space: int) -> None:
         """A unit whose space is grouped here (its projected outputs), or was grouped before."""
@@ -299,8 +355,7 @@ class _LinearFusion:
                 points = self.stream_points(space)
             self.groupings[space] = self.group(points, s, k, widths)
         a = expand_parts(self.grouping(space)[0], parts, self.sizes(space))
-        w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
-        self.write([u], ls, w)
+        self.write([u], ls, self.solve(ls, [u], space, a, chol, coords))
 
     def fit_heads(self, space: int, done: set[fx.Node]) -> list[fx.Node]:
         """The query/key/value units of an attention space: heads grouped as units on the
@@ -363,17 +418,33 @@ class _LinearFusion:
         self.groupings[space] = g.assignment_matrix(w).to(torch.float64)
         for u, ls, chol, coords, parts in fits:
             a = expand_parts(self.groupings[space], parts, sizes)
-            self.write([u], ls, LeastSquares.weights_from_coordinates(chol, coords @ a.T))
+            self.write([u], ls, self.solve(ls, [u], space, a, chol, coords))
         return units
 
-    def fit_sum(self, add: fx.Node, space: int, done: set[fx.Node]) -> list[fx.Node]:
-        """Units summed at a residual addition, fitted jointly to the grouped sum; the other
-        operands (the skip, units fitted before) are taken as the fused model gives them."""
+    def sum_operands(self, add: fx.Node, done: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+        """The units (not fitted yet) a residual addition sums, and its other operands."""
         unit_of_end = {unit_end(self.fgm, u): u for u in self.plan.units if u not in done}
         operands = add.all_input_nodes
         sources = [self.plan.through_identity(a) for a in operands]
         units = [unit_of_end[a] for a in sources if a in unit_of_end]
         fixed = [o for o, a in zip(operands, sources, strict=True) if a not in unit_of_end]
+        return units, fixed
+
+    def sum_waits(self, add: fx.Node, done: set[fx.Node]) -> bool:
+        """Whether a unit summed at ``add`` reads a unit that is not fitted yet (a projection
+        shortcut computed before the block's first layer): the sum is then fitted when its last
+        unit is reached, so that every unit's input is final."""
+        units, _ = self.sum_operands(add, done)
+        return any(
+            v not in done and v not in units
+            for u in units
+            for v in _units_upstream(u.args[0], self.plan)  # type: ignore[arg-type]
+        )
+
+    def fit_sum(self, add: fx.Node, space: int, done: set[fx.Node]) -> list[fx.Node]:
+        """Units summed at a residual addition, fitted jointly to the grouped sum; the other
+        operands (the skip, units fitted before) are taken as the fused model gives them."""
+        units, fixed = self.sum_operands(add, done)
         layer0 = module_of(self.fgm, units[0])
         y, widths, ys = self.base_rows(add, layer0)  # type: ignore[arg-type]
         layers = [module_of(self.fgm, u) for u in units]
@@ -390,7 +461,7 @@ class _LinearFusion:
                 bias,
                 lambda lo, hi: y[lo:hi].to(a) @ a.T - (skip[lo:hi] if skip.dim() else 0.0),
             )
-            w = ls.solve(self.opt.ridge)
+            w = self.solve(ls, units, space)
         elif fixed:
             raise ValueError(
                 f"residual addition {add.name!r} adds a value whose neurons the Linear variants "
@@ -404,7 +475,7 @@ class _LinearFusion:
             self.groupings[space] = a = self.group(
                 coords.T.contiguous(), self.scores(add, ys, widths), k, widths
             )
-            w = LeastSquares.weights_from_coordinates(chol, coords @ a.T)
+            w = self.solve(ls, units, space, a, chol, coords)
         self.write(units, ls, w)
         return units
 
@@ -454,6 +525,8 @@ class _LinearFusion:
                         self.group_embedding(u, space)
                         done.add(u)
                     elif add is not None and self.plan.node_space.get(add.name) is not None:
+                        if self.sum_waits(add, done):
+                            continue
                         space = self.plan.node_space[add.name].index
                         done.update(self.fit_sum(add, space, done))
                     elif self.plan.spaces[space].heads > 1 and not self.ready(space):
@@ -468,6 +541,8 @@ class _LinearFusion:
         for key in self.pending:  # parameters of spaces no unit opened
             raise ValueError(f"no grouping was found for the neurons of {key!r}; use kf_gradient")
         self.ctx.report.update(self.stats)
+        if self.prior_strengths:
+            self.ctx.report["prior_strength"] = self.prior_strengths
         return self.fused.eval()
 
 

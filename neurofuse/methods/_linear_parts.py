@@ -36,6 +36,16 @@ class LinearOptions:
             or the embedding), like any other layer; ``"all"`` on the base models' values at
             every residual addition of the stream (each addition's values scaled to the same
             norm), which sees what the stream carries in every block, not only at its start.
+        prior: what each least-squares fit is regularised towards: ``"aligned"`` (default)
+            the aligned, importance-weighted average of the base models' weights that the
+            grouping defines (every normalisation folded as in the fit), so that directions
+            the fusion set does not excite keep the base models' weights, and a layer with
+            more inputs than fusion rows is still recovered exactly from a permuted copy;
+            ``"zero"`` the plain ridge of the paper (the minimum-norm answer in those
+            directions).
+        prior_strength: the strength of the ``"aligned"`` prior, relative to ``mean(diag
+            X^T X)``; ``None`` (default) chooses it per layer by generalised cross-validation
+            (recorded in ``fused.neurofuse_report["prior_strength"]``).
         precision: ``"float32"`` or ``"float64"``: the precision of the blockwise products that
             build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
             float32 is faster (about twice on CPU, more on GPUs) but, with the tiny default ridge,
@@ -50,8 +60,14 @@ class LinearOptions:
     row_budget: int | None = None
     precision: str = "float64"
     stream: str = "first"
+    prior: str = "aligned"
+    prior_strength: float | None = None
 
     def __post_init__(self) -> None:
+        if self.prior not in ("aligned", "zero"):
+            raise ValueError(f"prior must be 'aligned' or 'zero', got {self.prior!r}")
+        if self.prior_strength is not None and not self.prior_strength >= 0:
+            raise ValueError(f"prior_strength must be >= 0 or None, got {self.prior_strength}")
         if self.stream not in ("first", "all"):
             raise ValueError(f"stream must be 'first' or 'all', got {self.stream!r}")
         if self.row_budget is not None and self.row_budget < 2:
@@ -101,6 +117,50 @@ def set_unit(layer: nn.Module, bn: nn.Module | None, w: Tensor, intercept: Tenso
                 bn.bias.copy_(intercept.to(bn.bias))  # type: ignore[union-attr]
     elif intercept is not None and not carries_bias:
         raise ValueError(f"{layer} has no bias and no BatchNorm to carry the fitted intercept")
+
+
+def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(a, c)`` such that a normalisation's output is ``a * x_hat + c`` per neuron, ``x_hat``
+    what the same normalisation set to the identity (:func:`identity_norm`) gives: for a
+    LayerNorm its weight and bias, for an eval-mode BatchNorm its whole affine map of ``x``."""
+    w = norm.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+    b = norm.bias.detach().to(torch.float64)  # type: ignore[union-attr]
+    if getattr(norm, "running_mean", None) is None:
+        return w.reshape(-1), b.reshape(-1)
+    scale = w / torch.sqrt(norm.running_var.to(torch.float64) + norm.eps)  # type: ignore[union-attr,operator]
+    return scale, b - norm.running_mean.to(torch.float64) * scale  # type: ignore[union-attr]
+
+
+def effective_unit(
+    layer: nn.Module, before: nn.Module | None, after: nn.Module | None
+) -> tuple[Tensor, Tensor]:
+    """What a base model's unit computes from the input the fused unit sees, as one affine map
+    ``(weight in the layer's shape, bias)`` in float64: a normalisation ``before`` it that the
+    fused model folds (sets to the identity) restored, a BatchNorm ``after`` it folded in. For a
+    convolution the shift of a folded normalisation is taken as constant over the kernel (exact
+    away from the zero-padded border): this map is only the prior of a fit."""
+    w = layer.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+    bias = layer.bias  # type: ignore[union-attr]
+    b = torch.zeros(w.shape[0], dtype=w.dtype) if bias is None else bias.detach().to(w)
+    b = b.to(w.device)
+    if before is not None:
+        a, c = norm_affine(before)
+        if a.numel() == w.shape[1]:
+            shape = (1, -1) + (1,) * (w.dim() - 2)
+            b = b + (w.sum(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w) @ c.to(w)
+            w = w * a.to(w).reshape(shape)
+    if after is not None:
+        a, c = norm_affine(after)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w = w * a.to(w).reshape(shape)
+        b = b * a.to(w) + c.to(w)
+    return w, b
+
+
+def weight_rows(w: Tensor) -> Tensor:
+    """A layer's weight ``(out, in, *kernel)`` as least-squares rows ``(p, out)`` in the order
+    of :func:`neurofuse.fitting.affine_inputs`."""
+    return w.reshape(w.shape[0], -1).T
 
 
 def identity_norm(norm: nn.Module) -> None:

@@ -116,6 +116,17 @@ class FusionPlan:
             node = node.all_input_nodes[0]
         return node
 
+    def folded_before(self, unit: fx.Node) -> str | None:
+        """The folded normalisation that feeds ``unit`` through linear per-neuron ops, if any."""
+        node = unit.args[0]
+        while isinstance(node, fx.Node):
+            if str(node.target) in self.folded and isinstance(module_of(self.gm, node), NORMS):
+                return str(node.target)
+            if not _is_linear_pass(self.gm, node) or not node.all_input_nodes:
+                return None
+            node = node.all_input_nodes[0]
+        return None
+
     # ------------------------------------------------------------------ normalisations
     def _foldable_norms(self) -> set[str]:
         """Normalisations (not right after a unit) whose output reaches only affine units, as

@@ -1,0 +1,218 @@
+"""Training after fusion: fine-tuning on labels, or distilling the base models into the fused one.
+
+One function, :func:`finetune`, serves both uses the neuron-interpolation paper and its critics
+ask for:
+
+- **plain fine-tuning** (``teachers=None``): cross-entropy on the labels of ``data``, as in the
+  paper's full-dataset setup (Tables 4, 14, 16), where fused models are fine-tuned on the
+  users' data;
+- **fuse-then-distill** (``teachers=models``): the fused model is the student of the base
+  models' *probability* ensemble, ``log((1/n) sum_k softmax(model_k(x)))``, on the fusion set
+  alone (its labels unused), so the setting stays one-shot. The closed-form fit reproduces the
+  models' averaged *logits*, in which a model that never learned a class vetoes it; the
+  probability ensemble lets the model that knows the class speak, and distilling it moves the
+  fused model towards it.
+
+The fusion set holds only some classes in the hard regimes (sharded splits: the owner's), and
+an unconstrained student forgets the rest: nothing in the loss sees them. Training is
+therefore *anchored* to the starting weights, as in L2-SP (Li, Grandvalet & Davoine 2018,
+"Explicit inductive bias for transfer learning with convolutional networks"): the loss adds
+``anchor * sum ||theta - theta_0||^2 / sum ||theta_0||^2``, a penalty on the relative drift of
+all trained parameters, and early stopping on a held-out part of ``data`` keeps the best
+weights (the starting ones included: training that only makes the held-out loss worse returns
+the model unchanged).
+
+``fuse(..., method="kf_linear+kd")`` (and ``hf_linear+kd``, ``kf_gradient+kd``,
+``hf_gradient+kd``) runs the fusion method and then this distillation, with the distillation's
+options prefixed ``kd_`` (``kd_epochs=...``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
+
+
+@dataclass
+class FinetuneOptions:
+    """Options of :func:`finetune` (``kd_``-prefixed in the ``+kd`` methods).
+
+    Attributes:
+        epochs: maximum passes over the training part of the data.
+        lr: learning rate (small: the start is already a good model).
+        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
+        weight_decay: of the optimizer (towards zero; ``anchor`` pulls towards the start).
+        batch_size: mini-batch size.
+        val_split: fraction of the data held out for early stopping (none below 10 samples).
+        patience: epochs without a better held-out loss before training stops.
+        temperature: ``T`` of the distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``
+            (distillation only).
+        anchor: strength of the L2-SP penalty on the relative drift from the starting weights;
+            0 trains freely.
+        mixup: distillation only: copies of the inputs made of random convex combinations of
+            two of them (mixup, Zhang et al. 2018), added to the distillation set with the
+            teachers' predictions on them as targets. They lie off the fusion set's
+            distribution, where the teachers that know other classes speak; without them,
+            distillation on a fusion set of a few classes forgets the others (REPORT.md,
+            claim 9, measures both).
+    """
+
+    epochs: int = 30
+    lr: float = 3e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    val_split: float = 0.1
+    patience: int = 5
+    temperature: float = 4.0
+    anchor: float = 1.0
+    mixup: int = 2
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("anchor", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(self.mixup, bool) or not isinstance(self.mixup, int) or self.mixup < 0:
+            raise ValueError(f"mixup must be an integer >= 0, got {self.mixup!r}")
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config(distill=True)  # validates val_split
+
+    def config(self, distill: bool) -> GradientConfig:
+        return GradientConfig(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            val_split=self.val_split,
+            patience=self.patience,
+            loss="kl" if distill else "ce",
+            temperature=self.temperature,
+        )
+
+
+def mixup_inputs(x: Tensor, copies: int, seed: int) -> Tensor:
+    """``x`` followed by ``copies`` sets of random convex combinations ``l x_i + (1 - l) x_j``
+    of two of its rows (``l ~ U(0, 1)``, ``j`` a seeded random permutation)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = [x]
+    for _ in range(copies):
+        j = torch.randperm(len(x), generator=g).to(x.device)
+        lam = torch.rand(len(x), *[1] * (x.dim() - 1), generator=g).to(x)
+        out.append(lam * x + (1 - lam) * x[j])
+    return torch.cat(out)
+
+
+def drift_penalty(model: nn.Module, strength: float) -> Any:
+    """``strength * sum ||p - p_0||^2 / sum ||p_0||^2`` over ``model``'s parameters, ``p_0``
+    their values now; ``None`` for strength 0."""
+    if strength == 0:
+        return None
+    params = [p for p in model.parameters()]
+    start = [p.detach().clone() for p in params]
+    norm = float(sum(float((s * s).sum()) for s in start)) or 1.0
+
+    def penalty() -> Tensor:
+        total = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
+        return strength * total / norm  # type: ignore[operator]
+
+    return penalty
+
+
+def finetune(
+    model: nn.Module,
+    data: Any,
+    teachers: list[nn.Module] | None = None,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> nn.Module:
+    """A fine-tuned copy of ``model`` (never modified; nor are the teachers).
+
+    Args:
+        model: the starting model (typically a fused one).
+        data: inputs, an ``(inputs, labels)`` pair, a ``Dataset`` or a ``DataLoader`` (as for
+            :func:`neurofuse.fuse`). Labels are needed without ``teachers`` and unused with.
+        teachers: ``None`` for cross-entropy on the labels; else the models whose mean softmax
+            probabilities the copy is distilled towards on ``data``'s inputs.
+        seed: seeds the held-out split and the batch order (same seed, same weights).
+        device: where to train; default the data's device.
+        **options: :class:`FinetuneOptions` fields.
+
+    Returns:
+        The trained copy in eval mode, with ``neurofuse_report["finetune"]`` (options and
+        losses) added to the starting model's report.
+    """
+    from neurofuse.api import as_fusion_data
+    from neurofuse.methods.ensemble import ensemble_log_probs
+
+    names = [f.name for f in dataclasses.fields(FinetuneOptions)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"unknown finetune option(s) {unknown}; valid options: {', '.join(names)}")
+    opt = FinetuneOptions(**options)
+    x, y = as_fusion_data(data)
+    dev = torch.device(device) if device is not None else x.device
+    x = x.to(dev)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    student = copy.deepcopy(model).to(dev).eval()
+    flags = {name: p.requires_grad for name, p in student.named_parameters()}
+    if teachers is None:
+        if y is None:
+            raise ValueError(
+                "fine-tuning without teachers trains on labels: give data as (inputs, labels), "
+                "or pass teachers=models to distil them instead"
+            )
+        targets = y.to(dev).long()
+        classes = int(student(x[:1]).shape[-1])
+        if targets.min() < 0 or targets.max() >= classes:
+            raise ValueError(f"labels must lie in 0..{classes - 1} (the model's output classes)")
+    else:
+        if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
+            raise TypeError("teachers must be a non-empty list of nn.Module (or None)")
+        copies = [copy.deepcopy(t).to(dev).eval() for t in teachers]
+        x = mixup_inputs(x, opt.mixup, seed)
+        targets = ensemble_log_probs(copies, x)
+    gen = torch.Generator().manual_seed(seed)
+    stats = fit_gradient(
+        student,
+        x,
+        targets,
+        opt.config(distill=teachers is not None),
+        gen,
+        penalty=drift_penalty(student, float(opt.anchor)),
+    )
+    for name, p in student.named_parameters():
+        p.requires_grad_(flags[name])
+    report = dict(getattr(model, "neurofuse_report", {}) or {})
+    report["finetune"] = {
+        "mode": "labels" if teachers is None else f"distill {len(teachers)} teachers",
+        "options": dataclasses.asdict(opt),
+        **stats,
+    }
+    student.neurofuse_report = report
+    return student.eval()
+
+
+__all__ = ["FinetuneOptions", "finetune"]

@@ -1,0 +1,93 @@
+"""Fuse-then-distill: ``<method>+kd`` runs a fusion method, then distils the base models'
+probability ensemble into the fused model on the fusion set, anchored to the fitted weights
+(:func:`neurofuse.finetuning.finetune`). One-shot like the method itself: no data beyond the
+fusion set, whose labels are not used by the distillation.
+
+The options are the fusion method's own plus :class:`neurofuse.finetuning.FinetuneOptions`
+prefixed ``kd_`` (``kd_epochs``, ``kd_anchor``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from neurofuse.finetuning import FinetuneOptions, finetune
+from neurofuse.methods._gradient import GradientOptions
+from neurofuse.methods._linear import LinearOptions
+from neurofuse.methods.registry import FusionContext, get_method, register_method
+
+PREFIX = "kd_"
+
+
+def _combined_options(base: type, name: str) -> type:
+    """A dataclass with ``base``'s fields and every FinetuneOptions field prefixed ``kd_``."""
+    extra = [
+        (
+            PREFIX + f.name,
+            f.type,
+            dataclasses.field(default=f.default),
+        )
+        for f in dataclasses.fields(FinetuneOptions)
+    ]
+
+    def post_init(self: Any) -> None:
+        base_post = getattr(base, "__post_init__", None)
+        if base_post is not None:
+            base_post(self)
+        distill_options(self)  # validates the kd_ fields
+
+    cls = dataclasses.make_dataclass(name, extra, bases=(base,), namespace={})
+    cls.__post_init__ = post_init  # type: ignore[attr-defined]
+    cls.__doc__ = (
+        f"Options of the fusion method ({base.__name__}) and, prefixed ``kd_``, of the "
+        "distillation after it (:class:`neurofuse.finetuning.FinetuneOptions`)."
+    )
+    return cls
+
+
+def distill_options(opts: Any) -> dict[str, Any]:
+    """The ``kd_`` fields of combined options, unprefixed (checked by FinetuneOptions)."""
+    values = {f.name: getattr(opts, PREFIX + f.name) for f in dataclasses.fields(FinetuneOptions)}
+    FinetuneOptions(**values)
+    return values
+
+
+def fusion_options(opts: Any, base: type) -> Any:
+    """The fusion method's own options out of combined ones."""
+    return base(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(base)})
+
+
+def _register(method: str, base: type) -> None:
+    options = _combined_options(base, f"{method.title().replace('_', '')}KDOptions")
+
+    @register_method(
+        f"{method}+kd",
+        f"{method}, then the models' probability ensemble distilled into it on the fusion set "
+        "(anchored to the fitted weights)",
+        options,
+        single_model=False,
+    )
+    def fused_then_distilled(ctx: FusionContext) -> nn.Module:
+        kd = distill_options(ctx.options)
+        inner = dataclasses.replace(ctx, options=fusion_options(ctx.options, base))
+        fused = get_method(method).fn(inner)
+        ctx.report.update(inner.report)
+        with ctx.timer("distillation"):
+            student = finetune(
+                fused, ctx.inputs, list(ctx.models), seed=ctx.seed, device=ctx.device, **kd
+            )
+        ctx.report["distillation"] = student.neurofuse_report["finetune"]
+        ctx.report["labels_used"] = False
+        return student
+
+
+for _method, _base in (
+    ("kf_linear", LinearOptions),
+    ("hf_linear", LinearOptions),
+    ("kf_gradient", GradientOptions),
+    ("hf_gradient", GradientOptions),
+):
+    _register(_method, _base)

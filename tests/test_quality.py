@@ -1,0 +1,274 @@
+"""Issue 11: prior-centred least squares, fine-tuning / fuse-then-distill, and ``auto``."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_alignment import ZOO
+from torch import nn
+from toys import (
+    accuracy,
+    mlp,
+    permuted_by_analysis,
+    randomise_batchnorm,
+    relative_error,
+    toy_task,
+    train,
+)
+
+import neurofuse as nf
+from neurofuse.finetuning import mixup_inputs
+from neurofuse.fitting import LeastSquares
+from neurofuse.methods.auto import holdout_split
+from neurofuse.models import build
+
+# --------------------------------------------------------------------------- prior-centred LS
+
+
+def _problem(n: int, p: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    t = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w0 = torch.randn(p + 1, d, generator=g, dtype=torch.float64)
+    ls = LeastSquares.empty(p, d, True, x.device, torch.float64)
+    for lo in range(0, n, 7):  # accumulated in chunks
+        ls.add(x[lo : lo + 7], t[lo : lo + 7])
+    return x, t, w0, ls
+
+
+@pytest.mark.parametrize("n,p", [(12, 30), (80, 10)], ids=["underdetermined", "overdetermined"])
+def test_prior_centred_solution_matches_the_closed_form(n, p):
+    x, t, w0, ls = _problem(n, p, 3)
+    xb = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    g = xb.T @ xb
+    rel = 0.3
+    lam = rel * float(torch.diagonal(g).mean())
+    ref = torch.linalg.solve(g + lam * torch.eye(p + 1, dtype=x.dtype), xb.T @ t + lam * w0)
+    w, used = ls.solve_prior(w0, rel)
+    assert used == pytest.approx(rel)
+    assert torch.allclose(w, ref, atol=1e-9)
+
+
+def test_prior_centred_solution_keeps_the_prior_in_the_null_space():
+    x, t, w0, ls = _problem(6, 20, 2)
+    xb = torch.cat([x, torch.ones(6, 1, dtype=x.dtype)], 1)
+    t_exact = xb @ w0  # the prior fits the rows exactly
+    ls = LeastSquares.empty(20, 2, True, x.device, torch.float64)
+    ls.add(x, t_exact)
+    w, _ = ls.solve_prior(w0)  # strength by GCV
+    assert torch.allclose(w, w0, atol=1e-8)
+    w_min_norm = ls.solve(1e-12)  # the zero-centred answer differs off the rows' span
+    assert (w_min_norm - w0).abs().max() > 0.1
+
+
+def test_gcv_choice_is_the_minimum_of_the_explicit_criterion():
+    x, t, w0, ls = _problem(25, 15, 4, seed=3)
+    xb = torch.cat([x, torch.ones(25, 1, dtype=x.dtype)], 1)
+    g = xb.T @ xb
+    scale = float(torch.diagonal(g).mean())
+    _, chosen = ls.solve_prior(w0, None, ridge=1e-9)
+    best, best_rel = math.inf, None
+    for rel in torch.logspace(-9, 4, 41, dtype=torch.float64).tolist():
+        lam = rel * scale
+        inv = torch.linalg.inv(g + lam * torch.eye(16, dtype=x.dtype))
+        h = xb @ inv @ xb.T
+        w = w0 + inv @ (xb.T @ t - g @ w0)
+        rss = float(((xb @ w - t) ** 2).sum())
+        gcv = rss / (1 - float(torch.trace(h)) / 25) ** 2
+        if gcv < best:
+            best, best_rel = gcv, rel
+    assert chosen == pytest.approx(best_rel, rel=1e-6)
+
+
+def test_prior_options_are_checked():
+    m = mlp()
+    x = torch.randn(20, 10)
+    with pytest.raises(ValueError, match="prior must be"):
+        nf.fuse([m, m], x, method="kf_linear", prior="mean")
+    with pytest.raises(ValueError, match="prior_strength"):
+        nf.fuse([m, m], x, method="kf_linear", prior_strength=-1.0)
+
+
+@pytest.mark.parametrize("method", ["kf_linear", "hf_linear"])
+@pytest.mark.parametrize(
+    "name,kwargs,shape", [z[:3] for z in ZOO], ids=[f"{z[0]}-{i}" for i, z in enumerate(ZOO)]
+)
+def test_permuted_copy_is_recovered_with_fewer_fusion_rows_than_fan_in(method, name, kwargs, shape):
+    """Three fusion samples: every Linear layer has more inputs than rows. The aligned prior
+    gives the exact model back; the zero-centred fit of the paper does not."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(build(name, **kwargs)).eval()
+    twin = permuted_by_analysis(model, example=torch.randn(*shape))
+    data = torch.randn(3, *shape[1:])
+    test = torch.randn(16, *shape[1:])
+    with torch.no_grad():
+        ref = model(test)
+        fused = nf.fuse([model, twin], data, method=method)
+        assert relative_error(fused(test), ref) < 1e-4
+        zero = nf.fuse([model, twin], data, method=method, prior="zero")
+        assert relative_error(zero(test), ref) > 1e-2
+    assert fused.neurofuse_report["prior_strength"]
+
+
+# --------------------------------------------------------------------------- finetune / +kd
+
+
+@pytest.fixture(scope="module")
+def sharded_pair():
+    """Two MLPs on disjoint classes of a 4-class toy task; the fusion set is model 0's."""
+    x, y = toy_task(n=1600, d=10, classes=4, seed=0)
+    models = []
+    for i, classes in enumerate(((0, 1), (2, 3))):
+        keep = (y == classes[0]) | (y == classes[1])
+        torch.manual_seed(i)
+        models.append(train(mlp(10, (32, 32), 4), x[keep][:600], y[keep][:600], epochs=30))
+    fusion = (y == 0) | (y == 1)
+    return models, x[fusion][600:800], y[fusion][600:800], x[:400], y[:400]
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_finetune_never_mutates_and_is_deterministic(sharded_pair):
+    models, x, y, _, _ = sharded_pair
+    fused = nf.fuse(models, (x, y), method="kf_linear")
+    before = [_state(m) for m in models + [fused]]
+    a = nf.finetune(fused, x, teachers=models, epochs=3, seed=1)
+    b = nf.finetune(fused, x, teachers=models, epochs=3, seed=1)
+    for m, s in zip(models + [fused], before, strict=True):
+        assert all(torch.equal(v, s[k]) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert any(not torch.equal(v, fused.state_dict()[k]) for k, v in a.state_dict().items())
+    assert a.neurofuse_report["finetune"]["mode"] == "distill 2 teachers"
+    assert a.neurofuse_report["method"] == "kf_linear"
+
+
+def test_finetune_on_labels_learns_and_needs_labels(sharded_pair):
+    models, x, y, _, _ = sharded_pair
+    start = copy.deepcopy(models[1])  # knows classes 2 and 3 only
+    tuned = nf.finetune(start, (x, y), epochs=30, lr=3e-3, anchor=0.0, patience=30)
+    assert accuracy(tuned, x, y) > accuracy(start, x, y) + 0.3
+    with pytest.raises(ValueError, match="labels"):
+        nf.finetune(start, x)
+    with pytest.raises(ValueError, match="lr must be"):
+        nf.finetune(start, (x, y), lr=0)
+    with pytest.raises(ValueError, match="unknown finetune option"):
+        nf.finetune(start, (x, y), epoch=3)
+
+
+def test_anchor_limits_the_drift_from_the_start(sharded_pair):
+    models, x, _, _, _ = sharded_pair
+    fused = nf.fuse(models, x, method="kf_linear")
+
+    def drift(m: nn.Module) -> float:
+        return sum(
+            float(((p - q) ** 2).sum())
+            for p, q in zip(m.parameters(), fused.parameters(), strict=True)
+        )
+
+    free = nf.finetune(fused, x, teachers=models, anchor=0.0, epochs=10, patience=10, lr=1e-3)
+    held = nf.finetune(fused, x, teachers=models, anchor=100.0, epochs=10, patience=10, lr=1e-3)
+    assert drift(held) < 0.5 * drift(free)
+
+
+def test_fuse_then_distill_is_a_method_with_prefixed_options(sharded_pair):
+    models, x, y, _, _ = sharded_pair
+    before = [_state(m) for m in models]
+    a = nf.fuse(models, (x, y), method="kf_linear+kd", kd_epochs=3, seed=2)
+    b = nf.fuse(models, (x, y), method="kf_linear+kd", kd_epochs=3, seed=2)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    for m, s in zip(models, before, strict=True):
+        assert all(torch.equal(v, s[k]) for k, v in m.state_dict().items())
+    report = a.neurofuse_report
+    assert report["distillation"]["options"]["epochs"] == 3
+    assert report["labels_used"] is False and "grouping_cost" in report
+    assert "kd_anchor" in nf.method_options("hf_gradient+kd")
+    with pytest.raises(ValueError, match="temperature"):
+        nf.fuse(models, x, method="kf_linear+kd", kd_temperature=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        nf.fuse(models, x, method="kf_linear+kd", epochs=3)
+
+
+# --------------------------------------------------------------------------- auto
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    y = torch.tensor([0] * 40 + [1] * 20)
+    tr, ho = holdout_split(60, 0.25, y, seed=0)
+    assert len(set(tr.tolist()) & set(ho.tolist())) == 0 and len(tr) + len(ho) == 60
+    assert int((y[ho] == 0).sum()) == 10 and int((y[ho] == 1).sum()) == 5
+    assert torch.equal(ho, holdout_split(60, 0.25, y, seed=0)[1])
+    probes = mixup_inputs(torch.randn(5, 3), 2, seed=0)
+    assert probes.shape == (15, 3)
+
+
+def test_auto_picks_the_clearly_best_candidate(sharded_pair):
+    """Of a useless copy of one base model and KF Linear (which recovers most of the
+    ensemble's gain here), auto must keep KF Linear, and say so in its report."""
+    models, x, y, xt, yt = sharded_pair
+    fused = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
+    report = fused.neurofuse_report["auto"]
+    assert report["chosen"] == "kf_linear", report
+    assert set(report["scores"]) == {"model 0", "model 1", "kf_linear", "vanilla"}
+    best_base = max(accuracy(m, xt, yt) for m in models)
+    assert accuracy(fused, xt, yt) > best_base + 0.1
+
+
+def test_auto_returns_a_base_model_when_it_is_best():
+    """Two models trained apart on the same data, and a portfolio of plain weight averaging
+    only (which breaks them): a base model is far closer to their ensemble, so auto returns
+    a copy of one of them, never below the best base model."""
+    x, y = toy_task(n=900, d=10, classes=3, seed=1)
+    models = []
+    for seed in (0, 7):
+        torch.manual_seed(seed)
+        models.append(train(mlp(), x[:600], y[:600], epochs=30))
+    fused = nf.fuse(models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"])
+    report = fused.neurofuse_report["auto"]
+    chosen = report["chosen"]
+    assert chosen in ("model 0", "model 1"), report
+    base = models[int(chosen[-1])]
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in fused.state_dict().items())
+    assert fused is not base
+    assert report["scores"][chosen]["disagreement"] < report["scores"]["vanilla"]["disagreement"]
+
+
+def test_weak_owner_fusion_is_not_below_the_best_base_model():
+    """8 classes; model 0, whose 200 samples form the fusion set, saw mostly classes 0-3 and
+    model 1 mostly 4-7, from twice the data. The ensemble beats both; every fusion that auto
+    can return must not fall below the better base model."""
+    x, y = toy_task(n=3000, d=12, classes=8, seed=3)
+    x = x + 1.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(0)
+    own = torch.multinomial(torch.tensor([1.0] * 4 + [0.1] * 4)[y[:1000]], 200, generator=g)
+    other = 1000 + torch.multinomial(
+        torch.tensor([0.1] * 4 + [1.0] * 4)[y[1000:2000]], 400, generator=g
+    )
+    torch.manual_seed(0)
+    weak = train(mlp(12, (32, 32), 8), x[own], y[own], epochs=40)
+    torch.manual_seed(1)
+    strong = train(mlp(12, (32, 32), 8), x[other], y[other], epochs=40)
+    xt, yt = x[2000:], y[2000:]
+    best = max(accuracy(weak, xt, yt), accuracy(strong, xt, yt))
+    from neurofuse.methods.ensemble import Ensemble
+
+    assert accuracy(Ensemble([weak, strong]), xt, yt) > best + 0.05  # fusion has room
+    fused = nf.fuse([weak, strong], (x[own], y[own]), method="auto")
+    assert accuracy(fused, xt, yt) >= best
+    for method in ("kf_linear", "kf_linear+kd"):
+        assert accuracy(nf.fuse([weak, strong], (x[own], y[own]), method=method), xt, yt) >= best
+
+
+def test_auto_options_are_checked():
+    m = mlp()
+    x = torch.randn(20, 10)
+    with pytest.raises(ValueError, match="holdout"):
+        nf.fuse([m, m], x, method="auto", holdout=1.5)
+    with pytest.raises(ValueError, match="unknown fusion method"):
+        nf.fuse([m, m], x, method="auto", portfolio=["kf_lineer"])
+    with pytest.raises(ValueError, match="cannot contain 'auto'"):
+        nf.fuse([m, m], x, method="auto", portfolio=["auto"])
