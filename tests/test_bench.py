@@ -249,7 +249,7 @@ def test_bad_names_raise_with_choices():
 
 def test_cells_cover_the_paper_grid():
     cells = get_suite("paper-mlp").cells([0, 1, 2])
-    assert len(cells) == 3 * 7
+    assert len(cells) == 3 * 8
     assert {c.split.label for c in cells} == {
         "non-IID 2",
         "non-IID 4",
@@ -258,6 +258,7 @@ def test_cells_cover_the_paper_grid():
         "sharded 4",
         "sharded 6",
         "full 2",
+        "weak-owner 2",
     }
     assert len({c.cell_id for c in cells}) == len(cells)
     sizes = get_suite("fusion-size").cells([0])
@@ -405,5 +406,38 @@ def test_columns_sort_by_regime_models_then_variant_numbers():
 
 def test_ablation_suite_reuses_the_paper_mlp_models():
     ablation, paper = get_suite("ablation-mlp").cells([0, 1]), get_suite("paper-mlp").cells([0, 1])
-    assert [c.models_id for c in ablation] == [c.models_id for c in paper]
+    assert {c.models_id for c in ablation} <= {c.models_id for c in paper}
+    assert len(ablation) == 2 * 7
     assert {r.method for r in get_suite("ablation-mlp").methods} == {"kf_linear", "kf_gradient"}
+
+
+def test_weak_owner_split_gives_the_fusion_set_owner_the_least_data():
+    from neurofuse.bench.basemodels import dataset, split_data
+    from neurofuse.bench.spec import WEAK_OWNER_SAMPLES
+    from neurofuse.data import partition
+
+    cell = next(c for c in get_suite("paper-mlp").cells([1]) if c.split.regime == "weakowner")
+    data = dataset(cell.dataset)
+    parts, part = split_data(cell, data)
+    dirichlet = partition(data.y_train, 2, "dirichlet", seed=1, num_classes=data.num_classes)
+    small, large = sorted(dirichlet.indices, key=len)
+    assert len(parts[0]) == WEAK_OWNER_SAMPLES < len(parts[1])
+    assert set(parts[0].tolist()) <= set(small.tolist())  # a subset of the smaller part
+    assert parts[1].tolist() == large.tolist()
+    assert part.class_counts.sum(1).tolist() == [len(p) for p in parts]
+    assert part.scheme == "weakowner"
+
+
+def test_runs_limited_to_regimes_and_fine_tuned_runs(tmp_path: Path):
+    suite = _tiny_suite("tiny-regimes")
+    cell = suite.cells([0])[0]
+    setup = runner.prepare(cell, tmp_path / "cache", "cpu")
+    dev = runner.resolve_device("cpu")
+    other = "full" if cell.split.regime != "full" else "sharded"
+    skipped = MethodRun("KF Linear", "kf_linear", regimes=(other,))
+    assert runner.fuse_once(skipped, setup, cell, dev)["status"] == "n/a"
+    tuned = MethodRun("KF Linear, fine-tuned", "kf_linear", finetune_epochs=2)
+    plain = runner.fuse_once(MethodRun("KF Linear", "kf_linear"), setup, cell, dev)
+    entry = runner.fuse_once(tuned, setup, cell, dev)
+    assert entry["status"] == "ok" and entry["finetune_epochs"] == 2
+    assert entry["accuracy"] != plain["accuracy"] or entry["loss"] != plain["loss"]

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 BASE_ROWS = ("Individual models (mean)", "Best base model", "Ensemble")
-#: methods that are not fusion into one model (excluded from "best neurofuse method")
-NEUROFUSE_METHODS = ("hf_linear", "kf_linear", "hf_gradient", "kf_gradient")
+#: the one-shot neurofuse methods that compete for "best neurofuse run": the HF/KF variants,
+#: their fuse-then-distill forms and ``auto`` (not KD alone, the other baselines, or a run
+#: fine-tuned on labelled training data, which is not one-shot)
+_CORE = ("hf_linear", "kf_linear", "hf_gradient", "kf_gradient")
+NEUROFUSE_METHODS = (*_CORE, *(f"{m}+kd" for m in _CORE), "auto")
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
@@ -64,6 +67,7 @@ class Stat:
     errors: list[str] = dataclasses.field(default_factory=list)
     egr: float | None = None
     method: str = ""
+    one_shot: bool = True
 
     @property
     def mean(self) -> float | None:
@@ -136,6 +140,7 @@ def summarise(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> d
                 g.rows.append(key)
             stat = g.stats.setdefault((key, col), Stat())
             stat.method = entry.get("method", "")
+            stat.one_shot = not entry.get("finetune_epochs")
             if entry["status"] == "ok":
                 stat.values.append(entry["accuracy"])
                 stat.seconds.append(entry["seconds"])
@@ -160,11 +165,14 @@ def summarise(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> d
 
 
 def best_neurofuse(group: Group, column: str) -> tuple[str, Stat] | None:
-    """The neurofuse (HF/KF) row of highest mean accuracy in ``column``."""
+    """The one-shot neurofuse row (:data:`NEUROFUSE_METHODS`) of highest mean accuracy in
+    ``column``."""
     best: tuple[str, Stat] | None = None
     for row in group.rows:
         stat = group.get(row, column)
         if stat is None or not stat.values or stat.method not in NEUROFUSE_METHODS:
+            continue
+        if not stat.one_shot:
             continue
         if best is None or stat.mean > best[1].mean:  # type: ignore[operator]
             best = (row, stat)

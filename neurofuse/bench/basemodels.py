@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neurofuse.bench.spec import Arch, Cell
+from neurofuse.bench.spec import WEAK_OWNER_SAMPLES, Arch, Cell
 from neurofuse.checkpoint import load_checkpoint, save_checkpoint
 from neurofuse.data import DataSplits, Partition, fusion_indices, load, partition
 from neurofuse.models import build
@@ -57,10 +57,34 @@ def split_data(cell: Cell, data: DataSplits) -> tuple[list[torch.Tensor], Partit
     n = cell.split.n_models
     if cell.split.scheme == "full":
         return [torch.arange(data.num_train) for _ in range(n)], None
+    if cell.split.scheme == "weakowner":
+        return _weak_owner(cell, data)
     part = partition(
         data.y_train, n, cell.split.scheme, seed=cell.seed, num_classes=data.num_classes
     )
     return list(part.indices), part
+
+
+def _weak_owner(cell: Cell, data: DataSplits) -> tuple[list[torch.Tensor], Partition]:
+    """The non-IID split of the same seed, parts ordered by size (smallest first, so model 0,
+    whose data forms the fusion set, has the least), model 0's part cut to a seeded random
+    :data:`WEAK_OWNER_SAMPLES` samples (the rest is unused)."""
+    part = partition(
+        data.y_train,
+        cell.split.n_models,
+        "dirichlet",
+        seed=cell.seed,
+        num_classes=data.num_classes,
+    )
+    parts = sorted(part.indices, key=len)
+    g = torch.Generator().manual_seed(cell.seed)
+    keep = torch.randperm(len(parts[0]), generator=g)[:WEAK_OWNER_SAMPLES]
+    parts[0] = parts[0][keep].sort().values
+    counts = torch.stack(
+        [torch.bincount(data.y_train[p], minlength=data.num_classes) for p in parts]
+    )
+    params = {**part.params, "owner_samples": WEAK_OWNER_SAMPLES, "order": "smallest part first"}
+    return parts, Partition("weakowner", parts, counts, params)
 
 
 def _train_one(

@@ -105,6 +105,8 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
         return {**entry, "status": "n/a", "reason": "defined for two models only"}
     if run.archs and cell.arch_label not in run.archs:
         return {**entry, "status": "n/a", "reason": f"run only on {list(run.archs)}"}
+    if run.regimes and cell.split.regime not in run.regimes:
+        return {**entry, "status": "n/a", "reason": f"run only on {list(run.regimes)} splits"}
     options = run.kwargs()
     if run.needs_counts:
         options["sample_counts"] = [int(len(p)) for p in setup.parts]
@@ -119,6 +121,15 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
             device=device,
             **options,
         )
+        if run.finetune_epochs:  # on the labelled union of the models' training data
+            rows = torch.cat(list(setup.parts)).unique()
+            fused = nf.finetune(
+                fused,
+                (setup.data.x_train[rows], setup.data.y_train[rows]),
+                epochs=run.finetune_epochs,
+                seed=cell.seed,
+                device=device,
+            )
         seconds = time.perf_counter() - start
         metrics = _metrics(fused, setup, device)
     except Exception as exc:  # a failing method must not stop the suite
@@ -136,6 +147,7 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
         "seconds": seconds,
         **metrics,
         "phases": report.get("seconds", {}),
+        **({"chosen": report["auto"]["chosen"]} if "auto" in report else {}),
     }
 
 

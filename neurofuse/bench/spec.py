@@ -18,7 +18,11 @@ REGIMES: dict[str, tuple[str, str]] = {
     "noniid": ("dirichlet", "non-IID"),
     "sharded": ("sharded", "sharded"),
     "full": ("full", "full"),
+    "weakowner": ("weakowner", "weak-owner"),
 }
+
+#: Training samples the fusion-set owner (model 0) keeps in a ``weakowner`` split.
+WEAK_OWNER_SAMPLES = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +30,10 @@ class Split:
     """How the training data is shared among ``n_models`` models.
 
     ``regime`` is a key of :data:`REGIMES`: ``noniid`` (ordered-Dirichlet class proportions,
-    appendix D.1), ``sharded`` (disjoint class sets, D.2) or ``full`` (every model sees the
-    whole training split; models differ only by seed)."""
+    appendix D.1), ``sharded`` (disjoint class sets, D.2), ``full`` (every model sees the
+    whole training split; models differ only by seed) or ``weakowner`` (the non-IID split,
+    with the smallest part given to model 0, the fusion-set owner, and cut to
+    :data:`WEAK_OWNER_SAMPLES` samples: the party that fuses is the weakest)."""
 
     regime: str
     n_models: int
@@ -60,7 +66,10 @@ class MethodRun:
     marks methods defined for two equal-width models only (HF), recorded as ``n/a`` for more.
     ``needs_counts`` passes each model's training-sample count as ``sample_counts``;
     ``archs``, when given, limits the run to cells of those architecture labels (others record
-    ``n/a``, e.g. a Linear variant where levels hold several layers)."""
+    ``n/a``, e.g. a Linear variant where levels hold several layers); ``regimes`` likewise to
+    cells of those regimes. ``finetune_epochs > 0`` fine-tunes the fused model afterwards on
+    the labelled union of the models' training data (:func:`neurofuse.finetune`), the paper's
+    full-dataset setup (Tables 4, 14, 16)."""
 
     label: str
     method: str
@@ -69,6 +78,8 @@ class MethodRun:
     pairwise: bool = False
     needs_counts: bool = False
     archs: tuple[str, ...] = ()
+    finetune_epochs: int = 0
+    regimes: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -79,12 +90,15 @@ class MethodRun:
 
     def entry(self) -> dict[str, Any]:
         """The identifying fields every result entry of this run starts with."""
-        return {
+        out = {
             "label": self.label,
             "method": self.method,
             "importance": self.importance,
             "options": self.kwargs(),
         }
+        if self.finetune_epochs:
+            out["finetune_epochs"] = self.finetune_epochs
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,8 @@ PAPER_SPLITS = (
     Split("full", 2),
 )
 PAPER_IMPORTANCE = ("uniform", "conductance", "deeplift")
+#: The paper's splits and the one where the fusion-set owner is the weakest model.
+QUALITY_SPLITS = (*PAPER_SPLITS, Split("weakowner", 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,24 @@ def paper_methods(
             *gradient_runs("hf", imp, pairwise=True),
             *gradient_runs("kf", imp, pairwise=False),
         ]
-    return tuple(runs)
+    return tuple(runs) + quality_runs()
+
+
+def quality_runs(fine_tune_epochs: int = 10) -> tuple[MethodRun, ...]:
+    """Fuse-then-distill (one-shot: the fusion set only), ``auto``, and, on the full-dataset
+    splits, KF Linear fine-tuned on the models' labelled training data (the paper's Tables 4,
+    14 and 16 setup; not one-shot)."""
+    return (
+        MethodRun("KF Linear+KD", "kf_linear+kd"),
+        MethodRun("HF Linear+KD", "hf_linear+kd", pairwise=True),
+        MethodRun("auto", "auto"),
+        MethodRun(
+            "KF Linear, fine-tuned",
+            "kf_linear",
+            finetune_epochs=fine_tune_epochs,
+            regimes=("full",),
+        ),
+    )
 
 
 def _train(epochs: int, lr: float, batch_size: int = 64) -> tuple[tuple[str, object], ...]:
@@ -165,18 +184,20 @@ def grid(
 register_suite(
     Suite(
         "paper-mlp",
-        "MNIST-5k, MLP [128,128]: non-IID 2/4/8, sharded 2/4/6, full 2 (Table 12 analogue)",
+        "MNIST-5k, MLP [128,128]: non-IID 2/4/8, sharded 2/4/6, full 2, weak-owner 2 "
+        "(Table 12 analogue)",
         "accuracy",
-        grid("paper-mlp", "mnist5k", {"mlp": MLP}, PAPER_SPLITS),
+        grid("paper-mlp", "mnist5k", {"mlp": MLP}, QUALITY_SPLITS),
         paper_methods(),
     )
 )
 register_suite(
     Suite(
         "paper-cnn",
-        "MNIST-5k, VGG-small with and without BatchNorm, same regimes (Table 13 analogue)",
+        "MNIST-5k, VGG-small with and without BatchNorm, same regimes and weak-owner 2 "
+        "(Table 13 analogue)",
         "accuracy",
-        grid("paper-cnn", "mnist5k", {"vgg": vgg(False), "vgg_bn": vgg(True)}, PAPER_SPLITS),
+        grid("paper-cnn", "mnist5k", {"vgg": vgg(False), "vgg_bn": vgg(True)}, QUALITY_SPLITS),
         paper_methods(),
     )
 )
@@ -312,6 +333,7 @@ VIT_SPLITS = (
     Split("noniid", 4),
     Split("full", 2),
     Split("full", 4),
+    Split("weakowner", 2),
 )
 
 
@@ -349,14 +371,14 @@ def vit_methods(importances: Sequence[str] = PAPER_IMPORTANCE) -> tuple[MethodRu
         ),
         MethodRun("KF Gradient (setting 1)", "kf_gradient", options=(("preset", "setting1"),)),
     ]
-    return tuple(runs)
+    return tuple(runs) + quality_runs()
 
 
 register_suite(
     Suite(
         "paper-vit",
         "MNIST-5k, ViT (16 patches, width 64, 4 blocks x 4 heads): sharded 2/4/6, non-IID 2/4, "
-        "full 2/4 (Tables 2, 15-16 analogue)",
+        "full 2/4, weak-owner 2 (Tables 2, 15-16 analogue)",
         "accuracy",
         grid("paper-vit", "mnist5k", {"vit": VIT}, VIT_SPLITS),
         vit_methods(),
