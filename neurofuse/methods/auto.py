@@ -158,7 +158,6 @@ def candidates(ctx: FusionContext, opt: AutoOptions) -> list[tuple[str, str, str
     "Tries KF/HF Linear, KF Linear+KD and KF Gradient (and the base models) on part of the "
     "fusion set, keeps the one closest to the probability ensemble, refits it on all",
     AutoOptions,
-    needs_levels=False,
 )
 def auto(ctx: FusionContext) -> nn.Module:
     from neurofuse.api import fuse
@@ -189,6 +188,7 @@ def auto(ctx: FusionContext) -> nn.Module:
                     (x_tr, y_tr) if y_tr is not None else x_tr,
                     method=method,
                     importance=importance,
+                    levels=ctx.levels,
                     target=ctx.target,
                     seed=ctx.seed,
                     device=ctx.device,
@@ -223,6 +223,7 @@ def auto(ctx: FusionContext) -> nn.Module:
             data,
             method=method,
             importance=importance,
+            levels=ctx.levels,
             target=ctx.target,
             seed=ctx.seed,
             device=ctx.device,
