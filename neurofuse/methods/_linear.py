@@ -538,6 +538,12 @@ class _LinearFusion:
                 for r in self.bruns:
                     r.release_consumed()
                 advance(len(done))
+        left = [u.target for u in units if u not in done]
+        if left:  # a residual sum that waited for a unit that never came
+            raise ValueError(
+                f"the Linear variants could not fit {left} (a residual sum whose units read one "
+                "another); use kf_gradient"
+            )
         for key in self.pending:  # parameters of spaces no unit opened
             raise ValueError(f"no grouping was found for the neurons of {key!r}; use kf_gradient")
         self.ctx.report.update(self.stats)
