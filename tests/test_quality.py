@@ -210,10 +210,14 @@ def test_auto_picks_the_clearly_best_candidate(sharded_pair):
     """Of a useless copy of one base model and KF Linear (which recovers most of the
     ensemble's gain here), auto must keep KF Linear, and say so in its report."""
     models, x, y, xt, yt = sharded_pair
-    fused = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
+    fused = nf.fuse(
+        models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"], include_base=True
+    )
     report = fused.neurofuse_report["auto"]
     assert report["chosen"] == "kf_linear", report
     assert set(report["scores"]) == {"model 0", "model 1", "kf_linear", "vanilla"}
+    default = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
+    assert set(default.neurofuse_report["auto"]["scores"]) == {"kf_linear", "vanilla"}
     best_base = max(accuracy(m, xt, yt) for m in models)
     assert accuracy(fused, xt, yt) > best_base + 0.1
 
@@ -227,7 +231,9 @@ def test_auto_returns_a_base_model_when_it_is_best():
     for seed in (0, 7):
         torch.manual_seed(seed)
         models.append(train(mlp(), x[:600], y[:600], epochs=30))
-    fused = nf.fuse(models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"])
+    fused = nf.fuse(
+        models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], include_base=True
+    )
     report = fused.neurofuse_report["auto"]
     chosen = report["chosen"]
     assert chosen in ("model 0", "model 1"), report
