@@ -176,6 +176,21 @@ def auto(ctx: FusionContext) -> nn.Module:
     probe = mixup_inputs(ctx.inputs[held], opt.probes, ctx.seed)
     target = ensemble_log_probs(ctx.models, probe).to(torch.float64)
     spec = ctx.importance.spec
+
+    def fuse_with(data: Any, method: str, importance: Any, options: dict) -> nn.Module:
+        """One candidate fused on ``data`` with the call's models, levels, template and seed."""
+        return fuse(
+            ctx.models,
+            data,
+            method=method,
+            importance=importance,
+            levels=ctx.levels,
+            target=ctx.target,
+            seed=ctx.seed,
+            device=ctx.device,
+            **options,
+        )
+
     table: dict[str, Any] = {}
     best: tuple[tuple[float, float], str, Any] | None = None
     with ctx.timer("selection"):
@@ -188,16 +203,8 @@ def auto(ctx: FusionContext) -> nn.Module:
         for tag, method, score_name, options in candidates(ctx, opt):
             importance = "uniform" if score_name == "uniform" else spec
             try:
-                model = fuse(
-                    ctx.models,
-                    (x_tr, y_tr) if y_tr is not None else x_tr,
-                    method=method,
-                    importance=importance,
-                    levels=ctx.levels,
-                    target=ctx.target,
-                    seed=ctx.seed,
-                    device=ctx.device,
-                    **options,
+                model = fuse_with(
+                    (x_tr, y_tr) if y_tr is not None else x_tr, method, importance, options
                 )
             except (ValueError, NotImplementedError) as exc:  # a candidate that does not apply
                 table[tag] = f"skipped: {exc}"
@@ -223,16 +230,6 @@ def auto(ctx: FusionContext) -> nn.Module:
             return copy.deepcopy(ctx.models[choice]).eval()
         method, importance, options = choice
         data = (ctx.inputs, ctx.labels) if ctx.labels is not None else ctx.inputs
-        fused = fuse(
-            ctx.models,
-            data,
-            method=method,
-            importance=importance,
-            levels=ctx.levels,
-            target=ctx.target,
-            seed=ctx.seed,
-            device=ctx.device,
-            **options,
-        )
+        fused = fuse_with(data, method, importance, options)
     ctx.report["auto"]["chosen_report"] = getattr(fused, "neurofuse_report", {})
     return fused
