@@ -129,7 +129,8 @@ class LeastSquares:
     in ``product_dtype`` on rows shifted by the first block's means (the shifted-data trick: the
     rounding error of a float32 product then scales with the rows' spread, not with their mean,
     which is large after a ReLU) and summed in ``dtype`` (float64); the exact uncentred sums
-    are rebuilt in ``dtype``.
+    are rebuilt in ``dtype``. With ``targets=True`` it also accumulates ``Y^T Y``
+    (:attr:`target_gram`), which only the cross-validated :meth:`solve_prior` reads.
     """
 
     def __init__(
@@ -140,12 +141,13 @@ class LeastSquares:
         device: torch.device,
         dtype: torch.dtype,
         product_dtype: torch.dtype | None = None,
+        targets: bool = False,
     ) -> None:
         self.p, self.d, self.bias, self.dtype = p, d, bias, dtype
         self.product_dtype = product_dtype or dtype
         z = functools.partial(torch.zeros, device=device, dtype=dtype)
         self.sxx, self.sxy, self.sx, self.sy = z(p, p), z(p, d), z(p), z(d)
-        self.syy = z(d, d)
+        self.syy = z(d, d) if targets else None
         self.shift_x: Tensor | None = None
         self.shift_y: Tensor | None = None
         self.rows = 0
@@ -159,8 +161,9 @@ class LeastSquares:
         device: torch.device,
         dtype: torch.dtype,
         product_dtype: torch.dtype | None = None,
+        targets: bool = False,
     ) -> LeastSquares:
-        return cls(p, d, bias, device, dtype, product_dtype)
+        return cls(p, d, bias, device, dtype, product_dtype, targets)
 
     def add(self, x_rows: Tensor, y_rows: Tensor) -> None:
         """Accumulate the rows ``x_rows`` (N, p) with their targets ``y_rows`` (N, d)."""
@@ -174,7 +177,8 @@ class LeastSquares:
             y = y_rows[lo : lo + BLOCK_ROWS].to(self.product_dtype) - ay
             self.sxx += (x.T @ x).to(self.dtype)
             self.sxy += (x.T @ y).to(self.dtype)
-            self.syy += (y.T @ y).to(self.dtype)
+            if self.syy is not None:
+                self.syy += (y.T @ y).to(self.dtype)
             self.sx += x.sum(0, dtype=self.dtype)
             self.sy += y.sum(0, dtype=self.dtype)
         self.rows += x_rows.shape[0]
@@ -202,6 +206,8 @@ class LeastSquares:
     @property
     def target_gram(self) -> Tensor:
         """``Y^T Y``, uncentred, in ``dtype`` (for the residual norms of :meth:`solve_prior`)."""
+        if self.syy is None:
+            raise ValueError("Y^T Y was not accumulated: create the LeastSquares with targets=True")
         c, n = self._shift_y(), self.rows
         return self.syy + torch.outer(self.sy, c) + torch.outer(c, self.sy) + n * torch.outer(c, c)
 

@@ -208,7 +208,13 @@ def normal_equations(
     p = sum(f[1] for f in feats)
     first = y_rows(0, per_sample)
     ls = LeastSquares.empty(
-        p, first.shape[1], bias, xs[0].device, torch.float64, getattr(torch, opt.precision)
+        p,
+        first.shape[1],
+        bias,
+        xs[0].device,
+        torch.float64,
+        getattr(torch, opt.precision),
+        targets=opt.prior == "aligned" and opt.prior_strength is None,  # GCV reads Y^T Y
     )
     keep = 1.0
     if opt.row_budget is not None:
