@@ -18,8 +18,8 @@ import time
 
 import torch
 
+from neurofuse.graph import affine_nodes, trace, unit_end
 from neurofuse.importance import compute_importance, default_nodes
-from neurofuse.levels import affine_nodes, trace, unit_end
 from neurofuse.models import build
 from neurofuse.train import TrainConfig, train_model
 

@@ -14,7 +14,9 @@ from neurofuse._version import __version__
 _LAZY = {
     "fuse": ("neurofuse.api", "fuse"),
     "finetune": ("neurofuse.finetuning", "finetune"),
-    "Levels": ("neurofuse.levels", "Levels"),
+    "Levels": ("neurofuse.graph", "Levels"),
+    "register_elementwise": ("neurofuse.graph", "register_elementwise"),
+    "method_info": ("neurofuse.methods", "method_info"),
     "Importance": ("neurofuse.importance", "Importance"),
     "compute_importance": ("neurofuse.importance", "compute_importance"),
     "available_importance": ("neurofuse.importance", "available_importance"),

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from neurofuse.graph import Levels
 from neurofuse.importance import ImportanceProvider, ImportanceSpec
-from neurofuse.levels import Levels
 from neurofuse.methods.registry import (
     FusionContext,
     MethodInfo,

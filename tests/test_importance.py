@@ -15,6 +15,7 @@ from toys import TinyResNet, accuracy, cnn_bn, mlp, randomise_batchnorm, toy_tas
 
 import neurofuse as nf
 from neurofuse.checkpoint import CheckpointError, save_checkpoint, save_tensors
+from neurofuse.graph import GraphRunner, layer_width, producing_layer, trace
 from neurofuse.importance import (
     Importance,
     ImportanceProvider,
@@ -29,7 +30,6 @@ from neurofuse.importance import (
     save_importance,
 )
 from neurofuse.importance.attribution import deeplift_chunks
-from neurofuse.levels import GraphRunner, layer_width, producing_layer, trace
 from neurofuse.models import build
 
 SCORES = ["activation", "variance", "grad_x_activation", "deeplift", "conductance"]

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurofuse.levels import (
+from neurofuse.graph import (
     GraphRunner,
     Levels,
     TraceError,
     from_neurons,
     neuron_axis,
+    register_elementwise,
     split,
     to_neurons,
     trace,
@@ -76,7 +77,7 @@ def test_vit_block_levels_compose():
     assert parts[1](parts[0](x)).dim() == 3  # token tensors (B, T, C)
 
 
-def test_untraceable_model_error_says_how_to_give_levels():
+def test_untraceable_model_error_recommends_only_what_works():
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -88,20 +89,28 @@ def test_untraceable_model_error_says_how_to_give_levels():
                 x = F.relu(x)
             return self.b(self.a(x))
 
-    with pytest.raises(TraceError, match="explicit levels"):
+    with pytest.raises(TraceError, match="register_elementwise") as info:
         split(Branchy(), Levels())
+    assert "from_modules" not in str(info.value)
 
 
-def test_sequential_fallback_for_untraceable_children():
-    class Branchy(nn.Module):
+def test_registered_elementwise_module_is_traced_as_one_call():
+    class Branchy(nn.Module):  # per-neuron, but its forward cannot be traced
         def forward(self, x):
             return F.relu(x) if x.sum() > 0 else x
 
     model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 3))
-    parts = split(model, Levels(["0", "2"]))
+    with pytest.raises(TraceError):
+        split(model, Levels())
+    register_elementwise(Branchy)
+    parts = split(model, Levels())
     x = torch.randn(5, 4) + 1.0
-    assert len(parts) == 2
+    assert len(parts) == 2  # a level per Linear: the module is an activation between them
     torch.testing.assert_close(_compose(parts, x), model(x))
+    assert any(isinstance(m, Branchy) for m in parts[1].modules())  # cut before it
+    post = split(model, Levels(cut="post"))  # cut="post" moves the cut past the activation
+    assert any(isinstance(m, Branchy) for m in post[0].modules())
+    assert not any(isinstance(m, Branchy) for m in post[1].modules())
 
 
 @pytest.mark.parametrize(

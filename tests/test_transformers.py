@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from toys import permuted_by_analysis, relative_error
 
 import neurofuse as nf
-from neurofuse.levels import Levels, trace
+from neurofuse.graph import Levels, trace
 from neurofuse.models import build
 
 
@@ -216,7 +216,7 @@ def test_transformer_fusion_runs_on_cuda(arch, method, options):
 
 def _attention_maps(model: nn.Module, x: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) of every head at the model's attention call, (B, H, T, T)."""
-    from neurofuse.graph_runner import GraphRunner
+    from neurofuse.graph.runner import GraphRunner
 
     gm = trace(model)
     runner = GraphRunner(gm, x)

@@ -31,7 +31,7 @@ with the space carried on its neuron axis:
   indexing single neurons, the model's output) marks its space ``fixed``: it is kept
   unpermuted, which is always safe.
 
-Teach the analysis your own per-neuron module with :func:`register_elementwise_module`, or give
+Teach the analysis your own per-neuron module with :func:`neurofuse.register_elementwise`, or give
 the spaces yourself (``spec=``) for a model fx cannot trace.
 
 The package, one mechanism per module: :mod:`.space` (the :class:`Space` record and checks of
@@ -50,7 +50,6 @@ from neurofuse.alignment.permute import apply_permutation
 from neurofuse.alignment.rules import FUNCTION_RULES as FUNCTION_RULES
 from neurofuse.alignment.rules import METHOD_RULES as METHOD_RULES
 from neurofuse.alignment.rules import MODULE_RULES as MODULE_RULES
-from neurofuse.alignment.rules import register_elementwise_module
 from neurofuse.alignment.space import Member, Space, random_permutation
 from neurofuse.alignment.values import Rule as Rule
 
@@ -61,5 +60,4 @@ __all__ = [
     "apply_permutation",
     "permutation_spaces",
     "reestimate_batchnorm",
-    "register_elementwise_module",
 ]

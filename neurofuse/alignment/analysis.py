@@ -21,7 +21,7 @@ from neurofuse.alignment.rules import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 from neurofuse.alignment.space import Member, Space, _check_spec
 from neurofuse.alignment.tensor_rules import _cat, _combine
 from neurofuse.alignment.values import _Tag, _Value, node_shape
-from neurofuse.levels import ACTIVATION_FUNCTIONS, TraceError, trace, unit_end
+from neurofuse.graph import TraceError, is_elementwise, trace, unit_end
 
 #: Rules that make a raw parameter a member of a space (or mark it raw themselves).
 _JOINING_RULES = (_combine, _cat)
@@ -220,10 +220,10 @@ class _Analysis:
             rule = next((MODULE_RULES[t] for t in type(mod).__mro__ if t in MODULE_RULES), None)
         elif n.op == "call_function":
             rule = FUNCTION_RULES.get(n.target)  # type: ignore[arg-type]
-            if rule is None and n.target in ACTIVATION_FUNCTIONS:
-                rule = _elementwise
         else:
             rule = METHOD_RULES.get(str(n.target))
+        if rule is None and is_elementwise(self.gm, n):  # the graph toolkit's one table
+            rule = _elementwise
         if rule is None:
             return self.opaque(n)
         out = rule(self, n, mod)
@@ -291,7 +291,10 @@ def _aliases(state: Mapping[str, Tensor]) -> dict[str, set[str]]:
 
 
 def permutation_spaces(
-    model: nn.Module, spec: Sequence[Space] | None = None, example: Tensor | None = None
+    model: nn.Module,
+    spec: Sequence[Space] | None = None,
+    example: Tensor | None = None,
+    gm: fx.GraphModule | None = None,
 ) -> list[Space]:
     """Every set of neurons of ``model`` that must be permuted together, in graph order.
 
@@ -300,17 +303,18 @@ def permutation_spaces(
     anything an unsupported op touches are ``fixed`` spaces (or no space at all).
 
     Args:
-        model: an fx-traceable model (see :func:`neurofuse.levels.trace`).
+        model: an fx-traceable model (see :func:`neurofuse.graph.trace`).
         spec: the spaces given by hand instead (for models fx cannot trace, or to override the
             analysis); they are checked against the model's ``state_dict`` and returned.
         example: an input batch (a few samples). With it every node's rank is known, which
             some ops need to be followed (token embeddings of ids, ``split`` along a positive
             axis); without it such ops leave their spaces fixed.
+        gm: ``model``'s trace, when the caller holds it already (:class:`~neurofuse.graph.GraphCache`).
     """
     if spec is not None:
         return _check_spec(model, spec)
     try:
-        gm = trace(model)
+        gm = trace(model) if gm is None else gm
     except TraceError as exc:
         raise TraceError(
             f"{exc} Permutation spaces can also be given by hand: "

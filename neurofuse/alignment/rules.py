@@ -1,5 +1,8 @@
-"""The tables that map a module type, a function or a tensor method to its propagation rule,
-and :func:`register_elementwise_module` to teach them a user's own per-neuron module."""
+"""The tables that map a module type, a function or a tensor method to its propagation rule.
+
+Elementwise operations (activations, dropout, casts) are not listed here: the analysis asks the
+graph toolkit's one table (:mod:`neurofuse.graph.ops`), which a user extends with
+:func:`neurofuse.register_elementwise`."""
 
 from __future__ import annotations
 
@@ -39,7 +42,6 @@ from neurofuse.alignment.tensor_rules import (
     _view,
 )
 from neurofuse.alignment.values import Rule
-from neurofuse.levels import ACTIVATION_MODULES
 
 _POOLS: dict[type[nn.Module], int] = {
     nn.MaxPool1d: 1,
@@ -69,30 +71,14 @@ MODULE_RULES: dict[type, Rule] = {
     nn.GroupNorm: _groupnorm,
     nn.Flatten: _flatten_module,
     **{t: _pool(d) for t, d in _POOLS.items()},
-    **{
-        t: _elementwise
-        for t in (
-            *ACTIVATION_MODULES,
-            nn.Dropout,
-            nn.Dropout1d,
-            nn.Dropout2d,
-            nn.Identity,
-            nn.Hardswish,
-            nn.Hardtanh,
-            nn.ReLU6,
-            nn.Mish,
-            nn.Softmax,
-        )
-    },
+    # softmax over the neuron axis is not elementwise but permutation-equivariant: the tag passes
+    nn.Softmax: _elementwise,
 }
 
 #: Rules by called function.
 FUNCTION_RULES: dict[Any, Rule] = {
     **{f: _combine for f in (operator.add, operator.iadd, operator.sub, operator.mul)},
     **{f: _combine for f in (operator.truediv, torch.add, torch.sub, torch.mul, torch.div)},
-    F.dropout: _elementwise,
-    F.hardswish: _elementwise,
-    F.relu6: _elementwise,
     F.softmax: _elementwise,
     F.max_pool1d: _pool(1),
     F.avg_pool1d: _pool(1),
@@ -117,11 +103,6 @@ FUNCTION_RULES: dict[Any, Rule] = {
 
 #: Rules by tensor method name.
 METHOD_RULES: dict[str, Rule] = {
-    **{
-        m: _elementwise
-        for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous")
-        + ("clone", "detach", "float", "to", "type_as")
-    },
     **{m: _combine for m in ("add", "add_", "sub", "mul", "mul_", "div")},
     "flatten": _flatten_call,
     "view": _view,
@@ -140,9 +121,3 @@ METHOD_RULES: dict[str, Rule] = {
     "dim": _metadata,
     "numel": _metadata,
 }
-
-
-def register_elementwise_module(module_type: type[nn.Module]) -> None:
-    """Declare a parameter-free module that acts on each neuron independently (an activation,
-    a custom dropout), so the spaces it sees pass through it instead of being fixed."""
-    MODULE_RULES[module_type] = _elementwise

@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse.graph import layer_width, neuron_axis, producing_layer
 from neurofuse.importance.deeplift import apply_rules
 from neurofuse.importance.probes import Probed
-from neurofuse.levels import layer_width, neuron_axis, producing_layer
 
 TARGETS = ("auto", "label", "predicted")
 BASELINES = ("zeros", "mean")

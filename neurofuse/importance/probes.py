@@ -24,8 +24,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from neurofuse.graph import (
+    CUT_SIDES,
+    Levels,
+    affine_nodes,
+    copy_graph,
+    is_residual_add,
+    trace,
+    unit_end,
+)
 from neurofuse.importance.deeplift import RULES
-from neurofuse.levels import ADD_FUNCTIONS, CUT_SIDES, Levels, affine_nodes, trace, unit_end
 
 _PROBE_PREFIX = "_neurofuse_probe"
 
@@ -71,15 +79,22 @@ def node_names(model: nn.Module | fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
 
 
-def probe(model: nn.Module, names: Sequence[str], *, deeplift: bool = False) -> Probed:
+def probe(
+    model: nn.Module,
+    names: Sequence[str],
+    *,
+    deeplift: bool = False,
+    gm: fx.GraphModule | None = None,
+) -> Probed:
     """A traced copy of ``model`` with an identity probe after each node in ``names``.
 
     Args:
         model: any torch.fx-traceable model (its parameters are shared, never changed).
         names: fx node names (see :func:`node_names`).
         deeplift: also turn functional nonlinearities into modules, one per call.
+        gm: ``model``'s trace if the caller holds it (it is copied, never edited).
     """
-    gm = trace(model)
+    gm = copy_graph(gm) if gm is not None else trace(model)
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
     missing = [n for n in names if n not in by_name or by_name[n].op in ("placeholder", "output")]
@@ -87,7 +102,7 @@ def probe(model: nn.Module, names: Sequence[str], *, deeplift: bool = False) -> 
         valid = node_names(gm)
         raise ValueError(
             f"no graph node named {missing[:5]} in {type(model).__name__}; importance is given per "
-            f"fx node (neurofuse.levels.trace(model)); valid names include {valid[:30]}"
+            f"fx node (neurofuse.graph.trace(model)); valid names include {valid[:30]}"
         )
     _out_of_place(gm)
     if deeplift:
@@ -162,13 +177,7 @@ def default_nodes(model: nn.Module | fx.GraphModule) -> list[str]:
     """
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     wanted: set[fx.Node] = {unit_end(gm, n) for n in affine_nodes(gm)}
-    wanted.update(
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-        and n.target in ADD_FUNCTIONS
-        and all(isinstance(a, fx.Node) for a in n.args)
-    )
+    wanted.update(n for n in gm.graph.nodes if is_residual_add(n))
     for side in CUT_SIDES:
         try:
             wanted.update(Levels(cut=side).cut_nodes(gm))

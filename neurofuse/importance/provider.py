@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neurofuse.graph import GraphCache, TraceError
 from neurofuse.importance.registry import ScoreFunction, get_factory
-from neurofuse.levels import TraceError, trace
 
 #: Default share of uniform weight mixed into every non-uniform score (see module docstring).
 DEFAULT_MIX = 0.5
@@ -178,8 +178,10 @@ class ImportanceProvider:
         models: Sequence[nn.Module],
         inputs: Tensor,
         labels: Tensor | None,
+        graphs: GraphCache | None = None,
     ) -> None:
         self.spec = Importance.coerce(spec)
+        self.graphs = graphs if graphs is not None else GraphCache()
         self.models = list(models)
         self.name = self.spec.name
         self._fn: ScoreFunction | None = None
@@ -189,6 +191,8 @@ class ImportanceProvider:
         self.uniform = score == "uniform"
         if isinstance(score, str):
             self._fn = build_score_function(score, self.models, inputs, labels, self.spec.options)
+            if isinstance(getattr(self._fn, "graphs", None), GraphCache):
+                self._fn.graphs = self.graphs  # type: ignore[union-attr]  # one trace per model
         elif callable(score):
             self._fn = score
         elif isinstance(score, Sequence) and all(isinstance(t, Mapping) for t in score):
@@ -239,7 +243,7 @@ class ImportanceProvider:
         if model_index not in self._heads:
             try:
                 out = next(
-                    n for n in trace(self.models[model_index]).graph.nodes if n.op == "output"
+                    n for n in self.graphs(self.models[model_index]).graph.nodes if n.op == "output"
                 )
                 self._heads[model_index] = getattr(out.args[0], "name", None)
             except TraceError:

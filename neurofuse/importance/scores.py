@@ -24,14 +24,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse.graph import GraphCache
 from neurofuse.importance import attribution as attr
 from neurofuse.importance import reference
 from neurofuse.importance.probes import Probed, default_nodes, probe
 from neurofuse.importance.registry import register_importance
-from neurofuse.levels import trace
 
 Compute = Callable[[Probed, Tensor, "Tensor | None", Sequence[str]], dict[str, Tensor]]
 
@@ -58,11 +57,13 @@ class NodeScores:
         self.inputs, self.labels = inputs, labels
         self._compute, self.target, self.deeplift = compute, target, deeplift
         self._cache: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
+        #: traces of the models; the fusion replaces it with its own (one trace per model)
+        self.graphs = GraphCache()
 
     def compute(self, model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
         """Scores ``(d,)`` of the nodes ``names`` of ``model`` on the factory's inputs."""
         names = list(dict.fromkeys(names))
-        probed = probe(model, names, deeplift=self.deeplift)
+        probed = probe(model, names, deeplift=self.deeplift, gm=self.graphs(model))
         targets = None
         if self.target is not None:
             targets = attr.resolve_targets(model, self.inputs, self.labels, self.target)
@@ -75,7 +76,7 @@ class NodeScores:
         if name not in cache:
             names = [name]
             if not cache:  # first request: everything the engines will ask for, in one pass
-                names += [n for n in default_nodes(model) if n != name]
+                names += [n for n in default_nodes(self.graphs(model)) if n != name]
             cache.update(self.compute(model, names))
         return cache[name]
 
@@ -91,11 +92,9 @@ class ActivationScores(NodeScores):
             target=None,
         )
         self.stat = stat
-        self._graphs: dict[int, tuple[nn.Module, fx.GraphModule]] = {}
 
     def __call__(self, model: nn.Module, name: str, output: Tensor) -> Tensor:
-        _, gm = self._graphs.setdefault(id(model), (model, trace(model)))
-        return attr.reduce_output(gm, name, output, self.stat)
+        return attr.reduce_output(self.graphs(model), name, output, self.stat)
 
 
 def _positive(name: str, value: int) -> int:

@@ -14,7 +14,7 @@ Two places to compute importance (paper appendix F.4.2):
       fused = fuse(models, fusion_data, importance=table)
 
 Scores are stored as ``{node_name: (d,) float32}``, normalised to mean 1 per node; node names are
-those of ``neurofuse.levels.trace(model)``, the same for every model of one architecture.
+those of ``neurofuse.graph.trace(model)``, the same for every model of one architecture.
 """
 
 from __future__ import annotations

@@ -5,14 +5,14 @@ features and importance scores per permutation space, and writing the result int
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
-from neurofuse.levels import GraphRunner, neuron_axis, to_neurons, trace
+from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
 from neurofuse.methods.registry import FusionContext
 
 State = dict[str, Tensor]
@@ -53,9 +53,12 @@ def check_same_layers(states: Sequence[State], method: str, same_shapes: bool = 
                 )
 
 
-def check_same_graphs(models: Sequence[nn.Module], method: str) -> list[fx.GraphModule]:
-    """Trace every model; the error names the first fx node where two graphs differ."""
-    gms = [trace(m) for m in models]
+def check_same_graphs(
+    models: Sequence[nn.Module], method: str, tracer: Callable[[nn.Module], fx.GraphModule] = trace
+) -> list[fx.GraphModule]:
+    """Trace every model (with ``tracer``: the fusion's cache); the error names the first fx
+    node where two graphs differ."""
+    gms = [tracer(m) for m in models]
 
     def describe(gm: fx.GraphModule) -> list[str]:
         out = []
@@ -78,12 +81,16 @@ def check_same_graphs(models: Sequence[nn.Module], method: str) -> list[fx.Graph
 
 
 def matched_spaces(
-    models: Sequence[nn.Module], method: str, equal_widths: bool, example: Tensor | None = None
+    models: Sequence[nn.Module],
+    method: str,
+    equal_widths: bool,
+    example: Tensor | None = None,
+    tracer: Callable[[nn.Module], fx.GraphModule] = trace,
 ) -> list[list[Space]]:
     """The permutation spaces of every model; they must agree in structure (names, members,
     fixed flags), fixed spaces in size, and with ``equal_widths`` every space in size.
     ``example``: an input batch (see :func:`neurofuse.alignment.permutation_spaces`)."""
-    all_spaces = [permutation_spaces(m, example=example) for m in models]
+    all_spaces = [permutation_spaces(m, example=example, gm=tracer(m)) for m in models]
     ref = all_spaces[0]
     for i, spaces in enumerate(all_spaces[1:], start=1):
         for a, b in zip(ref, spaces, strict=False):
@@ -284,8 +291,10 @@ def alignment_setup(
     model_w = model_weights(weights, n)
     states = states_of(ctx.models)
     check_same_layers(states, method, same_shapes=False)
-    check_same_graphs(ctx.models, method)
-    spaces = matched_spaces(ctx.models, method, equal_widths=equal_widths, example=ctx.inputs[:2])
+    check_same_graphs(ctx.models, method, ctx.trace)
+    spaces = matched_spaces(
+        ctx.models, method, equal_widths=equal_widths, example=ctx.inputs[:2], tracer=ctx.trace
+    )
     if equal_widths:
         check_same_layers(states, method)
     return ref, model_w, states, spaces

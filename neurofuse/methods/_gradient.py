@@ -29,16 +29,15 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from neurofuse.fitting import GradientConfig, fit_gradient, perturb_
-from neurofuse.grouping import group
-from neurofuse.levels import (
+from neurofuse.graph import (
     from_neurons,
     layer_width,
     neuron_axis,
     producing_layer,
     split,
     to_neurons,
-    trace,
 )
+from neurofuse.grouping import group
 from neurofuse.methods._linear import (
     AFFINE_TYPES,
     NORM_TYPES,
@@ -190,8 +189,8 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
             f"init_model={opt.init_model} is not a model index: give 0..{n - 1}, or None to "
             "start from the target template's weights"
         )
-    fgm = trace(ctx.target)
-    bgms = [trace(m) for m in ctx.models]
+    fgm = ctx.trace(ctx.target)
+    bgms = [ctx.trace(m) for m in ctx.models]
     cut_names = [c.name for c in ctx.levels.cut_nodes(fgm)]
     # each model's own node names (importance is looked up by them); with levels named by
     # module, models of other depth inside a level (e.g. ResNet-34 stages into ResNet-18's)

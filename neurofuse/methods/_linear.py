@@ -40,18 +40,17 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.fitting import LeastSquares, affine_inputs, affine_output_rows
-from neurofuse.grouping import group
-from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
-from neurofuse.levels import (
+from neurofuse.graph import (
     ADD_FUNCTIONS,
     AFFINE_TYPES,
     NORM_TYPES,
     GraphRunner,
     module_of,
     to_neurons,
-    trace,
     unit_end,
 )
+from neurofuse.grouping import group
+from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
 from neurofuse.methods._linear_parts import (
     LinearOptions,
     check_batchnorms,
@@ -88,8 +87,8 @@ class _LinearFusion:
         self.ctx, self.method = ctx, grouping_method
         self.opt: LinearOptions = ctx.options
         self.fused = ctx.target
-        self.fgm = trace(self.fused)
-        self.bgms = [trace(m) for m in ctx.models]
+        self.fgm = ctx.trace(self.fused)
+        self.bgms = [ctx.trace(m) for m in ctx.models]
         names = [n.name for n in self.fgm.graph.nodes]
         for i, g in enumerate(self.bgms):
             other = [n.name for n in g.graph.nodes]

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
-from neurofuse.levels import NORM_TYPES, module_of
+from neurofuse.graph import NORM_TYPES, module_of
 
 
 @dataclass

@@ -20,16 +20,8 @@ from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces
 from neurofuse.alignment.space import Member
-from neurofuse.levels import ADD_FUNCTIONS, AFFINE_TYPES, module_of, unit_end
-
-NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
-#: Ops that are the identity in eval mode: a unit's output passes them unchanged.
-IDENTITY_MODULES = (nn.Dropout, nn.Identity)
-#: Ops that are linear and act on each neuron alike, so an affine map before them can be moved
-#: after them (a normalisation's scale and shift into the unit that reads it).
-_LINEAR_METHODS = frozenset(
-    {"contiguous", "transpose", "permute", "flatten", "reshape", "view", "clone", "to", "float"}
-)
+from neurofuse.graph import AFFINE_TYPES, module_of, unit_end
+from neurofuse.graph.ops import FOLDABLE_NORMS, is_identity, is_reshape, is_residual_add
 
 
 @dataclass(frozen=True)
@@ -39,18 +31,6 @@ class NodeSpace:
     index: int
     axis: int
     parts: int
-
-
-def _is_identity(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return isinstance(module_of(gm, n), IDENTITY_MODULES)
-
-
-def _is_linear_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if _is_identity(gm, n):
-        return True
-    if n.op == "call_method":
-        return str(n.target) in _LINEAR_METHODS
-    return n.op == "call_function" and getattr(n.target, "__name__", "") == "getitem"
 
 
 class FusionPlan:
@@ -64,7 +44,7 @@ class FusionPlan:
 
     def __init__(self, gm: fx.GraphModule, model: nn.Module, example: Tensor) -> None:
         self.gm = gm
-        self.spaces: list[Space] = permutation_spaces(model, example=example)
+        self.spaces: list[Space] = permutation_spaces(model, example=example, gm=gm)
         self.node_space: dict[str, NodeSpace] = {}
         self.member_space: dict[tuple[str, int], tuple[int, Member]] = {}
         for i, s in enumerate(self.spaces):
@@ -102,17 +82,14 @@ class FusionPlan:
             if len(users) != 1:
                 return None
             user = users[0]
-            if _is_identity(self.gm, user):
+            if is_identity(self.gm, user):
                 node = user
                 continue
-            if user.op == "call_function" and user.target in ADD_FUNCTIONS:
-                if all(isinstance(a, fx.Node) for a in user.args):
-                    return user
-            return None
+            return user if is_residual_add(user) else None
 
     def through_identity(self, node: fx.Node) -> fx.Node:
         """Back from ``node`` through identity ops (dropout) to what produced its value."""
-        while _is_identity(self.gm, node):
+        while is_identity(self.gm, node):
             node = node.all_input_nodes[0]
         return node
 
@@ -120,9 +97,11 @@ class FusionPlan:
         """The folded normalisation that feeds ``unit`` through linear per-neuron ops, if any."""
         node = unit.args[0]
         while isinstance(node, fx.Node):
-            if str(node.target) in self.folded and isinstance(module_of(self.gm, node), NORMS):
+            if str(node.target) in self.folded and isinstance(
+                module_of(self.gm, node), FOLDABLE_NORMS
+            ):
                 return str(node.target)
-            if not _is_linear_pass(self.gm, node) or not node.all_input_nodes:
+            if not is_reshape(self.gm, node) or not node.all_input_nodes:
                 return None
             node = node.all_input_nodes[0]
         return None
@@ -135,7 +114,7 @@ class FusionPlan:
         out = set()
         for n in self.gm.graph.nodes:
             mod = module_of(self.gm, n)
-            if not isinstance(mod, NORMS) or id(mod) in self.unit_modules:
+            if not isinstance(mod, FOLDABLE_NORMS) or id(mod) in self.unit_modules:
                 continue
             if isinstance(mod, nn.LayerNorm) and not mod.elementwise_affine:
                 continue
@@ -154,14 +133,14 @@ class FusionPlan:
                 if u.args[0] is not node and not self._linear_chain(u.args[0], node):  # type: ignore[arg-type]
                     return False
                 continue
-            if not _is_linear_pass(self.gm, u):
+            if not is_reshape(self.gm, u):
                 return False
             stack.extend(u.users)
         return True
 
     def _linear_chain(self, start: fx.Node, node: fx.Node) -> bool:
         while start is not node:
-            if not _is_linear_pass(self.gm, start):
+            if not is_reshape(self.gm, start):
                 return False
             start = start.all_input_nodes[0]
         return True

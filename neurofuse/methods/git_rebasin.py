@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from neurofuse.alignment import Space, apply_permutation
 from neurofuse.alignment.space import neuron_rows
+from neurofuse.graph import GraphRunner
 from neurofuse.grouping.heads import block_assignment
-from neurofuse.levels import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
     alignment_setup,
@@ -102,7 +102,7 @@ def _match_acts(
     ref_spaces: list[Space],
     ref_runner: GraphRunner | None,
 ) -> dict[str, Tensor]:
-    runner = GraphRunner(trace(ctx.models[k]), ctx.inputs)
+    runner = GraphRunner(ctx.trace(ctx.models[k]), ctx.inputs)
     perms = {}
     for space, ref in zip(spaces, ref_spaces, strict=True):
         if space.fixed:
@@ -174,7 +174,7 @@ def _per_neuron(
     scores, reordered by its permutation (uniform importance: none needed)."""
     if ctx.importance.uniform:
         return {}
-    gms = [trace(model) for model in ctx.models]
+    gms = [ctx.trace(model) for model in ctx.models]
     logits = _logits_space(spaces, gms[0])
     scored = [s for s in spaces if not s.fixed or s is logits]
     coeffs: dict[str, list[Tensor]] = {}
@@ -204,7 +204,9 @@ def git_rebasin(ctx: FusionContext) -> nn.Module:
     ref, weights, states, spaces = alignment_setup(
         ctx, "git_rebasin", opt.reference, opt.weights, equal_widths=True
     )
-    ref_runner = GraphRunner(trace(ctx.models[ref]), ctx.inputs) if opt.match == "acts" else None
+    ref_runner = (
+        GraphRunner(ctx.trace(ctx.models[ref]), ctx.inputs) if opt.match == "acts" else None
+    )
     perms: list[dict[str, Tensor]] = []
     aligned: list[State] = []
     for k in range(n):

@@ -27,7 +27,7 @@ from neurofuse.fitting import (
     fit_gradient,
     set_affine_weights,
 )
-from neurofuse.levels import AFFINE_TYPES, affine_nodes, trace
+from neurofuse.graph import AFFINE_TYPES, affine_nodes, trace
 from neurofuse.methods.kd import DistillOptions, starting_model, teacher_targets
 from neurofuse.methods.registry import FusionContext, register_method
 

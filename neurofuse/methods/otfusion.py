@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from neurofuse.alignment import Space
 from neurofuse.alignment.space import neuron_rows
-from neurofuse.levels import GraphRunner, trace
+from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
     alignment_setup,
@@ -256,7 +256,7 @@ def _marginal(scores: Tensor | None, size: int) -> np.ndarray:
 def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor | None]:
     if ctx.importance.uniform:
         return {s.name: None for s in spaces}
-    runner = GraphRunner(trace(ctx.models[k]), ctx.inputs)
+    runner = GraphRunner(ctx.trace(ctx.models[k]), ctx.inputs)
     return {s.name: space_scores(ctx, k, runner, s) for s in spaces if not s.fixed}
 
 
@@ -275,7 +275,7 @@ def otfusion(ctx: FusionContext) -> nn.Module:
     free = [i for i, s in enumerate(spaces[ref]) if not s.fixed]
     ref_runner = None
     if opt.ground_metric == "acts":
-        ref_runner = GraphRunner(trace(ctx.models[ref]), ctx.inputs)
+        ref_runner = GraphRunner(ctx.trace(ctx.models[ref]), ctx.inputs)
     ref_scores = _scores(ctx, ref, spaces[ref])
     aligned: list[State] = []
     costs: list[float] = []

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse.graph import GraphCache, Levels
 from neurofuse.importance import ImportanceProvider
-from neurofuse.levels import Levels
 from neurofuse.timing import PhaseTimer
 
 
@@ -41,6 +42,12 @@ class FusionContext:
     progress: bool = False
     report: dict[str, Any] = field(default_factory=dict)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    #: fx traces of the models, one per model for the whole fusion (shared with importance)
+    graphs: GraphCache = field(default_factory=GraphCache)
+
+    def trace(self, model: nn.Module) -> fx.GraphModule:
+        """``model``'s torch.fx trace, traced once per fusion."""
+        return self.graphs(model)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

@@ -45,8 +45,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse.graph import ADD_FUNCTIONS, GraphRunner, module_of, to_neurons, unit_end
 from neurofuse.grouping.heads import block_assignment
-from neurofuse.levels import ADD_FUNCTIONS, GraphRunner, module_of, to_neurons, trace, unit_end
 from neurofuse.methods._averaging import (
     State,
     average_states,
@@ -425,10 +425,10 @@ def transformer_otfusion(ctx: FusionContext) -> nn.Module:
     weights = model_weights(opt.weights, n)
     states = states_of(ctx.models)
     check_same_layers(states, "transformer_otfusion", same_shapes=False)
-    check_same_graphs(ctx.models, "transformer_otfusion")
+    check_same_graphs(ctx.models, "transformer_otfusion", ctx.trace)
     x = ctx.inputs[: opt.n_samples]
-    plan = FusionPlan(trace(ctx.models[ref]), ctx.models[ref], x[:2])
-    acts = {k: GraphRunner(trace(m), x) for k, m in enumerate(ctx.models)}
+    plan = FusionPlan(ctx.trace(ctx.models[ref]), ctx.models[ref], x[:2])
+    acts = {k: GraphRunner(ctx.trace(m), x) for k, m in enumerate(ctx.models)}
     aligned: list[State] = []
     costs: list[float] = []
     for k in range(n):

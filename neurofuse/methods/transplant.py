@@ -38,11 +38,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces
 from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
-from neurofuse.levels import trace
+from neurofuse.graph import trace
 from neurofuse.methods.kd import teacher_targets
 from neurofuse.methods.registry import FusionContext, register_method
 from neurofuse.surgery import neuron_view, resize, select
@@ -57,24 +58,25 @@ _LABEL_GAP = 1e4
 # --------------------------------------------------------------------------- spaces
 
 
-def _output_space_names(model: nn.Module, spaces: Sequence[Space]) -> set[str]:
+def _output_space_names(gm: fx.GraphModule, spaces: Sequence[Space]) -> set[str]:
     """Names of the spaces that carry the model's output (the classes)."""
-    gm = trace(model)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     returned = {a.name for a in out.all_input_nodes}
     return {s.name for s in spaces if returned & set(s.nodes)}
 
 
 def hidden_spaces(
-    models: Sequence[nn.Module], example: Tensor | None = None
+    models: Sequence[nn.Module],
+    example: Tensor | None = None,
+    tracer: Callable[[nn.Module], fx.GraphModule] = trace,
 ) -> tuple[list[Space], list[list[Space]]]:
     """The hidden spaces of every model (one list per model, in the same order) and the
     output spaces of model 0, after checking that they can be concatenated.
 
     Raises a ValueError naming the space when a hidden space is fixed or normalised jointly,
     or when the models' spaces differ in anything but width."""
-    per_model = [permutation_spaces(m, example=example) for m in models]
-    outputs = _output_space_names(models[0], per_model[0])
+    per_model = [permutation_spaces(m, example=example, gm=tracer(m)) for m in models]
+    outputs = _output_space_names(tracer(models[0]), per_model[0])
     ref = per_model[0]
     for k, spaces in enumerate(per_model[1:], start=1):
         sig0 = [(s.name, s.fixed, sorted(s.members)) for s in ref]
@@ -348,7 +350,7 @@ def _merge_error(wide: nn.Module, models: Sequence[nn.Module], x: Tensor) -> flo
 )
 def transplant(ctx: FusionContext) -> nn.Module:
     opt: TransplantOptions = ctx.options
-    hidden = hidden_spaces(ctx.models, ctx.inputs[:2])[1]
+    hidden = hidden_spaces(ctx.models, ctx.inputs[:2], ctx.trace)[1]
     wide, spaces = concatenate(ctx.models, hidden)
     error = _merge_error(wide, ctx.models, ctx.inputs[:256])
     ctx.report["merge_relative_error"] = error
@@ -358,7 +360,7 @@ def transplant(ctx: FusionContext) -> nn.Module:
             f"{error:.2e} (relative): some layer of this architecture mixes neurons in a way "
             "transplant cannot concatenate. Use kd, lp or kf_gradient for this model"
         )
-    _, target_hidden = hidden_spaces([ctx.target], ctx.inputs[:2])
+    _, target_hidden = hidden_spaces([ctx.target], ctx.inputs[:2], ctx.trace)
     widths = {s.name: s.size for s in target_hidden[0]}
     wide_widths = {s.name: s.size for s in spaces}
     if widths.keys() != wide_widths.keys() or any(widths[k] > wide_widths[k] for k in widths):

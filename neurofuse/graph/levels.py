@@ -20,73 +20,22 @@ encoder block), then the head (final norm, pooling, classifier).
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-# re-exported: the fusion engines import it from here
-from neurofuse.graph_runner import GraphRunner as GraphRunner
+from neurofuse.graph.ops import (
+    ADD_FUNCTIONS,
+    AFFINE_TYPES,
+    NORM_TYPES,
+    is_activation,
+    module_of,
+)
+from neurofuse.graph.tracing import trace
 
-AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
-ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.GELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.LeakyReLU,
-    nn.SiLU,
-    nn.ELU,
-    nn.Softplus,
-)
-ACTIVATION_FUNCTIONS: frozenset[Any] = frozenset(
-    {
-        torch.relu,
-        torch.tanh,
-        torch.sigmoid,
-        nn.functional.relu,
-        nn.functional.gelu,
-        nn.functional.silu,
-        nn.functional.leaky_relu,
-        nn.functional.elu,
-        nn.functional.tanh,
-        nn.functional.sigmoid,
-    }
-)
 CUT_SIDES = ("pre", "post")
-
-
-class TraceError(TypeError):
-    """Raised when torch.fx cannot trace a model and no usable explicit levels were given."""
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx; the result shares parameters with ``model``."""
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many exception types
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}. Automatic levels need an "
-            "fx-traceable forward (no data-dependent Python control flow). Either make forward "
-            "traceable, or give explicit levels: levels=[names of consecutive top-level children "
-            "of an nn.Sequential, each ending a level], or levels=Levels.from_modules([...]) with "
-            "one nn.Module per level."
-        ) from exc
-
-
-def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), ACTIVATION_MODULES)
-    return node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS
-
-
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
@@ -149,7 +98,6 @@ class Levels:
     names: Sequence[str] | None = None
     cut: str = "pre"
     neuron_axes: dict[int, int] = field(default_factory=dict)
-    modules: Sequence[Sequence[nn.Module]] | None = None
 
     def __post_init__(self) -> None:
         if self.cut not in CUT_SIDES:
@@ -169,11 +117,6 @@ class Levels:
         if isinstance(levels, str):
             raise TypeError("levels must be a list of module names, not a single string")
         return cls(list(levels), cut=cut)
-
-    @classmethod
-    def from_modules(cls, per_model: Sequence[Sequence[nn.Module]]) -> Levels:
-        """Levels given directly as modules, one list per model (for models fx cannot trace)."""
-        return cls(names=None, modules=[list(m) for m in per_model])
 
     def cut_nodes(self, gm: fx.GraphModule) -> list[fx.Node]:
         """The nodes of ``gm`` that end each level, in order."""
@@ -246,7 +189,7 @@ def _residual_adds(gm: fx.GraphModule) -> list[fx.Node]:
     return out
 
 
-def _is_transformer_like(gm: fx.GraphModule) -> bool:
+def is_transformer_like(gm: fx.GraphModule) -> bool:
     return any(
         isinstance(module_of(gm, n), nn.LayerNorm | nn.MultiheadAttention)
         or (n.op == "call_function" and n.target is nn.functional.scaled_dot_product_attention)
@@ -258,7 +201,7 @@ def _block_ends(gm: fx.GraphModule) -> list[fx.Node] | None:
     """For transformer-like models: the end of the embedding (the skip operand of the first
     residual addition) and the last node of every module whose forward holds residual
     additions (its blocks). ``None`` for other models, or when no block is found."""
-    if not _is_transformer_like(gm):
+    if not is_transformer_like(gm):
         return None
     adds = _residual_adds(gm)
     if not adds:
@@ -313,12 +256,8 @@ def _copy_segment(
 def split(model: nn.Module, levels: Levels, gm: fx.GraphModule | None = None) -> list[nn.Module]:
     """Cut ``model`` into level modules that share its parameters: ``model(x)`` equals applying
     the returned modules in turn."""
-    if levels.modules is not None:
-        raise ValueError("Levels.from_modules holds modules already; use them directly")
     if gm is None:
-        gm = _trace_or_sequential(model, levels)
-        if not isinstance(gm, fx.GraphModule):
-            return gm
+        gm = trace(model)
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -332,34 +271,6 @@ def split(model: nn.Module, levels: Levels, gm: fx.GraphModule | None = None) ->
         segment = nodes[lo : index[cut] + 1]
         out.append(_copy_segment(gm, segment, start, cut, gm))
         start, lo = cut, index[cut] + 1
-    return out
-
-
-def _trace_or_sequential(model: nn.Module, levels: Levels) -> fx.GraphModule | list[nn.Module]:
-    try:
-        return trace(model)
-    except TraceError:
-        if levels.names is not None and isinstance(model, nn.Sequential):
-            return _split_sequential(model, levels.names)
-        raise
-
-
-def _split_sequential(model: nn.Sequential, names: Sequence[str]) -> list[nn.Module]:
-    children = list(model.named_children())
-    order = {name: i for i, (name, _) in enumerate(children)}
-    missing = [n for n in names if n not in order]
-    if missing:
-        raise ValueError(
-            f"level names {missing} are not top-level children of this nn.Sequential "
-            f"(children: {list(order)})"
-        )
-    ends = [order[n] for n in names]
-    if ends[-1] != len(children) - 1:
-        ends.append(len(children) - 1)
-    out, lo = [], 0
-    for e in ends:
-        out.append(nn.Sequential(*[m for _, m in children[lo : e + 1]]))
-        lo = e + 1
     return out
 
 
@@ -426,6 +337,3 @@ def from_neurons(rows: Tensor, like: Tensor, axis: int) -> Tensor:
     moved = list(like.movedim(axis, -1).shape)
     moved[-1] = rows.shape[0]
     return rows.T.reshape(moved).movedim(-1, axis)
-
-
-ADD_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({operator.add, torch.add, operator.iadd})
