@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,8 +11,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from neurofuse.graph import Levels
-from neurofuse.importance import ImportanceProvider, ImportanceSpec
+from neurofuse.graph import AFFINE_TYPES, GraphCache, Levels
+from neurofuse.importance import Importance, ImportanceProvider, ImportanceSpec
+from neurofuse.importance.provider import describe
 from neurofuse.methods.registry import (
     FusionContext,
     MethodInfo,
@@ -103,6 +105,171 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return clone
 
 
+def _models_dtype(models: Sequence[nn.Module]) -> torch.dtype:
+    """The floating dtype of the models' parameters (float32 for a model without any)."""
+    for m in models:
+        for t in m.parameters():
+            if t.is_floating_point():
+                return t.dtype
+    return torch.get_default_dtype()
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """Pairs of parameter names that are one tensor (``fc3.weight = fc2.weight``)."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            pairs.append((first[id(p)], name))
+        else:
+            first[id(p)] = name
+    return pairs
+
+
+def _methods_with(flag: str) -> list[str]:
+    return [n for n in available_methods() if getattr(get_method(n).caps, flag)]
+
+
+def _check_call(
+    info: MethodInfo,
+    models: list[nn.Module],
+    levels: Any,
+    importance: Any,
+    target: nn.Module | None,
+    seed: Any,
+) -> None:
+    """Refuse what ``info``'s method would silently ignore or cannot do, before any work."""
+    caps, name = info.caps, info.name
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
+    if levels is not None and not caps.levels:
+        raise ValueError(
+            f"method {name!r} does not use levels (it would ignore levels={levels!r}); drop "
+            f"the argument, or use a method that cuts the model into levels: "
+            f"{', '.join(_methods_with('levels'))}"
+        )
+    if not caps.importance and not _is_uniform(importance):
+        raise ValueError(
+            f"method {name!r} does not use importance scores (it would ignore importance="
+            f"{describe(importance)}); drop the argument, or use a method that weighs neurons "
+            f"by importance: {', '.join(_methods_with('importance'))}"
+        )
+    if target is not None and caps.target == "none":
+        raise ValueError(
+            f"method {name!r} builds its own model and would ignore target=; drop the argument"
+        )
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
+    if caps.equal_widths:
+        for i, sh in enumerate(shapes[1:], start=1):
+            if sh != shapes[0]:
+                diff = next((k for k in sh if shapes[0].get(k) != sh[k]), None)
+                raise ValueError(
+                    f"method {name!r} needs models of equal widths, but models[{i}] differs from "
+                    f"models[0]" + (f" at {diff!r}" if diff else "") + "; use kf_linear or "
+                    "kf_gradient for models of different widths"
+                )
+    if target is not None and caps.target == "same":
+        tgt = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+        if all(tgt != sh for sh in shapes):
+            raise ValueError(
+                f"method {name!r} fuses into the models' own widths, so a target needs equal widths "
+                "to theirs; the given target has other shapes. Drop target=, or use kf_linear / kf_gradient to fuse into other widths"
+            )
+    if not caps.tied_weights:
+        for i, m in enumerate(models + ([target] if target is not None else [])):
+            pairs = tied_parameters(m)
+            if pairs:
+                who = f"models[{i}]" if i < len(models) else "the target"
+                raise ValueError(
+                    f"{who} has tied parameters ({pairs[0][1]!r} is {pairs[0][0]!r}); method "
+                    f"{name!r} fits each layer on its own and would write two values into the "
+                    "one shared tensor. Untie them (give each layer its own copy), or use a "
+                    f"method that keeps them tied: {', '.join(_methods_with('tied_weights'))}"
+                )
+
+
+def _is_uniform(importance: Any) -> bool:
+    try:
+        return Importance.coerce(importance).score == "uniform"
+    except (TypeError, ValueError):
+        return False
+
+
+def _forward_outputs(models: list[nn.Module], x: Tensor, template: nn.Module) -> list[tuple]:
+    """One forward pass of every model on two samples: a clear error for inputs of the wrong
+    shape and for models that do not return one tensor; the output shape of each."""
+    shapes = []
+    for i, m in enumerate([*models, template]):
+        who = f"models[{i}]" if i < len(models) else "the target"
+        try:
+            with torch.no_grad():
+                out = m(x[:2])
+        except Exception as exc:  # any failure here is the data not fitting the model
+            raise ValueError(
+                f"{who} cannot run on the fusion data: its samples have shape "
+                f"{tuple(x.shape[1:])} ({x.dtype}), and the forward pass failed with "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Give "
+                "inputs shaped like the models' training data (batch first)"
+            ) from exc
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{who} returns a {type(out).__name__}, not a tensor; fusion needs models whose "
+                "forward returns one tensor of logits. Wrap the model, e.g. a module whose "
+                "forward returns model(x)[0] or model(x)['logits']"
+            )
+        shapes.append(tuple(out.shape[1:]))
+    return shapes
+
+
+def _check_labels(y: Tensor, classes: int) -> Tensor:
+    if y.is_floating_point():
+        if not torch.equal(y, y.round()):
+            raise ValueError(
+                "the fusion labels are not whole numbers; give class indices (one integer per "
+                "sample), not probabilities or one-hot rows"
+            )
+        y = y.long()
+    if y.dim() != 1:
+        raise ValueError(
+            f"the fusion labels have shape {tuple(y.shape)}; give one class index per sample"
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(
+            f"the fusion labels range over {int(y.min())}..{int(y.max())}, but the models have "
+            f"{classes} classes (0..{classes - 1}); give class indices in that range"
+        )
+    return y.long()
+
+
+def _warn_small(info: MethodInfo, template: nn.Module, n: int) -> None:
+    if not info.caps.fits_data:
+        return
+    widths = [
+        (name, m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+        for name, m in template.named_modules()
+        if isinstance(m, AFFINE_TYPES)
+    ]
+    if not widths:
+        return
+    name, width = max(widths, key=lambda t: t[1])
+    if n < width:
+        warnings.warn(
+            f"the fusion set has {n} samples, fewer than the {width} neurons of {name!r}: "
+            f"{info.name} cannot tell those neurons apart on so few samples, and the fused "
+            f"model may be far from the base models. Give at least {width} samples.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _keep_flags(fused: nn.Module, source: nn.Module) -> None:
+    """The fused model's parameters get ``requires_grad`` from the same-named parameters of
+    the model it was built from (True where that model has no such name)."""
+    flags = {n: p.requires_grad for n, p in source.named_parameters()}
+    for n, p in fused.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+
+
 def fuse(
     models: Sequence[nn.Module],
     data: Any,
@@ -115,14 +282,14 @@ def fuse(
     progress: bool = False,
     **options: Any,
 ) -> nn.Module:
-    """Fuse ``models`` into one network, with no retraining of the base models.
+    r"""Fuse ``models`` into one network, with no retraining of the base models.
 
     Args:
         models: two or more models; never modified (fusion works on copies). One model is
             accepted by the methods that can compress (``kf_linear``, ``kf_gradient``, ``kd``)
             when ``target`` is a smaller template: the model is fused into it.
         data: the fusion set: inputs ``(B, ...)``, an ``(inputs, labels)`` pair, a ``Dataset``
-            or a ``DataLoader``.
+            or a ``DataLoader``. Inputs are cast to the models' dtype.
         method: a name from :func:`neurofuse.available_methods`.
         importance: ``"uniform"``, another registered score name, a callable
             ``f(model, name, output) -> scores`` or precomputed ``[{name: scores}, ...]``.
@@ -133,44 +300,62 @@ def fuse(
         progress: show a progress bar.
         **options: method options (see :func:`neurofuse.method_options`).
 
+    Each method declares what it reads and what it can fuse
+    (:func:`neurofuse.method_info`\ ``(name).caps``); an argument the method would ignore
+    (``levels``, ``importance``, ``target``), an option of the wrong type, a model with tied
+    parameters the method cannot keep tied, models of unequal widths for a method that needs
+    equal ones, inputs the models cannot run on and labels outside the models' classes are
+    refused with an error that names the fix, before any work.
+
     Returns:
-        The fused model in eval mode on ``device``. ``fused.neurofuse_report`` holds
-        diagnostics (method, options, per-level losses).
+        The fused model in eval mode on ``device``, its parameters' ``requires_grad`` as in the
+        model it was built from. ``fused.neurofuse_report`` holds diagnostics (method, options,
+        per-level losses).
     """
     info = get_method(method)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     opts = build_options(info, options)
     models = _check_models(models, info, target is not None)
+    _check_call(info, models, levels, importance, target, seed)
+    levels = Levels.coerce(levels)
     x, y = as_fusion_data(data)
+    x = x.to(_models_dtype(models))
     dev = torch.device(device) if device is not None else x.device
     x = x.to(dev)
-    y = y.to(dev) if y is not None else None
     copies = [_private_copy(m, dev) for m in models]
     template = _private_copy(target if target is not None else models[0], dev)
-    with torch.no_grad():
-        widths = [tuple(m(x[:2]).shape[1:]) for m in copies + [template]]
+    widths = _forward_outputs(copies, x, template)
     if len(set(widths)) != 1:
         raise ValueError(
             f"the models' outputs differ in shape {widths[:-1]} (fused template: {widths[-1]}); "
             "fusion needs models with the same classes"
         )
+    if y is not None and (info.caps.labels != "unused" or not _is_uniform(importance)):
+        y = _check_labels(y, widths[0][-1] if widths[0] else 1)
+    y = y.to(dev) if y is not None else None
+    _warn_small(info, template, x.shape[0])
+    graphs = GraphCache()
     ctx = FusionContext(
         models=copies,
         inputs=x,
         labels=y,
-        importance=ImportanceProvider(importance, copies, x, y),
-        levels=Levels.coerce(levels),
+        importance=ImportanceProvider(importance, copies, x, y, graphs),
+        levels=levels,
         target=template,
         seed=seed,
         device=dev,
         options=opts,
         progress=progress,
+        graphs=graphs,
+        target_given=target is not None,
     )
     fused = info.fn(ctx)
-    for p in fused.parameters():
-        p.requires_grad_(True)
+    _keep_flags(fused, target if target is not None else models[0])
     fused.neurofuse_report = {
         "method": method,
         "options": vars(opts),
+        "importance": describe(importance),
         "seed": seed,
         "seconds": ctx.timer.as_dict(),
         **ctx.report,

@@ -187,7 +187,7 @@ def test_bad_input_is_a_clear_error_and_models_stay_untouched():
         (([a, d], x), {"method": "kf_linear"}, ValueError, "classes"),
         (([a, b], x[:0]), {}, ValueError, "empty"),
         (([a, b], torch.full((5, 10), float("nan"))), {}, ValueError, "NaN"),
-        (([a, b], x), {"levels": ["nope"]}, ValueError, "neither a module"),
+        (([a, b], x), {"levels": ["nope"]}, ValueError, "does not use levels"),
         (([a, b], x), {"method": "kf_gradient", "levels": ["nope"]}, ValueError, "neither"),
         (([a, b], x), {"method": "no_such"}, ValueError, "valid methods"),
         (([a, b], x), {"bogus_option": 1}, ValueError, "valid options"),

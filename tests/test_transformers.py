@@ -273,14 +273,17 @@ def test_transformer_otfusion_reads_a_vector_added_to_a_space_with_its_map():
             assert relative_error(out, _logits(model, x)) < 1e-5
 
 
-def test_tied_weights_are_refused_by_the_linear_variants():
+def test_tied_weights_are_refused_by_per_layer_fits_and_kept_by_alignment():
     model = _gpt().eval()
     model.head.weight = model.embed.tok.weight  # a tied language-model head
     x = _inputs("gpt", 32, 0)
-    with pytest.raises(ValueError, match="tied parameter"):
-        nf.fuse([model, _gpt().eval()], x, method="kf_linear")
-    fused = nf.fuse([model, model], x, method="kf_gradient", epochs=1, last_epochs=1)
-    assert fused.neurofuse_report["init"].startswith("model 0")  # the paper's start instead
+    for method in ("kf_linear", "kf_gradient", "hf_linear"):
+        with pytest.raises(ValueError, match="tied parameter.*head.weight.*git_rebasin"):
+            nf.fuse([model, _gpt().eval()], x, method=method)
+    # a method that declares tied weights keeps them tied and the model's function
+    fused = nf.fuse([model, model], x, method="git_rebasin")
+    assert fused.head.weight is fused.embed.tok.weight
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def _nanogpt_attention(self, x: Tensor) -> Tensor:

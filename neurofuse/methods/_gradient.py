@@ -37,7 +37,7 @@ from neurofuse.graph import (
     split,
     to_neurons,
 )
-from neurofuse.grouping import group
+from neurofuse.grouping.strategy import GroupingKind, NeuronGrouping
 from neurofuse.methods._linear import (
     AFFINE_TYPES,
     NORM_TYPES,
@@ -181,7 +181,7 @@ def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
-def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
+def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
     opt: GradientOptions = ctx.options
     n = len(ctx.models)
     if opt.init_model is not None and not 0 <= opt.init_model < n:
@@ -208,7 +208,10 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
     f_levels = split(ctx.target, ctx.levels, gm=fgm)
     b_levels = [split(m, ctx.levels, gm=g) for m, g in zip(ctx.models, bgms, strict=True)]
     producers = [producing_layer(fgm, c) for c in ctx.levels.cut_nodes(fgm)]
-    linear = _linear_start(ctx, grouping_method) if opt.init == "linear" else None
+    linear = _linear_start(ctx, grouping) if opt.init == "linear" else None
+    grouper = NeuronGrouping(
+        grouping, "gradient", seed=ctx.seed, n_init=opt.n_init, max_iter=opt.max_iter
+    )
     gen = ctx.generator()
     f_in: Tensor = ctx.inputs
     b_in: list[Tensor] = [ctx.inputs] * n
@@ -245,7 +248,7 @@ def fuse_gradient(ctx: FusionContext, grouping_method: str) -> nn.Module:
                 else:
                     reference = rows[opt.init_model]
                 with ctx.timer("grouping"):
-                    a = _group_level(ctx, grouping_method, li, rows, s, probe.shape[axis])
+                    a = _group_level(grouper, li, rows, s, probe.shape[axis])
                     a = _order_like(a, points, reference)
                 target = from_neurons(a @ points, b_out[0], axis)
             if linear is None:
@@ -279,7 +282,7 @@ def _is_affine(level: nn.Module) -> bool:
     return len(affine) == 1 and all(m in affine or isinstance(m, NORM_TYPES) for m in owners)
 
 
-def _linear_start(ctx: FusionContext, grouping_method: str) -> _LinearFusion | None:
+def _linear_start(ctx: FusionContext, grouping: GroupingKind) -> _LinearFusion | None:
     """Fit ``ctx.target`` with the Linear variant (the starting point of every level) and keep
     the engine for its groupings; ``None`` (and the paper's initialisation) when the Linear
     variant cannot fuse these models (e.g. levels that span layers of other depths)."""
@@ -287,7 +290,7 @@ def _linear_start(ctx: FusionContext, grouping_method: str) -> _LinearFusion | N
     lctx = dataclasses.replace(ctx, options=LinearOptions(n_init=opt.n_init, max_iter=opt.max_iter))
     saved = {k: v.clone() for k, v in ctx.target.state_dict().items()}
     try:
-        engine = _LinearFusion(lctx, grouping_method)
+        engine = _LinearFusion(lctx, grouping)
         engine.run()
     except (ValueError, NotImplementedError) as exc:
         ctx.target.load_state_dict(saved)
@@ -313,30 +316,12 @@ def _linear_target(engine: _LinearFusion, cut: str, b_out: list[Tensor]) -> Tens
 
 
 def _group_level(
-    ctx: FusionContext, method: str, li: int, rows: list[Tensor], s: Tensor, d_f: int
+    grouper: NeuronGrouping, li: int, rows: list[Tensor], s: Tensor, d_f: int
 ) -> Tensor:
     """The (d_f, d_M) averaging matrix of level ``li``'s groups (in arbitrary order)."""
-    opt: GradientOptions = ctx.options
     widths = [r.shape[0] for r in rows]
     points = torch.cat(rows)
-    if method == "hungarian":
-        if len(rows) != 2 or widths[0] != widths[1] or widths[0] != d_f:
-            raise ValueError(
-                f"Hungarian fusion needs two models of equal width fused into the same width; "
-                f"level {li} has base widths {widths} and fused width {d_f}. "
-                "Use kf_gradient instead."
-            )
-        g = group(points, s, d_f, method="hungarian", sizes=widths)
-    else:
-        g = group(
-            points,
-            s,
-            d_f,
-            method="kmeans",
-            seed=ctx.seed + li,
-            n_init=opt.n_init,
-            max_iter=opt.max_iter,
-        )
+    g = grouper.neurons(points, s, d_f, widths, f"level {li}", offset=li)
     return g.assignment_matrix(s).to(points)
 
 

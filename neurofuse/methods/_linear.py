@@ -49,8 +49,7 @@ from neurofuse.graph import (
     to_neurons,
     unit_end,
 )
-from neurofuse.grouping import group
-from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
+from neurofuse.grouping.strategy import GroupingKind, NeuronGrouping
 from neurofuse.methods._linear_parts import (
     LinearOptions,
     check_batchnorms,
@@ -83,9 +82,17 @@ def _units_upstream(node: fx.Node, plan: FusionPlan) -> list[fx.Node]:
 
 
 class _LinearFusion:
-    def __init__(self, ctx: FusionContext, grouping_method: str) -> None:
-        self.ctx, self.method = ctx, grouping_method
+    def __init__(self, ctx: FusionContext, grouping: GroupingKind) -> None:
+        self.ctx = ctx
         self.opt: LinearOptions = ctx.options
+        self.grouper = NeuronGrouping(
+            grouping,
+            "linear",
+            seed=ctx.seed,
+            n_init=self.opt.n_init,
+            max_iter=self.opt.max_iter,
+            local_search=self.opt.local_search,
+        )
         self.fused = ctx.target
         self.fgm = ctx.trace(self.fused)
         self.bgms = [ctx.trace(m) for m in ctx.models]
@@ -167,32 +174,11 @@ class _LinearFusion:
     ) -> LeastSquares:
         return normal_equations(layers, xs, bias, y_rows, self.opt, self.ctx.seed)
 
-    def group(self, coords: Tensor, s: Tensor, k: int, widths: list[int]) -> Tensor:
+    def group(self, coords: Tensor, s: Tensor, k: int, widths: list[int], where: str) -> Tensor:
         with self.ctx.timer("grouping"):
-            return self._group(coords, s, k, widths)
-
-    def _group(self, coords: Tensor, s: Tensor, k: int, widths: list[int]) -> Tensor:
-        if self.method == "hungarian":
-            if len(widths) != 2 or widths[0] != widths[1] or widths[0] != k:
-                raise ValueError(
-                    f"Hungarian fusion needs two models of equal width fused into the same width; "
-                    f"got base widths {widths} and fused width {k}. Use kf_linear instead."
-                )
-            g = group(coords, s, k, method="hungarian", sizes=widths)
-        else:
-            g = group(
-                coords,
-                s,
-                k,
-                method="kmeans",
-                seed=self.ctx.seed,
-                n_init=self.opt.n_init,
-                max_iter=self.opt.max_iter,
-                local_search=self.opt.local_search,
-            )
-        a = g.assignment_matrix(s).to(torch.float64)
+            g = self.grouper.neurons(coords, s, k, widths, f"space {where!r}")
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
-        return a
+        return g.assignment_matrix(s).to(torch.float64)
 
     def grouping(self, space: int) -> tuple[Tensor, list[int]]:
         """The grouping of a space (found earlier; for a space that cannot be permuted, each
@@ -352,7 +338,7 @@ class _LinearFusion:
             points = coords.T.contiguous()
             if self.opt.stream == "all" and self.plan.spaces[space].stream:
                 points = self.stream_points(space)
-            self.groupings[space] = self.group(points, s, k, widths)
+            self.groupings[space] = self.group(points, s, k, widths, self.plan.spaces[space].name)
         a = expand_parts(self.grouping(space)[0], parts, self.sizes(space))
         self.write([u], ls, self.solve(ls, [u], space, a, chol, coords))
 
@@ -394,25 +380,9 @@ class _LinearFusion:
         points = torch.cat(feats, dim=1)
         w = torch.stack(weights).mean(0)
         with self.ctx.timer("grouping"):
-            if self.method == "hungarian":
-                if len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] != sp.size:
-                    raise ValueError(
-                        f"Hungarian fusion needs two models of equal width; attention space "
-                        f"{sp.name!r} has widths {sizes} (fused {sp.size}). Use kf_linear."
-                    )
-                c = sizes[0]
-                g = hungarian_heads(points[:c], points[c:], sp.heads, w[:c], w[c:])
-            else:
-                g = kmeans_heads(
-                    points,
-                    w,
-                    sp.head_dim,
-                    sp.heads,
-                    n_init=self.opt.n_init,
-                    max_iter=self.opt.max_iter,
-                    seed=self.ctx.seed,
-                    first_centres=range(sizes[0] // sp.head_dim)[: sp.heads],
-                )
+            g = self.grouper.heads(
+                points, w, sizes, sp.heads, sp.head_dim, f"attention space {sp.name!r}"
+            )
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
         self.groupings[space] = g.assignment_matrix(w).to(torch.float64)
         for u, ls, chol, coords, parts in fits:
@@ -472,7 +442,7 @@ class _LinearFusion:
             chol = ls.factor(self.opt.ridge)
             coords = ls.coordinates(chol)
             self.groupings[space] = a = self.group(
-                coords.T.contiguous(), self.scores(add, ys, widths), k, widths
+                coords.T.contiguous(), self.scores(add, ys, widths), k, widths, add.name
             )
             w = self.solve(ls, units, space, a, chol, coords)
         self.write(units, ls, w)
@@ -505,7 +475,7 @@ class _LinearFusion:
         widths = [r.shape[1] for r in rows]
         points = torch.cat(rows, dim=1).T.contiguous()
         k = self.plan.spaces[space].size
-        self.groupings[space] = self.group(points, self.scores(u, ys, widths), k, widths)
+        self.groupings[space] = self.group(points, self.scores(u, ys, widths), k, widths, u.name)
 
     def run(self) -> nn.Module:
         done: set[fx.Node] = set()
@@ -551,8 +521,9 @@ class _LinearFusion:
         return self.fused.eval()
 
 
-def fuse_linear(ctx: FusionContext, grouping_method: str) -> nn.Module:
-    return _LinearFusion(ctx, grouping_method).run()
+def fuse_linear(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
+    """The Linear variant with ``grouping`` (``"kmeans"``: KF Linear, ``"hungarian"``: HF)."""
+    return _LinearFusion(ctx, grouping).run()
 
 
 __all__ = ["LinearOptions", "fuse_linear", "expand_parts", "AFFINE_TYPES", "NORM_TYPES"]

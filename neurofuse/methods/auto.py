@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from neurofuse.finetuning import mixup_inputs
 from neurofuse.methods.ensemble import ensemble_log_probs
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 #: The default portfolio: ``(label, method, options)``; HF only for two equal-width models.
 PORTFOLIO: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -152,7 +152,7 @@ def candidates(ctx: FusionContext, opt: AutoOptions) -> list[tuple[str, str, str
             continue  # Hungarian fusion: two models of equal width only
         if len(ctx.models) == 1 and not get_method(method).single_model:
             continue
-        for score in scores:
+        for score in scores if get_method(method).caps.importance else ["uniform"]:
             tag = label if score == "uniform" else f"{label} ({score})"
             out.append((tag, method, score, options))
     return out
@@ -163,9 +163,11 @@ def candidates(ctx: FusionContext, opt: AutoOptions) -> list[tuple[str, str, str
     "Tries KF/HF Linear, KF Linear+KD and KF Gradient (and the base models) on part of the "
     "fusion set, keeps the one closest to the probability ensemble, refits it on all",
     AutoOptions,
+    Capabilities(levels=True, importance=True, labels="optional", exact=False),
 )
 def auto(ctx: FusionContext) -> nn.Module:
     from neurofuse.api import fuse
+    from neurofuse.methods.registry import get_method
 
     opt: AutoOptions = ctx.options
     n = ctx.inputs.shape[0]
@@ -178,14 +180,16 @@ def auto(ctx: FusionContext) -> nn.Module:
     spec = ctx.importance.spec
 
     def fuse_with(data: Any, method: str, importance: Any, options: dict) -> nn.Module:
-        """One candidate fused on ``data`` with the call's models, levels, template and seed."""
+        """One candidate fused on ``data`` with the call's models, levels, template and seed
+        (levels and template only where the candidate uses them)."""
+        caps = get_method(method).caps
         return fuse(
             ctx.models,
             data,
             method=method,
             importance=importance,
-            levels=ctx.levels,
-            target=ctx.target,
+            levels=ctx.levels if caps.levels else None,
+            target=ctx.target if ctx.target_given and caps.target != "none" else None,
             seed=ctx.seed,
             device=ctx.device,
             **options,

@@ -15,19 +15,24 @@ from typing import Any
 from torch import nn
 
 from neurofuse.finetuning import FinetuneOptions, finetune
-from neurofuse.methods._gradient import GradientOptions
-from neurofuse.methods._linear import LinearOptions
-from neurofuse.methods.registry import FusionContext, get_method, register_method
+from neurofuse.methods.registry import (
+    Capabilities,
+    FusionContext,
+    get_method,
+    option_types,
+    register,
+)
 
 PREFIX = "kd_"
 
 
 def _combined_options(base: type, name: str) -> type:
     """A dataclass with ``base``'s fields and every FinetuneOptions field prefixed ``kd_``."""
+    types = option_types(FinetuneOptions)
     extra = [
         (
             PREFIX + f.name,
-            f.type,
+            types[f.name],  # resolved: the new class's module cannot resolve the name
             dataclasses.field(default=f.default),
         )
         for f in dataclasses.fields(FinetuneOptions)
@@ -60,16 +65,10 @@ def fusion_options(opts: Any, base: type) -> Any:
     return base(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(base)})
 
 
-def _register(method: str, base: type) -> None:
+def register_distilled(method: str, base: type, caps: Capabilities) -> None:
+    """Register ``<method>+kd``: ``method`` (options ``base``), then distillation."""
     options = _combined_options(base, f"{method.title().replace('_', '')}KDOptions")
 
-    @register_method(
-        f"{method}+kd",
-        f"{method}, then the models' probability ensemble distilled into it on the fusion set "
-        "(anchored to the fitted weights)",
-        options,
-        single_model=False,
-    )
     def fused_then_distilled(ctx: FusionContext) -> nn.Module:
         kd = distill_options(ctx.options)
         inner = dataclasses.replace(ctx, options=fusion_options(ctx.options, base))
@@ -83,11 +82,13 @@ def _register(method: str, base: type) -> None:
         ctx.report["labels_used"] = False
         return student
 
-
-for _method, _base in (
-    ("kf_linear", LinearOptions),
-    ("hf_linear", LinearOptions),
-    ("kf_gradient", GradientOptions),
-    ("hf_gradient", GradientOptions),
-):
-    _register(_method, _base)
+    register(
+        f"{method}+kd",
+        f"{method}, then the models' probability ensemble distilled into it on the fusion set "
+        "(anchored to the fitted weights)",
+        fused_then_distilled,
+        options,
+        # distillation needs the models as teachers: no one-model compression; and it moves
+        # the weights, so a permuted copy is no longer returned exactly
+        dataclasses.replace(caps, single_model=False, exact=False),
+    )

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 
 def _mean_probs_log(outputs: list[Tensor]) -> Tensor:
@@ -94,7 +94,7 @@ class EnsembleOptions:
     "ensemble",
     "Prediction ensemble: averages the members' probabilities or logits (n x inference cost)",
     EnsembleOptions,
-    needs_levels=False,
+    Capabilities(target="none", tied_weights=True, fits_data=False),
 )
 def ensemble(ctx: FusionContext) -> nn.Module:
     opt: EnsembleOptions = ctx.options

@@ -23,7 +23,7 @@ from neurofuse.methods._averaging import (
     states_of,
     write_state,
 )
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 
 @dataclass
@@ -59,7 +59,7 @@ class FedAvgOptions:
     "fedavg",
     "FedAvg (McMahan et al. 2017): parameters averaged in proportion to each model's sample count",
     FedAvgOptions,
-    needs_levels=False,
+    Capabilities(equal_widths=True, target="same", tied_weights=True, fits_data=False),
 )
 def fedavg(ctx: FusionContext) -> nn.Module:
     opt: FedAvgOptions = ctx.options

@@ -45,7 +45,7 @@ from neurofuse.methods._averaging import (
     space_scores,
     write_state,
 )
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 
 @dataclass
@@ -196,7 +196,14 @@ def _per_neuron(
     "git_rebasin",
     "Git Re-Basin (Ainsworth et al. 2022): permutation by linear assignment, then averaging",
     GitRebasinOptions,
-    needs_levels=False,
+    Capabilities(
+        importance=True,
+        equal_widths=True,
+        target="same",
+        tied_weights=True,
+        fits_data=False,
+        exact=True,
+    ),
 )
 def git_rebasin(ctx: FusionContext) -> nn.Module:
     opt: GitRebasinOptions = ctx.options

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
 from neurofuse.methods.ensemble import ensemble_log_probs
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 
 @dataclass
@@ -108,6 +108,11 @@ def check_model_index(index: int | None, n: int, option: str = "init_model") -> 
 def starting_model(ctx: FusionContext, index: int | None) -> nn.Module:
     """A private copy of ``ctx.models[index]``, or the fused template when ``index`` is None."""
     check_model_index(index, len(ctx.models))
+    if index is not None and ctx.target_given:
+        raise ValueError(
+            f"target= is given but init_model={index} starts from models[{index}] and would "
+            "ignore it; pass init_model=None to start from the target"
+        )
     return ctx.target if index is None else copy.deepcopy(ctx.models[index])
 
 
@@ -137,8 +142,7 @@ def teacher_targets(ctx: FusionContext) -> Tensor:
     "kd",
     "Knowledge distillation (multi-teacher): train a student to the models' mean soft predictions",
     KDOptions,
-    needs_levels=False,
-    single_model=True,
+    Capabilities(single_model=True, tied_weights=True),
 )
 def kd(ctx: FusionContext) -> nn.Module:
     opt: KDOptions = ctx.options

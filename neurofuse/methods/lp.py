@@ -29,7 +29,7 @@ from neurofuse.fitting import (
 )
 from neurofuse.graph import AFFINE_TYPES, affine_nodes, trace
 from neurofuse.methods.kd import DistillOptions, starting_model, teacher_targets
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _mean_logits(models: list[nn.Module], inputs: Tensor, chunk: int = 512) -> T
     "lp",
     "Linear probing: refit one model's classifier head to the ensemble (KL or least squares)",
     LPOptions,
-    needs_levels=False,
+    Capabilities(tied_weights=True),
 )
 def lp(ctx: FusionContext) -> nn.Module:
     opt: LPOptions = ctx.options

@@ -49,7 +49,7 @@ from neurofuse.methods._averaging import (
     write_state,
 )
 from neurofuse.methods._plan import is_incoming, map_axis
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 from neurofuse.progress import progress_bar
 
 
@@ -264,7 +264,7 @@ def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor
     "otfusion",
     "OTFusion (Singh & Jaggi 2020): optimal-transport alignment to a reference, then averaging",
     OTFusionOptions,
-    needs_levels=False,
+    Capabilities(importance=True, target="same", tied_weights=True, fits_data=False, exact=True),
 )
 def otfusion(ctx: FusionContext) -> nn.Module:
     opt: OTFusionOptions = ctx.options

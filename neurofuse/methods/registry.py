@@ -1,16 +1,20 @@
 """One name table for every fusion method (core and baselines alike).
 
 A method is a function ``fn(ctx: FusionContext) -> nn.Module`` registered with a one-line
-description and a dataclass of options; :func:`neurofuse.fuse` validates user options against
-that dataclass, so an unknown or ill-typed option is an error that lists the valid ones.
+description, a dataclass of options and its :class:`Capabilities` (what it reads of a call and
+what it can fuse). :func:`neurofuse.fuse` enforces both before any work: an unknown option, an
+option value of the wrong type or outside its ``Literal[...]`` choices, and an argument the
+method would ignore (``levels=``, ``importance=``, ``target=``) are errors that name the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -40,6 +44,8 @@ class FusionContext:
     device: torch.device
     options: Any
     progress: bool = False
+    #: whether the caller gave ``target=`` (``target`` is then that template, else models[0])
+    target_given: bool = False
     report: dict[str, Any] = field(default_factory=dict)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     #: fx traces of the models, one per model for the whole fusion (shared with importance)
@@ -53,14 +59,50 @@ class FusionContext:
         return torch.Generator().manual_seed(self.seed + offset)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method reads of a ``fuse`` call and what it can fuse; ``nf.fuse`` enforces it.
+
+    Attributes:
+        levels: honours ``levels=`` (otherwise giving levels is an error).
+        importance: honours ``importance=`` (otherwise a score other than uniform is an error).
+        labels: whether the method reads the fusion set's labels: ``"unused"``, ``"optional"``
+            or ``"required"``; when read they are range-checked against the models' classes.
+        equal_widths: every base model must have the same widths (and a ``target`` too).
+        target: ``"any"`` (a template of other widths), ``"same"`` (only the models' own
+            widths) or ``"none"`` (the method builds its own model: ``target=`` is an error).
+        single_model: can fuse one model into a smaller ``target`` (compression).
+        transformers: fuses transformer-like graphs (LayerNorm, attention).
+        tied_weights: handles a parameter shared by two layers (otherwise such models are
+            refused: per-layer fits would write two different values into one tensor).
+        fits_data: learns from the fusion set (a warning when it is smaller than a layer).
+        exact: fusing a model with a neuron-permuted copy of itself gives the model back
+            (checked by the contract test matrix).
+    """
+
+    levels: bool = False
+    importance: bool = False
+    labels: Literal["unused", "optional", "required"] = "unused"
+    equal_widths: bool = False
+    target: Literal["any", "same", "none"] = "any"
+    single_model: bool = False
+    transformers: bool = True
+    tied_weights: bool = False
+    fits_data: bool = True
+    exact: bool = False
+
+
 @dataclass
 class MethodInfo:
     name: str
     description: str
     fn: Callable[[FusionContext], nn.Module]
     options: type
-    needs_levels: bool = True
-    single_model: bool = False
+    caps: Capabilities = field(default_factory=Capabilities)
+
+    @property
+    def single_model(self) -> bool:
+        return self.caps.single_model
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -70,21 +112,34 @@ def register_method(
     name: str,
     description: str,
     options: type = NoOptions,
-    *,
-    needs_levels: bool = True,
-    single_model: bool = False,
-):
-    """Decorator registering a fusion method under ``name``. ``single_model``: the method can
-    also fuse one model into a different template (compression, ``nf.fuse([big], data,
-    target=small)``)."""
+    caps: Capabilities | None = None,
+) -> Callable[[Callable[[FusionContext], nn.Module]], Callable[[FusionContext], nn.Module]]:
+    """Decorator registering a fusion method under ``name`` with its option dataclass and
+    :class:`Capabilities`. Registering is all a method needs: ``nf.fuse``, the CLI, the
+    benchmark suites and the contract test matrix then treat it like any other."""
 
     def deco(fn: Callable[[FusionContext], nn.Module]) -> Callable[[FusionContext], nn.Module]:
-        if name in _METHODS:
-            raise ValueError(f"fusion method {name!r} is already registered")
-        _METHODS[name] = MethodInfo(name, description, fn, options, needs_levels, single_model)
+        register(name, description, fn, options, caps)
         return fn
 
     return deco
+
+
+def register(
+    name: str,
+    description: str,
+    fn: Callable[[FusionContext], nn.Module],
+    options: type = NoOptions,
+    caps: Capabilities | None = None,
+) -> MethodInfo:
+    """:func:`register_method` without the decorator (for methods built in a loop)."""
+    if name in _METHODS:
+        raise ValueError(f"fusion method {name!r} is already registered")
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"options of method {name!r} must be a dataclass, got {options!r}")
+    info = MethodInfo(name, description, fn, options, caps or Capabilities())
+    _METHODS[name] = info
+    return info
 
 
 def get_method(name: str) -> MethodInfo:
@@ -94,6 +149,11 @@ def get_method(name: str) -> MethodInfo:
             f"unknown fusion method {name!r}; valid methods: {', '.join(sorted(_METHODS))}"
         )
     return _METHODS[name]
+
+
+def method_info(name: str) -> MethodInfo:
+    """A method's registration: description, option dataclass and :class:`Capabilities`."""
+    return get_method(name)
 
 
 def available_methods() -> dict[str, str]:
@@ -111,6 +171,69 @@ def method_options(name: str) -> dict[str, Any]:
     }
 
 
+def option_types(options: type) -> dict[str, Any]:
+    """The resolved type of every field of an option dataclass."""
+    return typing.get_type_hints(options)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        return f"a {getattr(origin, '__name__', str(origin))}"
+    return f"a {getattr(tp, '__name__', str(tp))}"
+
+
+def matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (the forms option dataclasses use)."""
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if tp is type(None) or tp is None:
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+        if not isinstance(value, tuple | list):
+            return False
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return all(matches(v, args[0]) for v in value)
+        if origin is tuple and args:
+            return len(args) == len(value) and all(
+                matches(v, a) for v, a in zip(value, args, strict=True)
+            )
+        return not args or all(matches(v, args[0]) for v in value)
+    if origin in (dict, Mapping) or tp is dict:
+        return isinstance(value, Mapping)
+    if origin is Callable or tp is Callable:
+        return callable(value)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # a form these checks do not know: the dataclass's own checks apply
+
+
+def check_option(owner: str, name: str, value: Any, tp: Any) -> None:
+    """Raise a TypeError naming the option when ``value`` does not fit ``tp``."""
+    if not matches(value, tp):
+        raise TypeError(
+            f"option {name}={value!r} of {owner}: expected {_describe(tp)}, got "
+            f"{type(value).__name__}"
+        )
+
+
 def build_options(info: MethodInfo, options: dict[str, Any]) -> Any:
     names = [f.name for f in dataclasses.fields(info.options)]
     unknown = sorted(set(options) - set(names))
@@ -119,6 +242,9 @@ def build_options(info: MethodInfo, options: dict[str, Any]) -> Any:
         raise ValueError(
             f"unknown option(s) {unknown} for method {info.name!r}; valid options: {valid}"
         )
+    hints = option_types(info.options)
+    for key, value in options.items():
+        check_option(f"method {info.name!r}", key, value, hints[key])
     try:
         return info.options(**options)
     except TypeError as exc:

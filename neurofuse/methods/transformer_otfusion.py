@@ -62,7 +62,7 @@ from neurofuse.methods._averaging import (
 )
 from neurofuse.methods._plan import FusionPlan, map_axis
 from neurofuse.methods.otfusion import SOLVERS
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 RESIDUAL_POLICIES = ("mean", "weighted_scalar", "only_resid", "no_resid")
 
@@ -416,7 +416,7 @@ def _operand_of_add(n: fx.Node) -> fx.Node | None:
     "Transformer OTFusion (Imfeld et al. 2024): layer-wise soft OT alignment with a residual "
     "policy, then averaging",
     TransformerOTFusionOptions,
-    needs_levels=False,
+    Capabilities(importance=True, target="same", fits_data=False, exact=True),
 )
 def transformer_otfusion(ctx: FusionContext) -> nn.Module:
     opt: TransformerOTFusionOptions = ctx.options

@@ -45,7 +45,7 @@ from neurofuse.alignment import Space, permutation_spaces
 from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
 from neurofuse.graph import trace
 from neurofuse.methods.kd import teacher_targets
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 from neurofuse.surgery import neuron_view, resize, select
 
 #: Modules whose statistics mix the neurons of a space: concatenating them is not exact.
@@ -346,7 +346,7 @@ def _merge_error(wide: nn.Module, models: Sequence[nn.Module], x: Tensor) -> flo
     "transplant",
     "Neuron Transplantation: concatenate the models, keep the largest-norm neurons, fine-tune",
     TransplantOptions,
-    needs_levels=False,
+    Capabilities(labels="optional"),
 )
 def transplant(ctx: FusionContext) -> nn.Module:
     opt: TransplantOptions = ctx.options

@@ -21,7 +21,7 @@ from neurofuse.methods._averaging import (
     states_of,
     write_state,
 )
-from neurofuse.methods.registry import FusionContext, register_method
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 
 @dataclass
@@ -39,7 +39,7 @@ class VanillaOptions:
     "vanilla",
     "Vanilla averaging: the plain mean of every parameter and float buffer, no alignment",
     VanillaOptions,
-    needs_levels=False,
+    Capabilities(equal_widths=True, target="same", tied_weights=True, fits_data=False),
 )
 def vanilla(ctx: FusionContext) -> nn.Module:
     opt: VanillaOptions = ctx.options

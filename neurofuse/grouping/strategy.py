@@ -1,0 +1,100 @@
+"""The grouping strategy of a neuron-interpolation method: one object that the Linear and the
+Gradient engines both call, so that Hungarian and K-means Fusion differ in this parameter only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from neurofuse.grouping import group
+from neurofuse.grouping._base import Grouping
+from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
+
+GroupingKind = Literal["kmeans", "hungarian"]
+PREFIX: dict[str, str] = {"kmeans": "kf", "hungarian": "hf"}
+
+
+@dataclass(frozen=True)
+class NeuronGrouping:
+    """Groups the base models' neurons of one space into the fused neurons.
+
+    Args:
+        kind: ``"kmeans"`` (K-means Fusion: any number of models, any fused width) or
+            ``"hungarian"`` (Hungarian Fusion: two models of equal width, one-to-one pairs).
+        variant: ``"linear"`` or ``"gradient"``: only named in error messages.
+        seed, n_init, max_iter, local_search: k-means settings (ignored by Hungarian).
+    """
+
+    kind: GroupingKind
+    variant: str = "linear"
+    seed: int = 0
+    n_init: int = 4
+    max_iter: int = 100
+    local_search: bool = False
+
+    @property
+    def method(self) -> str:
+        return f"{PREFIX[self.kind]}_{self.variant}"
+
+    def _check_pair(self, widths: Sequence[int], k: int, where: str) -> None:
+        if len(widths) != 2 or widths[0] != widths[1] or widths[0] != k:
+            raise ValueError(
+                f"Hungarian fusion needs two models of equal width fused into the same width; "
+                f"{where} has base widths {list(widths)} and fused width {k}. "
+                f"Use kf_{self.variant} instead."
+            )
+
+    def neurons(
+        self,
+        points: Tensor,
+        weights: Tensor,
+        k: int,
+        widths: Sequence[int],
+        where: str,
+        offset: int = 0,
+    ) -> Grouping:
+        """Group ``points`` (``(d_M, D)``, model after model, ``widths`` each) into ``k``
+        groups; ``offset`` is added to the seed (one stream of k-means restarts per level)."""
+        if self.kind == "hungarian":
+            self._check_pair(widths, k, where)
+            return group(points, weights, k, method="hungarian", sizes=widths)
+        return group(
+            points,
+            weights,
+            k,
+            method="kmeans",
+            seed=self.seed + offset,
+            n_init=self.n_init,
+            max_iter=self.max_iter,
+            local_search=self.local_search,
+        )
+
+    def heads(
+        self,
+        points: Tensor,
+        weights: Tensor,
+        widths: Sequence[int],
+        heads: int,
+        head_dim: int,
+        where: str,
+    ) -> Grouping:
+        """Group an attention space's neurons with heads kept whole (``heads`` fused heads of
+        ``head_dim`` neurons)."""
+        if self.kind == "hungarian":
+            self._check_pair(widths, heads * head_dim, where)
+            c = widths[0]
+            return hungarian_heads(points[:c], points[c:], heads, weights[:c], weights[c:])
+        return kmeans_heads(
+            points,
+            weights,
+            head_dim,
+            heads,
+            n_init=self.n_init,
+            max_iter=self.max_iter,
+            seed=self.seed,
+            first_centres=range(widths[0] // head_dim)[:heads],
+        )
