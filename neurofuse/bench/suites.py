@@ -29,8 +29,10 @@ QUALITY_SPLITS = (*PAPER_SPLITS, Split("weakowner", 2))
 class Suite:
     """A named benchmark: ``cells(seeds)`` gives its experiments, ``methods`` what each runs.
 
-    ``kind`` picks the cell runner (``"accuracy"``: fuse and evaluate once per method;
-    ``"runtime"``: fuse ``repeats`` times per method in a fresh process and time it)."""
+    ``kind`` names the cell kind of :data:`neurofuse.bench.kinds.CELL_KINDS` that runs its
+    cells and writes its report (``"accuracy"``: fuse and evaluate once per method;
+    ``"runtime"``: fuse ``repeats`` times per method in a fresh process and time it;
+    ``"compression"``: fuse a large model into a small one)."""
 
     name: str
     description: str
