@@ -54,7 +54,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Training epochs per model.")] = 20,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 128,
-    optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
+    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd.")] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
     val_fraction: Annotated[
         float, typer.Option(help="Share of each model's part held out for model selection.")
