@@ -20,12 +20,10 @@ from neurofuse.cli._common import (
     metric_cells,
     metrics_table,
     parse_pairs,
-    user_errors,
 )
 from neurofuse.cli._partition import FULL, PARTITION_FILE, make_parts, write_partition_file
 
 
-@user_errors
 def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")] = "mnist5k",
     data_kw: DataKwOption = None,
