@@ -213,4 +213,4 @@ def finetune(
     return student.eval()
 
 
-__all__ = ["FinetuneOptions", "finetune"]
+__all__ = ["FinetuneOptions", "finetune", "mixup_inputs"]
