@@ -65,7 +65,8 @@ def _patch_rows(
 ) -> Tensor:
     """Convolution patches as rows, (B * H' * W', C * kh * kw), columns ordered like a conv
     weight's (C, kh, kw). Built from k*k strided views of the padded input: the same result as
-    ``F.unfold`` but several times faster on CPU, where im2col dominated the Linear variants."""
+    ``F.unfold``, without its im2col kernel, which was slow on CPU (``benchmarks/fusion_speed.py``
+    times the Linear variants' fitting phase)."""
     b, c, h, w = x.shape
     h_out = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
     w_out = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1

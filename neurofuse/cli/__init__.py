@@ -105,7 +105,7 @@ def main(
 
     Typical session: **neurofuse train** (base models on a non-IID split), **neurofuse fuse**
     (one fused model), **neurofuse eval** (compare). **neurofuse demo** runs the whole story on
-    MNIST in about a minute.
+    MNIST on a CPU (README.md gives the time and results of one run).
     """
 
 
