@@ -20,7 +20,7 @@ import torch
 
 from neurofuse.bench.basemodels import models_digest, prepare
 from neurofuse.bench.command import parse_seeds
-from neurofuse.bench.runner import same_base_models
+from neurofuse.bench.records import same_base_models
 from neurofuse.bench.suites import get_suite
 from neurofuse.evaluate import evaluate, evaluate_ensemble
 

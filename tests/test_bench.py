@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from neurofuse.bench import aggregate, runner, tables
+from neurofuse.bench import accuracy, aggregate, basemodels, runner, tables
 from neurofuse.bench.aggregate import BASE_ROWS, egr, mean_std, summarise
 from neurofuse.bench.command import bench, parse_seeds
 from neurofuse.bench.spec import Arch, Cell, MethodRun, Split
 from neurofuse.bench.suites import Suite, get_suite, grid
+from neurofuse.utils import resolve_device
 
 
 def test_mean_std_hand_numbers():
@@ -147,7 +148,7 @@ def _tiny_suite(name: str) -> Suite:
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts fusion runs and trained base models."""
     counts = {"fuse": 0, "train": 0}
-    real_fuse, real_train = runner.fuse_once, runner.prepare.__globals__["_train_one"]
+    real_fuse, real_train = accuracy.fuse_once, basemodels.prepare.__globals__["_train_one"]
 
     def fuse(*args, **kwargs):
         counts["fuse"] += 1
@@ -157,8 +158,8 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["train"] += 1
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "fuse_once", fuse)
-    monkeypatch.setitem(runner.prepare.__globals__, "_train_one", train)
+    monkeypatch.setattr(accuracy, "fuse_once", fuse)
+    monkeypatch.setitem(basemodels.prepare.__globals__, "_train_one", train)
     return counts
 
 
@@ -214,9 +215,9 @@ def test_runs_added_to_a_cell_are_never_merged_with_runs_of_other_base_models(
     rec = json.loads(path.read_text())
     rec["methods"]["Vanilla averaging | uniform"]["status"] = "error"  # forces a rerun
     path.write_text(json.dumps(rec))
-    counted_train = runner.prepare.__globals__["_train_one"]
+    counted_train = basemodels.prepare.__globals__["_train_one"]
     monkeypatch.setitem(
-        runner.prepare.__globals__,
+        basemodels.prepare.__globals__,
         "_train_one",
         lambda arch, data, idx, seed, device: counted_train(arch, data, idx, seed + 1, device),
     )
@@ -232,8 +233,8 @@ def test_method_errors_are_recorded_not_raised(tmp_path: Path):
     bad = MethodRun("FedAvg", "fedavg", options=(("sample_counts", [1]),))
     runner.run_suite(suite, [0], tmp_path, device="cpu", methods=None, progress=False, threads=None)
     cell = suite.cells([0])[0]
-    setup = runner.prepare(cell, tmp_path / "cache", "cpu")
-    entry = runner.fuse_once(bad, setup, cell, runner.resolve_device("cpu"))
+    setup = basemodels.prepare(cell, tmp_path / "cache", "cpu")
+    entry = accuracy.fuse_once(bad, setup, cell, resolve_device("cpu"))
     assert entry["status"] == "error" and entry["error"]
 
 
@@ -333,6 +334,10 @@ def test_runtime_cell_times_each_method_in_its_own_process(tmp_path: Path):
     assert kf["ratio_to_otfusion"] == pytest.approx(kf["median_seconds"] / ot["median_seconds"])
     report = tables.runtime_table(rec)
     assert "KF Linear (uniform)" in report and "÷ OTFusion" in report
+    from neurofuse.bench.report import write_report
+
+    text = write_report(suite, tmp_path, "cmd", 1).read_text()
+    assert "## seed 0" in text and report in text and (tmp_path / "runtime_seed0.png").exists()
 
 
 def test_compression_cell_fuses_the_teacher_into_the_student(tmp_path: Path):
@@ -431,13 +436,78 @@ def test_weak_owner_split_gives_the_fusion_set_owner_the_least_data():
 def test_runs_limited_to_regimes_and_fine_tuned_runs(tmp_path: Path):
     suite = _tiny_suite("tiny-regimes")
     cell = suite.cells([0])[0]
-    setup = runner.prepare(cell, tmp_path / "cache", "cpu")
-    dev = runner.resolve_device("cpu")
+    setup = basemodels.prepare(cell, tmp_path / "cache", "cpu")
+    dev = resolve_device("cpu")
     other = "full" if cell.split.regime != "full" else "sharded"
     skipped = MethodRun("KF Linear", "kf_linear", regimes=(other,))
-    assert runner.fuse_once(skipped, setup, cell, dev)["status"] == "n/a"
+    assert accuracy.fuse_once(skipped, setup, cell, dev)["status"] == "n/a"
     tuned = MethodRun("KF Linear, fine-tuned", "kf_linear", finetune_epochs=2)
-    plain = runner.fuse_once(MethodRun("KF Linear", "kf_linear"), setup, cell, dev)
-    entry = runner.fuse_once(tuned, setup, cell, dev)
+    plain = accuracy.fuse_once(MethodRun("KF Linear", "kf_linear"), setup, cell, dev)
+    entry = accuracy.fuse_once(tuned, setup, cell, dev)
     assert entry["status"] == "ok" and entry["finetune_epochs"] == 2
     assert entry["accuracy"] != plain["accuracy"] or entry["loss"] != plain["loss"]
+
+
+def test_cell_kinds_are_listed_in_one_registry_with_a_module_each():
+    from neurofuse.bench import compression, kinds, runtime
+
+    assert set(kinds.CELL_KINDS) == {"accuracy", "runtime", "compression"}
+    assert kinds.CELL_KINDS["accuracy"].run is accuracy.run_accuracy_cell
+    assert kinds.CELL_KINDS["runtime"].run is runtime.run_runtime_cell
+    assert kinds.CELL_KINDS["compression"].report is compression.compression_report
+    with pytest.raises(ValueError, match="accuracy, compression, runtime"):
+        kinds.get_kind("nope")
+
+
+def test_a_suite_of_an_unknown_kind_is_refused_before_any_cell_runs(tmp_path: Path, counted):
+    tiny = _tiny_suite("tiny-kind")
+    suite = dataclasses.replace(
+        tiny,
+        kind="nope",
+        cells=lambda seeds: [dataclasses.replace(c, kind="nope") for c in tiny.cells(seeds)],
+    )
+    with pytest.raises(ValueError, match="unknown cell kind 'nope'"):
+        runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 0, "train": 0}
+
+
+def test_bench_modules_import_each_other_without_a_cycle():
+    """Every import between the modules of neurofuse.bench (lazy ones inside functions
+    too) forms no cycle, and no module registers itself into another when imported."""
+    import ast
+
+    import neurofuse.bench
+
+    folder = Path(neurofuse.bench.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")} - {"__init__", "__main__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "neurofuse.bench":
+                edges |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("neurofuse.bench."):
+                    edges.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                edges |= {
+                    a.name.split(".")[2]
+                    for a in node.names
+                    if a.name.startswith("neurofuse.bench.")
+                }
+            # a module-level assignment into another module's table is a registration
+            if isinstance(node, ast.Assign) and node in tree.body:
+                assert not any(isinstance(t, ast.Subscript) for t in node.targets), name
+        graph[name] = edges - {name}
+
+    def visit(name: str, path: list[str]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join([*path, name])}"
+        for nxt in sorted(graph[name]):
+            visit(nxt, [*path, name])
+
+    for name in sorted(names):
+        visit(name, [])
+    assert not graph["runtime"] & {"runner", "kinds"}
+    assert not graph["compression"] & {"runner", "kinds"}
+    assert not graph["accuracy"] & {"runner", "kinds"}

@@ -1,5 +1,5 @@
 """The ``neurofuse`` command line: every command runs, writes what it promises, and turns bad
-input into one red line with exit code 2."""
+input into one line ``neurofuse: error: ...`` with exit code 2."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import neurofuse as nf
 from neurofuse import cli, data
 from neurofuse._version import __version__
 from neurofuse.checkpoint import load_checkpoint, load_metadata
+from neurofuse.cli._common import architecture_kwargs
 from neurofuse.evaluate import evaluate
 from neurofuse.importance import available_importance
 from neurofuse.models import available_architectures
@@ -50,12 +51,12 @@ def ok(*args: str):
 
 
 def assert_user_error(result, *needles: str) -> str:
-    """Exit code 2, no traceback, one ``error:`` line that contains every needle."""
+    """Exit code 2, no traceback, one ``neurofuse: error:`` line that contains every needle."""
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("neurofuse: error: "), result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
@@ -307,6 +308,95 @@ def test_methods_options_of_unknown_method(tmp_path: Path):
     assert_user_error(invoke("methods", "--options", "nope"), "nope", "kf_linear")
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--epochs", "abc"], "'abc' is not a valid integer"),
+        (["train", "--no-such-option", "1"], "No such option '--no-such-option'"),
+        (["nope"], "No such command 'nope'"),
+        (["eval"], "Missing argument"),
+        (["--threads", "0", "methods"], "must be >= 1"),
+        (["bench", "quick", "--threads", "0"], "'--threads'"),
+    ],
+)
+def test_command_line_errors_are_one_line_too(args, needle):
+    """click's usage errors (bad value, unknown option or command, missing argument) are
+    reported like the library's: one line, exit code 2, no usage box."""
+    assert_user_error(invoke(*args), needle)
+
+
+def _hostile_cifar10(root: Path, marker: Path) -> None:
+    """A cifar-10-batches-py folder whose first batch runs ``touch marker`` when unpickled
+    by a plain ``pickle.load``."""
+    import os
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        record = {b"data": Exploit(), b"labels": [0]} if name == "data_batch_1" else {}
+        (folder / name).write_bytes(pickle.dumps(record, protocol=2))
+
+
+def test_a_hostile_pickle_is_refused_in_one_line(sharded_run: Path, tmp_path: Path):
+    marker = tmp_path / "pwned"
+    _hostile_cifar10(tmp_path / "data", marker)
+    root = tmp_path / "data"
+    result = invoke("eval", sharded_run / "model_0", "--dataset", "cifar10", "--root", root)
+    line = assert_user_error(result, "data_batch_1", "refusing to load global", "system")
+    assert not marker.exists(), line
+    # a file that is no pickle at all is a user error as well
+    (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"junk")
+    result = invoke("train", "--dataset", "cifar10", "--root", root, "--out", tmp_path)
+    assert_user_error(result, "data_batch_1", "not a readable pickle")
+
+
+def test_os_errors_on_the_users_paths_are_user_errors(tmp_path: Path):
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    result = invoke("train", *TRAIN, "--epochs", "1", "--out", taken)
+    assert_user_error(result, "a_file")
+
+
+def test_debug_shows_the_traceback_of_a_user_error(monkeypatch: pytest.MonkeyPatch):
+    from neurofuse.checkpoint import CheckpointError
+
+    result = invoke("--debug", "eval", "absent")
+    assert isinstance(result.exception, CheckpointError) and result.exit_code == 1
+    assert "neurofuse: error" not in result.stderr
+    assert_user_error(invoke("eval", "absent"), "absent")  # --debug lasts one command
+    monkeypatch.setenv("NEUROFUSE_DEBUG", "1")
+    assert isinstance(invoke("eval", "absent").exception, CheckpointError)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch):
+    def broken() -> dict[str, str]:
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(data, "available_datasets", broken)
+    result = invoke("datasets")
+    assert isinstance(result.exception, KeyError) and result.exit_code == 1
+    assert "neurofuse: error" not in result.stderr
+
+
+def test_the_installed_entry_points_print_one_line_and_exit_2(tmp_path: Path):
+    for module, args in [
+        ("neurofuse", ["train", "--epochs", "abc"]),
+        ("neurofuse", ["eval", str(tmp_path / "absent")]),
+        ("neurofuse.bench", ["nope", "--out", str(tmp_path)]),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("neurofuse: error: "), done.stderr
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -363,7 +453,7 @@ def test_architecture_kwargs_fill_input_size_and_classes(arch, shape, given):
     from neurofuse.models import build
 
     splits = SimpleNamespace(input_shape=shape, num_classes=7)
-    kwargs = cli.architecture_kwargs(arch, given, splits)
+    kwargs = architecture_kwargs(arch, given, splits)
     assert all(kwargs[key] == value for key, value in given.items())
     assert build(arch, **kwargs)(torch.zeros(2, *shape)).shape == (2, 7)
 

@@ -364,6 +364,24 @@ def test_restricted_unpickler_reads_arrays_and_refuses_other_globals(tmp_path, p
             safe_load_pickle(bad)
 
 
+def test_unreadable_pickles_are_unpickling_errors_that_name_the_file(tmp_path):
+    good = tmp_path / "good.pkl"
+    with open(good, "wb") as handle:
+        pickle.dump({b"data": np.arange(50, dtype=np.uint8)}, handle, protocol=2)
+    raw = good.read_bytes()
+    cases = {"truncated": raw[: len(raw) // 2], "empty": b"", "junk": b"\x80\x02junk" * 9}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(pickle.UnpicklingError, match=f"{name}: not a readable pickle"):
+            safe_load_pickle(path)
+    bad = tmp_path / "bad.pkl"
+    with open(bad, "wb") as handle:
+        pickle.dump({"f": eval}, handle, protocol=2)
+    with pytest.raises(UnsafePickleError, match=r"bad\.pkl: refusing to load global"):
+        safe_load_pickle(bad)
+
+
 def test_restricted_unpickler_refuses_object_arrays(tmp_path):
     path = tmp_path / "obj.pkl"
     with open(path, "wb") as handle:

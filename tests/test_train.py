@@ -13,6 +13,7 @@ from neurofuse.evaluate import evaluate
 from neurofuse.train import (
     TrainConfig,
     _stratified_holdout,
+    build_optimizer,
     build_scheduler,
     train_model,
     train_models,
@@ -232,7 +233,7 @@ def test_bad_inputs_raise_clear_errors(x, y, kwargs, message):
 
 def test_bad_config_and_model_mismatch_raise():
     with pytest.raises(ValueError, match="adamw"):
-        TrainConfig(optimizer="adam")
+        TrainConfig(optimizer="rmsprop")
     with pytest.raises(ValueError, match="warmup_epochs"):
         TrainConfig(epochs=2, warmup_epochs=3)
     x, y = torch.randn(20, 4), torch.arange(20) % 3
@@ -240,6 +241,23 @@ def test_bad_config_and_model_mismatch_raise():
         train_model(nn.Linear(4, 2), x, y, quick(epochs=1, val_fraction=0.0))
     with pytest.raises(ValueError, match="empty validation"):
         train_model(nn.Linear(4, 3), x[:3], y[:3], quick(epochs=1, val_fraction=0.1))
+
+
+def test_training_and_fusion_fits_share_one_table_of_optimizers():
+    """Every optimizer name the gradient fits accept also trains base models, built alike."""
+    import neurofuse.fitting
+    import neurofuse.train
+    from neurofuse.optimizers import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == {"adam", "adamw", "sgd"}
+    assert not hasattr(neurofuse.train, "OPTIMIZERS") or neurofuse.train.OPTIMIZERS is OPTIMIZERS
+    assert not hasattr(neurofuse.fitting, "OPTIMIZERS")
+    model = nn.Linear(4, 2)
+    for name, cls in OPTIMIZERS.items():
+        config = TrainConfig(optimizer=name, lr=0.01, weight_decay=0.1, momentum=0.5)
+        opt = build_optimizer(model, config)
+        assert type(opt) is cls and opt.defaults["weight_decay"] == 0.1
+        assert opt.defaults.get("momentum", 0.5) == 0.5
 
 
 def test_train_models_trains_one_reproducible_model_per_part():

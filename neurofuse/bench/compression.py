@@ -8,7 +8,8 @@ set is ``cell.fusion_samples`` class-balanced samples from that same third. Ever
 the teacher into the student's architecture: ``nf.fuse([teacher], fusion_set, target=student)``
 (KF Gradient and KD start from the trained student's weights, ``init_model=None``; KF Linear
 refits every level in closed form). Accuracy is measured on the whole test set (all classes)
-and on the test samples of the student's classes.
+and on the test samples of the student's classes. Its report section is one table of both
+accuracies and one bar plot.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import torch
 from torch import nn
 
 import neurofuse as nf
+from neurofuse.bench.aggregate import mean_std
 from neurofuse.bench.basemodels import dataset, load_or_train, models_digest
-from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
+from neurofuse.bench.plots import _pyplot
+from neurofuse.bench.records import finished_methods, partial_path, write_record
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
+from neurofuse.bench.tables import display
 from neurofuse.data import DataSplits, fusion_indices, partition
 from neurofuse.evaluate import evaluate
 
@@ -48,6 +52,8 @@ def run_compression_cell(
     cache: Path,
     device: torch.device,
 ) -> dict[str, Any]:
+    """Train the teacher and the student, then turn the teacher into the student's
+    architecture with every run (see the module)."""
     if cell.student is None:
         raise ValueError(f"compression cell {cell.cell_id} has no student architecture")
     start = time.perf_counter()
@@ -116,15 +122,27 @@ def run_compression_cell(
     return record
 
 
-CELL_RUNNERS["compression"] = run_compression_cell
+def compression_report(suite: Suite, records: list[dict[str, Any]], out: Path) -> list[str]:
+    """The report section of a compression suite: :func:`compression_table` and
+    :func:`compression_plot` (written into ``out``)."""
+    keys = [r.key for r in suite.methods]
+    lines = [
+        "Test accuracy (%) on all 10 classes / on the student's classes, mean ± sample std "
+        "over seeds. Every method produces a model of the student's architecture from the "
+        "teacher, using only fusion samples of the student's third of the classes.",
+        "",
+        compression_table(records, keys),
+        "",
+    ]
+    if records:
+        compression_plot(records, keys, out / "compression.png")
+        lines += ["![compression](compression.png)", ""]
+    return lines
 
 
 def compression_table(records: list[dict[str, Any]], keys: Sequence[str]) -> str:
     """Rows: student, teacher, then every method run; columns: each cell's architecture pair,
     test accuracy on all classes / on the student's classes (%, mean ± std over seeds)."""
-    from neurofuse.bench.aggregate import mean_std
-    from neurofuse.bench.tables import display
-
     pairs = list(dict.fromkeys(r["cell"]["arch"] for r in records))
 
     def fmt(values: list[float]) -> str:
@@ -161,9 +179,6 @@ def compression_table(records: list[dict[str, Any]], keys: Sequence[str]) -> str
 def compression_plot(records: list[dict[str, Any]], keys: Sequence[str], path: Path) -> Path:
     """One bar panel per architecture pair: accuracy on all classes of the student, the
     teacher and every method run (mean over seeds)."""
-    from neurofuse.bench.plots import _pyplot
-    from neurofuse.bench.tables import display
-
     plt = _pyplot()
     pairs = list(dict.fromkeys(r["cell"]["arch"] for r in records))
     rows = ["student", "teacher", *keys]

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from neurofuse.bench import plots, tables
-from neurofuse.bench.aggregate import load_results, summarise
+from neurofuse.bench.aggregate import load_results
+from neurofuse.bench.kinds import get_kind
 from neurofuse.bench.suites import Suite
 from neurofuse.utils import atomic_write_text
 
@@ -53,98 +53,7 @@ def write_report(
         *_settings(records),
         "",
     ]
-    if suite.kind == "runtime":
-        for rec in records:
-            lines += [
-                f"## seed {rec['cell']['seed']} ({rec['cell']['split']}, {rec['repeats']} repeats)",
-                "",
-                tables.runtime_table(rec),
-                "",
-            ]
-            ok = [
-                (k, e["median_seconds"])
-                for k, e in rec["methods"].items()
-                if e.get("status") == "ok"
-            ]
-            if ok:
-                png = f"runtime_seed{rec['cell']['seed']}.png"
-                plots.plot_runtime(
-                    [k for k, _ in ok],
-                    [s for _, s in ok],
-                    out / png,
-                    f"{suite.name}: median fusion time",
-                )
-                lines += [f"![runtime]({png})", ""]
-    elif suite.kind == "compression":
-        from neurofuse.bench.compression import compression_plot, compression_table
-
-        keys = [r.key for r in suite.methods]
-        lines += [
-            "Test accuracy (%) on all 10 classes / on the student's classes, mean ± sample std "
-            "over seeds. Every method produces a model of the student's architecture from the "
-            "teacher, using only fusion samples of the student's third of the classes.",
-            "",
-            compression_table(records, keys),
-            "",
-        ]
-        if records:
-            compression_plot(records, keys, out / "compression.png")
-            lines += ["![compression](compression.png)", ""]
-    else:
-        lines += [
-            "Accuracy is test accuracy (%) as mean ± sample std over seeds; `*`: some seed "
-            "errored; `n/a`: method not defined for this many models. EGR = (fused − best base) / "
-            "(ensemble − best base) on seed-averaged accuracies.",
-            "",
-        ]
-        for arch, group in summarise(records, [r.key for r in suite.methods]).items():
-            seeds = {c: sorted(s) for c, s in group.seeds.items()}
-            lines += [
-                f"## {arch}",
-                "",
-                f"Seeds per column: `{seeds}`",
-                "",
-                "### Best neurofuse run per split",
-                "",
-                tables.best_table(group),
-                "",
-                "### Accuracy",
-                "",
-                tables.accuracy_table(group),
-                "",
-                "### EGR",
-                "",
-                tables.egr_table(group),
-                "",
-                "### Fusion wall time (s, mean over seeds)",
-                "",
-                tables.seconds_table(group),
-                "",
-            ]
-            acc_png, n_png, rt_png = (
-                f"{arch}_accuracy.png",
-                f"{arch}_vs_models.png",
-                f"{arch}_runtime.png",
-            )
-            plots.plot_accuracy(group, out / acc_png)
-            lines += [f"![accuracy]({acc_png})", ""]
-            if plots.model_counts(group.columns):
-                plots.plot_vs_models(group, out / n_png)
-                lines += [f"![vs models]({n_png})", ""]
-            names, secs = plots.group_runtime(group)
-            if names:
-                plots.plot_runtime(names, secs, out / rt_png, f"{arch}: mean fusion time")
-                lines += [f"![runtime]({rt_png})", ""]
-        errors = sorted(
-            {
-                f"{k}: {e.get('error', '')[:160]}"
-                for r in records
-                for k, e in r["methods"].items()
-                if e.get("status") == "error"
-            }
-        )
-        if errors:
-            lines += ["## Errors", "", *[f"- {e}" for e in errors], ""]
+    lines += get_kind(suite.kind).report(suite, records, out)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

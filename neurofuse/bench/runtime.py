@@ -4,7 +4,7 @@ fresh process, so its peak memory is its own and no warm cache from another meth
 Reported per method: the median and all wall times of ``nf.fuse`` (models already loaded),
 peak memory (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak RSS over its
 value just before the first fusion), the test accuracy of the last fused model, and the ratio of
-the median time to OTFusion's.
+the median time to OTFusion's. Its report section gives one table and one plot per seed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from neurofuse.bench import plots, tables
 from neurofuse.bench.basemodels import models_digest, prepare
-from neurofuse.bench.runner import CELL_RUNNERS, finished_methods, partial_path, write_record
+from neurofuse.bench.records import finished_methods, partial_path, write_record
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
 
@@ -126,6 +127,7 @@ def run_runtime_cell(
     cache: Path,
     device: torch.device,
 ) -> dict[str, Any]:
+    """Time every run on the cell's base models, each in its own process (see the module)."""
     start = time.perf_counter()
     # trains and caches once, before the timed children
     digest = models_digest(prepare(cell, cache, device).models)
@@ -151,4 +153,27 @@ def run_runtime_cell(
     }
 
 
-CELL_RUNNERS["runtime"] = run_runtime_cell
+def runtime_report(suite: Suite, records: list[dict[str, Any]], out: Path) -> list[str]:
+    """The report section of a runtime suite: per seed, the timing table and a plot of the
+    median times (written into ``out``)."""
+    lines: list[str] = []
+    for rec in records:
+        lines += [
+            f"## seed {rec['cell']['seed']} ({rec['cell']['split']}, {rec['repeats']} repeats)",
+            "",
+            tables.runtime_table(rec),
+            "",
+        ]
+        ok = [
+            (k, e["median_seconds"]) for k, e in rec["methods"].items() if e.get("status") == "ok"
+        ]
+        if ok:
+            png = f"runtime_seed{rec['cell']['seed']}.png"
+            plots.plot_runtime(
+                [k for k, _ in ok],
+                [s for _, s in ok],
+                out / png,
+                f"{suite.name}: median fusion time",
+            )
+            lines += [f"![runtime]({png})", ""]
+    return lines

@@ -29,8 +29,10 @@ QUALITY_SPLITS = (*PAPER_SPLITS, Split("weakowner", 2))
 class Suite:
     """A named benchmark: ``cells(seeds)`` gives its experiments, ``methods`` what each runs.
 
-    ``kind`` picks the cell runner (``"accuracy"``: fuse and evaluate once per method;
-    ``"runtime"``: fuse ``repeats`` times per method in a fresh process and time it)."""
+    ``kind`` names the cell kind of :data:`neurofuse.bench.kinds.CELL_KINDS` that runs its
+    cells and writes its report (``"accuracy"``: fuse and evaluate once per method;
+    ``"runtime"``: fuse ``repeats`` times per method in a fresh process and time it;
+    ``"compression"``: fuse a large model into a small one)."""
 
     name: str
     description: str
@@ -83,7 +85,8 @@ def paper_methods(
     """Every baseline once, every closed-form importance-aware method once per importance score,
     and the gradient variants once per ``gradient_importances``: the default preset (started
     from the Linear fit) and both Table 9 presets (the rows of the paper's Tables 12-14; a
-    preset's run costs ~10x a linear one, so by default they run with uniform importance only)."""
+    preset's run costs many linear ones, ``benchmarks/results/runtime-cpu/report.md``, so by
+    default they run with uniform importance only)."""
     runs = [
         MethodRun("Vanilla averaging", "vanilla"),
         MethodRun("FedAvg", "fedavg", needs_counts=True),
@@ -287,8 +290,8 @@ register_suite(
 #: width 64, 4 pre-norm blocks of 4 heads, MLP 128 (the paper's CIFAR ViT, scaled to MNIST-5k).
 #: Trained as the paper trains its ViTs (AdamW, warm-up and cosine, label smoothing 0.1), with
 #: random 2-pixel shifts, the last epoch kept (a 10% validation split of a small part picks an
-#: early epoch and costs 1-3 points); 50 epochs reach 98.2% on the 1,000 test digits when
-#: trained on all 4,000, and 98-99% on their own classes for sharded-2 models.
+#: early epoch, which costs accuracy). The accuracy the base ViTs reach is in
+#: ``benchmarks/REPORT.md`` (claim 8) and ``benchmarks/results/paper-vit/report.md``.
 VIT = Arch(
     "vit",
     (

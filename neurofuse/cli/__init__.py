@@ -1,17 +1,18 @@
 """The ``neurofuse`` command: train base models, evaluate checkpoints, fuse them, run the demo.
 
-Every command prints rich tables on stdout. A user error (an unknown name, a missing file, a
-value out of range: the ``ValueError``/``TypeError``/``FileNotFoundError`` the library raises
-with a message that names the fix) is printed as one red line on stderr and exits with code 2,
-without a traceback; anything else is a bug and keeps its traceback.
+Every command prints rich tables on stdout. A user error (a bad command line, an unknown name,
+a missing file, a value out of range, a refused pickle) is printed as one line on stderr,
+``neurofuse: error: <message>``, and exits with code 2, without a traceback; anything else is a
+bug and keeps its traceback. :mod:`._errors` says which exceptions are which and handles them
+once, for every command; ``--debug`` (or ``NEUROFUSE_DEBUG=1``) shows every traceback.
 
 Heavy imports (torch and the library) happen inside the commands, so ``--help`` stays quick.
 
 One module per command group: :mod:`._listing` (datasets, archs, methods, importance),
-:mod:`._train`, :mod:`._eval`, :mod:`._fuse` and :mod:`._demo`; shared helpers in
-:mod:`._common` (error conversion, key=value parsing, tables, datasets, architecture kwargs,
-checkpoints) and :mod:`._partition` (partition schemes and ``partition.json``). This module
-holds the typer app, its global options, the consoles and the command table.
+:mod:`._train`, :mod:`._eval`, :mod:`._fuse`, :mod:`._demo` and :mod:`._bench`; shared helpers
+in :mod:`._common` (key=value parsing, tables, datasets, architecture kwargs, checkpoints) and
+:mod:`._partition` (partition schemes and ``partition.json``). This module holds the typer app,
+its global options, the consoles and the command table.
 """
 
 from __future__ import annotations
@@ -24,37 +25,16 @@ from rich.console import Console
 
 from neurofuse._version import __version__
 from neurofuse.cli._bench import bench
-from neurofuse.cli._common import (
-    USER_ERRORS,
-    architecture_kwargs,
-    checkpoint_stems,
-    dataset_spec,
-    fail,
-    load_checkpoints,
-    load_dataset,
-    metric_cells,
-    metrics_table,
-    names_table,
-    parse_pairs,
-    resolve_dataset,
-    user_errors,
-)
 from neurofuse.cli._demo import demo
+from neurofuse.cli._errors import DEBUG_ENV, USER_ERRORS, NeurofuseGroup, set_debug
 from neurofuse.cli._eval import eval_
-from neurofuse.cli._fuse import fuse, fusion_set, recorded_sample_counts
+from neurofuse.cli._fuse import fuse
 from neurofuse.cli._listing import archs, datasets, importance, methods
-from neurofuse.cli._partition import (
-    FULL,
-    PARTITION_FILE,
-    PARTITION_FORMAT,
-    make_parts,
-    read_partition_file,
-    write_partition_file,
-)
 from neurofuse.cli._train import train
 
 app = typer.Typer(
     name="neurofuse",
+    cls=NeurofuseGroup,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -82,6 +62,12 @@ def _threads_callback(value: int | None) -> int | None:
     return value
 
 
+def _debug_callback(value: bool) -> bool:
+    if value:
+        set_debug(True)
+    return value
+
+
 @app.callback()
 def main(
     version: Annotated[
@@ -104,12 +90,22 @@ def main(
             "models and on busy machines.",
         ),
     ] = None,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            callback=_debug_callback,
+            is_eager=True,
+            help="Show the full traceback of every error, user errors included "
+            f"(also: {DEBUG_ENV}=1).",
+        ),
+    ] = False,
 ) -> None:
     """Fuse trained neural networks into one, without retraining, and compare fusion methods.
 
     Typical session: **neurofuse train** (base models on a non-IID split), **neurofuse fuse**
     (one fused model), **neurofuse eval** (compare). **neurofuse demo** runs the whole story on
-    MNIST in about a minute.
+    MNIST on a CPU (README.md gives the time and results of one run).
     """
 
 
@@ -129,40 +125,4 @@ for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)
 del _name, _command
 
-__all__ = [
-    "COMMANDS",
-    "FULL",
-    "PARTITION_FILE",
-    "PARTITION_FORMAT",
-    "USER_ERRORS",
-    "app",
-    "architecture_kwargs",
-    "archs",
-    "bench",
-    "checkpoint_stems",
-    "console",
-    "dataset_spec",
-    "datasets",
-    "demo",
-    "err_console",
-    "eval_",
-    "fail",
-    "fuse",
-    "fusion_set",
-    "importance",
-    "load_checkpoints",
-    "load_dataset",
-    "main",
-    "make_parts",
-    "methods",
-    "metric_cells",
-    "metrics_table",
-    "names_table",
-    "parse_pairs",
-    "read_partition_file",
-    "recorded_sample_counts",
-    "resolve_dataset",
-    "train",
-    "user_errors",
-    "write_partition_file",
-]
+__all__ = ["COMMANDS", "USER_ERRORS", "app", "console", "err_console", "main"]

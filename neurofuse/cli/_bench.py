@@ -7,10 +7,7 @@ from typing import Annotated
 
 import typer
 
-from neurofuse.cli._common import user_errors
 
-
-@user_errors
 def bench(
     suite: Annotated[
         str,

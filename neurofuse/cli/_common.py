@@ -1,31 +1,17 @@
-"""Helpers shared by the commands: input errors as one red line, ``key=value`` parsing, metric
-tables, the dataset record of a run, architecture kwargs derived from a dataset, and loading
-checkpoints.
-
-The consoles are read from the package at call time (``cli.console``), so replacing
-``neurofuse.cli.console`` (tests use a wide one) reaches every command.
-"""
+"""Helpers shared by the commands: ``key=value`` parsing, metric tables, the dataset record of
+a run, architecture kwargs derived from a dataset, and loading checkpoints."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
-
-from neurofuse import cli
-
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
-"""Exceptions that mean "bad input": shown as one red line and exit code 2."""
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: ``--data-kw KEY=VALUE`` (repeatable) and ``--root``, shared by train, eval and fuse
 DataKwOption = Annotated[
@@ -36,28 +22,6 @@ RootOption = Annotated[
     Path | None,
     typer.Option(help="Folder or file the dataset is read from (cifar10, npz, ...)."),
 ]
-
-
-def fail(message: str) -> typer.Exit:
-    """Print ``message`` as one red line on stderr and return the exit (code 2) to raise."""
-    text = " ".join(str(message).split())
-    cli.err_console.print(
-        f"[bold red]error:[/bold red] {escape(text)}", soft_wrap=True, highlight=False
-    )
-    return typer.Exit(code=2)
-
-
-def user_errors(fn: F) -> F:
-    """Turn the library's input errors into :func:`fail` messages for a command."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as err:
-            raise fail(str(err)) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def parse_pairs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:

@@ -8,10 +8,8 @@ from typing import Annotated
 import typer
 
 from neurofuse import cli
-from neurofuse.cli._common import user_errors
 
 
-@user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for results.json and the chart.")] = Path(
         "demo_output"

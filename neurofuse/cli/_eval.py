@@ -17,7 +17,6 @@ from neurofuse.cli._common import (
     metrics_table,
     parse_pairs,
     resolve_dataset,
-    user_errors,
 )
 
 
@@ -25,7 +24,6 @@ def _count_parameters(model: Any) -> str:
     return f"{sum(p.numel() for p in model.parameters()):,}"
 
 
-@user_errors
 def eval_(
     checkpoints: Annotated[
         list[Path], typer.Argument(help="Checkpoints (stem, .safetensors or .json).")

@@ -22,7 +22,6 @@ from neurofuse.cli._common import (
     metrics_table,
     parse_pairs,
     resolve_dataset,
-    user_errors,
 )
 from neurofuse.cli._partition import FULL, PARTITION_FILE, read_partition_file
 
@@ -65,7 +64,6 @@ def fusion_set(
     return idx, {"size": len(idx), **source, "seed": seed, "indices": _int_list(idx)}
 
 
-@user_errors
 def fuse(
     checkpoints: Annotated[
         list[Path], typer.Argument(help="Checkpoints of the base models (two or more).")

@@ -11,10 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from neurofuse import cli
-from neurofuse.cli._common import names_table, user_errors
+from neurofuse.cli._common import names_table
 
 
-@user_errors
 def datasets() -> None:
     """List the registered datasets."""
     from neurofuse import data
@@ -22,7 +21,6 @@ def datasets() -> None:
     cli.console.print(names_table("Datasets", data.available_datasets()))
 
 
-@user_errors
 def archs() -> None:
     """List the model architectures (build kwargs with --arch-kw key=value)."""
     from neurofuse.models import available_architectures
@@ -30,7 +28,6 @@ def archs() -> None:
     cli.console.print(names_table("Architectures", available_architectures()))
 
 
-@user_errors
 def methods(
     options: Annotated[
         str | None,
@@ -59,7 +56,6 @@ def methods(
     cli.console.print(table)
 
 
-@user_errors
 def importance() -> None:
     """List the neuron importance scores usable with fuse --importance."""
     from neurofuse.importance import available_importance

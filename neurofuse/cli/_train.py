@@ -20,12 +20,10 @@ from neurofuse.cli._common import (
     metric_cells,
     metrics_table,
     parse_pairs,
-    user_errors,
 )
 from neurofuse.cli._partition import FULL, PARTITION_FILE, make_parts, write_partition_file
 
 
-@user_errors
 def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")] = "mnist5k",
     data_kw: DataKwOption = None,
@@ -54,7 +52,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Training epochs per model.")] = 20,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 128,
-    optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
+    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd.")] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
     val_fraction: Annotated[
         float, typer.Option(help="Share of each model's part held out for model selection.")

@@ -89,9 +89,22 @@ def _check_no_objects(obj: Any, source: str) -> None:
 
 def safe_load_pickle(path: str | Path) -> Any:
     """Read one pickle file with the restricted unpickler (``encoding="bytes"`` for the
-    Python-2 pickles that CIFAR ships; their string keys come back as ``bytes``)."""
+    Python-2 pickles that CIFAR ships; their string keys come back as ``bytes``).
+
+    Raises :class:`UnsafePickleError` for a global outside the allow-list or an object
+    array, and ``pickle.UnpicklingError`` for a file that is not a readable pickle; both
+    messages start with the file's path."""
     path = Path(path)
     data = path.read_bytes()
-    obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{path}: {err}") from None
+    # a truncated or garbled file fails in any of these ways, depending on where
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as err:
+        raise pickle.UnpicklingError(
+            f"{path}: not a readable pickle ({err or type(err).__name__}); the file is "
+            "truncated or corrupt"
+        ) from err
     _check_no_objects(obj, str(path))
     return obj

@@ -24,7 +24,6 @@ the ``D``-sized data is read only twice (Gram product, final centroids).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -120,17 +119,6 @@ def group(
             )
     return GROUPING_METHODS[method](points, weights, k, sizes=sizes, **options)
 
-
-if __name__ == "__main__":  # quick timing: python -m neurofuse.grouping
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for n, dim, k in [(256, 300_000, 128), (1000, 600, 500), (512, 4096, 256)]:
-        z = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
-        s = torch.rand(n, generator=torch.Generator().manual_seed(1))
-        weighted_kmeans(z[:16], s[:16], 4)  # warm-up
-        wall, cpu = time.perf_counter(), time.process_time()
-        g = weighted_kmeans(z, s, k, seed=0)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        print(f"n={n} D={dim} k={k}: {wall:.3f} s wall, {cpu:.3f} s cpu, cost {g.cost:.5g}")
 
 __all__ = [
     "GROUPING_METHODS",

@@ -250,7 +250,3 @@ def kmeans_cost(points: Tensor, weights: Tensor | None, labels: Tensor, centroid
             diff = points[:, cols].to(torch.float64) - centroids[labels, cols].to(torch.float64)
             per_point += diff.square_().sum(1)
     return float((w * per_point).sum())
-
-
-# --------------------------------------------------------------------------------------------
-# Working coordinates: an isometric copy of the points in which seeding and Lloyd run

@@ -90,7 +90,3 @@ def _fit(ws: _Workspace, labels: Tensor, k: int) -> tuple[Tensor, float]:
     centres.index_add_(0, labels, ws.acc * coef[:, None])
     per_point = (ws.acc - centres[labels]).square_().sum(1).to(torch.float64)
     return centres, float((ws.w * per_point).sum())
-
-
-# --------------------------------------------------------------------------------------------
-# Seeding

@@ -109,7 +109,3 @@ def hungarian_matching(
         centroids, cost = _pair_centroids(a, b, wa, wb, match)
     labels = torch.cat([torch.arange(d, device=a.device), labels_b])
     return Grouping(labels=labels, centroids=centroids, cost=float(cost), k=d, weights=w)
-
-
-# --------------------------------------------------------------------------------------------
-# Dispatcher

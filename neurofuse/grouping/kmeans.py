@@ -365,7 +365,3 @@ def _swap_search(
         labels, centres, cost = new_labels, new_centres, new_cost
         history.append(cost)
     return labels, cost, history
-
-
-# --------------------------------------------------------------------------------------------
-# Public solvers

@@ -260,13 +260,13 @@ def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) 
 
 __all__ = [
     "State",
+    "alignment_setup",
     "average_states",
     "check_aligned_shapes",
     "check_reference",
     "check_same_graphs",
     "check_same_layers",
     "finish",
-    "matched_spaces",
     "model_weights",
     "node_features",
     "space_scores",

@@ -48,8 +48,8 @@ class LinearOptions:
             (recorded in ``fused.neurofuse_report["prior_strength"]``).
         precision: ``"float32"`` or ``"float64"``: the precision of the blockwise products that
             build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
-            float32 is faster (about twice on CPU, more on GPUs) but, with the tiny default ridge,
-            loses the 1e-4 exactness of recovering a permuted model.
+            float32 is faster (most of all on GPUs) but, with the tiny default ridge, loses the
+            1e-4 exactness of recovering a permuted model.
     """
 
     ridge: float = 1e-9

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
+from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.methods.ensemble import ensemble_log_probs
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
+from neurofuse.optimizers import check_optimizer
 
 
 @dataclass
@@ -51,10 +52,7 @@ class DistillOptions:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
-            )
+        check_optimizer(self.optimizer)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.lr <= 0:

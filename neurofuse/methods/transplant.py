@@ -42,10 +42,11 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces
-from neurofuse.fitting import OPTIMIZERS, GradientConfig, fit_gradient
+from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.graph import trace
 from neurofuse.methods.kd import teacher_targets
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
+from neurofuse.optimizers import check_optimizer
 from neurofuse.surgery import neuron_view, resize, select
 
 #: Modules whose statistics mix the neurons of a space: concatenating them is not exact.
@@ -301,10 +302,7 @@ class TransplantOptions:
             raise ValueError(f"finetune_epochs must be an integer, got {self.finetune_epochs!r}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}"
-            )
+        check_optimizer(self.optimizer)
         if not self.temperature > 0 or not self.lr > 0:
             raise ValueError("temperature and lr must be positive")
         self.config(1.0)
