@@ -121,6 +121,11 @@ def main() -> None:
     ap.add_argument("--fusion-size", type=int, default=400)
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
+    # every variant but uniform is an importance score: nf.fuse refuses it for a method that
+    # would ignore it, so such a method is refused here, before any training
+    ignoring = [m for m in args.methods if not nf.method_info(m).caps.importance]
+    if ignoring:
+        ap.error(f"methods {ignoring} do not use importance scores; compare methods that do")
     torch.set_num_threads(2)
     splits = load("mnist5k", seed=0)
     rows: dict[tuple, list[float]] = defaultdict(list)

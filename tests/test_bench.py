@@ -12,7 +12,7 @@ from neurofuse.bench import accuracy, aggregate, basemodels, runner, tables
 from neurofuse.bench.aggregate import BASE_ROWS, egr, mean_std, summarise
 from neurofuse.bench.command import bench, parse_seeds
 from neurofuse.bench.spec import Arch, Cell, MethodRun, Split
-from neurofuse.bench.suites import Suite, get_suite, grid
+from neurofuse.bench.suites import Suite, get_suite, grid, register_suite
 from neurofuse.utils import resolve_device
 
 
@@ -358,6 +358,7 @@ def test_compression_cell_fuses_the_teacher_into_the_student(tmp_path: Path):
         0,
         fusion_samples=60,
         student=arch((8,)),
+        levels=("act1", "head"),  # given to KF Gradient only: KF Linear and KD ignore levels
     )
     suite = Suite(
         "tiny-compression",
@@ -367,6 +368,11 @@ def test_compression_cell_fuses_the_teacher_into_the_student(tmp_path: Path):
         (
             MethodRun("KF Linear", "kf_linear"),
             MethodRun("KF Linear", "kf_linear", "activation", archs=("other_pair",)),
+            MethodRun(
+                "KF Gradient",
+                "kf_gradient",
+                options=(("init_model", None), ("epochs", 2), ("last_epochs", 2)),
+            ),
             MethodRun("KD", "kd", options=(("init_model", None), ("epochs", 2))),
         ),
         default_seeds=(0,),
@@ -376,15 +382,59 @@ def test_compression_cell_fuses_the_teacher_into_the_student(tmp_path: Path):
     assert len(rec["seen_classes"]) in (3, 4)  # a third of the 10 classes
     assert set(rec["fusion_set"]["classes"]) <= set(rec["seen_classes"])
     kf, kd = rec["methods"]["KF Linear | uniform"], rec["methods"]["KD | uniform"]
-    assert kf["status"] == "ok" and kd["status"] == "ok", (kf, kd)
+    kfg = rec["methods"]["KF Gradient | uniform"]
+    assert all(e["status"] == "ok" for e in (kf, kd, kfg)), (kf, kd, kfg)
     assert rec["methods"]["KF Linear | activation"]["status"] == "n/a"
-    for entry in (kf, kd, rec["student"], rec["teacher"]):
+    for entry in (kf, kd, kfg, rec["student"], rec["teacher"]):
         assert 0.0 <= entry["accuracy"] <= 1.0 and 0.0 <= entry["accuracy_seen_classes"] <= 1.0
     from neurofuse.bench.report import write_report
 
     report = write_report(suite, tmp_path, "cmd", 1).read_text()
     assert "| Student (trained on a third of the classes) |" in report
     assert "| KF Linear (uniform) |" in report and (tmp_path / "compression.png").exists()
+
+
+def test_fuse_arguments_only_what_the_method_uses():
+    """levels, importance and target reach nf.fuse only for a method whose capabilities use
+    them (nf.fuse refuses an argument the method would ignore)."""
+    target = object()
+    kfg = MethodRun("KF Gradient", "kf_gradient", "conductance")
+    assert kfg.fuse_arguments(levels=("a", "b"), target=target) == {
+        "importance": "conductance",
+        "levels": ["a", "b"],
+        "target": target,
+    }
+    assert MethodRun("KF Linear", "kf_linear", "deeplift").fuse_arguments(levels=("a",)) == {
+        "importance": "deeplift"
+    }
+    assert MethodRun("KD", "kd").fuse_arguments(levels=("a",), target=target) == {"target": target}
+    assert MethodRun("Ensemble", "ensemble").fuse_arguments(levels=("a",), target=target) == {}
+    assert MethodRun("Vanilla", "vanilla").fuse_arguments() == {}
+
+
+def test_every_suite_run_is_one_nf_fuse_accepts():
+    """No registered suite gives a method an importance score it ignores, an unknown option or
+    an option of the wrong type; register_suite refuses such a run."""
+    from neurofuse.bench.suites import SUITES
+    from neurofuse.methods.registry import build_options, method_info
+
+    for suite in SUITES.values():
+        for run in suite.methods:
+            run.check()
+            build_options(method_info(run.method), run.kwargs())
+    bad = dataclasses.replace(
+        _tiny_suite("tiny-ignored-importance"),
+        methods=(MethodRun("Vanilla averaging", "vanilla", "conductance"),),
+    )
+    with pytest.raises(ValueError, match="does not use importance"):
+        register_suite(bad)
+    typo = dataclasses.replace(
+        _tiny_suite("tiny-unknown-option"),
+        methods=(MethodRun("KF", "kf_linear", options=(("rdge", 1.0),)),),
+    )
+    with pytest.raises(ValueError, match="rdge"):
+        register_suite(typo)
+    assert "tiny-ignored-importance" not in SUITES and "tiny-unknown-option" not in SUITES
 
 
 def test_compression_suite_cells():

@@ -45,9 +45,9 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
             setup.models,
             (setup.fusion_x, setup.fusion_y),
             method=run.method,
-            importance=run.importance,
             seed=cell.seed,
             device=device,
+            **run.fuse_arguments(),
             **options,
         )
         if run.finetune_epochs:  # on the labelled union of the models' training data

@@ -7,7 +7,8 @@ first part of a 3-way sharded partition (classes permuted by the seed, then spli
 set is ``cell.fusion_samples`` class-balanced samples from that same third. Every method turns
 the teacher into the student's architecture: ``nf.fuse([teacher], fusion_set, target=student)``
 (KF Gradient and KD start from the trained student's weights, ``init_model=None``; KF Linear
-refits every level in closed form). Accuracy is measured on the whole test set (all classes)
+refits every level in closed form). The cell's ``levels`` go only to methods that use levels
+(KF Gradient), the importance score only to methods that use one. Accuracy is measured on the whole test set (all classes)
 and on the test samples of the student's classes. Its report section is one table of both
 accuracies and one bar plot.
 """
@@ -102,11 +103,9 @@ def run_compression_cell(
                 [teacher],
                 fusion,
                 method=run.method,
-                importance=run.importance,
-                target=copy.deepcopy(student),
-                levels=list(cell.levels) if cell.levels else None,
                 seed=cell.seed,
                 device=device,
+                **run.fuse_arguments(levels=cell.levels, target=copy.deepcopy(student)),
                 **run.kwargs(),
             )
             entry.update(status="ok", seconds=time.perf_counter() - t0)

@@ -57,9 +57,9 @@ def _child(
                 models,
                 data,
                 method=run.method,
-                importance=run.importance,
                 seed=cell.seed,
                 device=dev,
+                **run.fuse_arguments(),
                 **options,
             )
             if dev.type == "cuda":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 #: regime name -> (partition scheme, human label)
@@ -60,7 +61,8 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class MethodRun:
-    """One fusion run inside a cell: ``nf.fuse(models, data, method, importance, **options)``.
+    """One fusion run inside a cell: ``nf.fuse(models, data, method, importance, **options)``
+    (``importance`` only for a method that uses it: :meth:`fuse_arguments`).
 
     ``label`` names the row of the report (e.g. ``"KF Gradient (setting 2)"``); ``pairwise``
     marks methods defined for two equal-width models only (HF), recorded as ``n/a`` for more.
@@ -87,6 +89,43 @@ class MethodRun:
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.options)
+
+    def check(self) -> None:
+        """Raise a ValueError when ``nf.fuse`` would refuse this run in any cell: an unknown
+        method or option, or an importance score other than uniform for a method that does not
+        use importance (``method_info(method).caps.importance``)."""
+        from neurofuse.methods import method_info, method_options
+
+        info = method_info(self.method)
+        unknown = sorted(set(self.kwargs()) - set(method_options(self.method)))
+        if unknown:
+            raise ValueError(f"run {self.key!r}: method {self.method!r} has no option {unknown}")
+        if self.importance != "uniform" and not info.caps.importance:
+            raise ValueError(
+                f"run {self.key!r}: method {self.method!r} does not use importance scores; "
+                "define it with the default importance 'uniform'"
+            )
+
+    def fuse_arguments(
+        self, levels: Sequence[str] | None = None, target: Any = None
+    ) -> dict[str, Any]:
+        """This run's ``importance``, and the cell's ``levels`` and ``target``, as keyword
+        arguments of ``nf.fuse``, each only when the method's capabilities use it: ``nf.fuse``
+        refuses an argument the method would ignore (a method without ``caps.levels`` given
+        levels, one with ``caps.target == "none"`` given a target), and a method without
+        ``caps.importance`` runs with its default (:meth:`check` makes sure the run asks for
+        no other score)."""
+        from neurofuse.methods import method_info
+
+        caps = method_info(self.method).caps
+        out: dict[str, Any] = {}
+        if caps.importance:
+            out["importance"] = self.importance
+        if levels is not None and caps.levels:
+            out["levels"] = list(levels)
+        if target is not None and caps.target != "none":
+            out["target"] = target
+        return out
 
     def entry(self) -> dict[str, Any]:
         """The identifying fields every result entry of this run starts with."""

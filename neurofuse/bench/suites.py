@@ -47,9 +47,13 @@ SUITES: dict[str, Suite] = {}
 
 
 def register_suite(suite: Suite) -> Suite:
-    """Add ``suite`` to :data:`SUITES` (a name may be registered once)."""
+    """Add ``suite`` to :data:`SUITES` (a name may be registered once). Every method run is
+    checked first (:meth:`MethodRun.check`): a run ``nf.fuse`` would refuse in every cell, such
+    as an importance score for a method that ignores importance, is an error here."""
     if suite.name in SUITES:
         raise ValueError(f"suite {suite.name!r} is already registered")
+    for run in suite.methods:
+        run.check()
     SUITES[suite.name] = suite
     return suite
 

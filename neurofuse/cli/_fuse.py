@@ -70,8 +70,13 @@ def fuse(
     ],
     method: Annotated[str, typer.Option("--method", "-m", help="Fusion method.")] = "kf_linear",
     importance: Annotated[
-        str, typer.Option("--importance", "-i", help="Neuron importance score.")
-    ] = "uniform",
+        str | None,
+        typer.Option(
+            "--importance",
+            "-i",
+            help="Neuron importance score (default: uniform, for methods that use importance).",
+        ),
+    ] = None,
     dataset: Annotated[
         str | None,
         typer.Option("--data", "--dataset", "-d", help="Dataset (default: the checkpoints' own)."),
@@ -109,6 +114,7 @@ def fuse(
     dev = resolve_device(device)
     options = parse_pairs(option, "--option")
     takes = nf.method_options(method)  # unknown method: fail before loading anything
+    uses_importance = nf.method_info(method).caps.importance
     level_names = [name.strip() for name in levels.split(",") if name.strip()] if levels else None
     loaded = load_checkpoints(checkpoints, dev)
     if len(loaded) < 2:
@@ -129,20 +135,27 @@ def fuse(
     splits = load_dataset(spec)
     idx, set_info = fusion_set(splits, spec, loaded[0], fusion_samples, seed)
     models = [model for _, model, _ in loaded]
+    # what the user gave goes to nf.fuse as given (it refuses, in one line, an argument the
+    # method would ignore); the CLI's own default importance only to a method that uses it
+    if importance is None and uses_importance:
+        importance = "uniform"
+    given = {"importance": importance} if importance is not None else {}
+    if level_names is not None:
+        given["levels"] = level_names
     cli.console.print(
-        f"Fusing {len(models)} models with [bold]{method}[/bold] (importance {importance}) on "
-        f"{len(idx)} samples from the {set_info['source']} of {spec['name']}"
+        f"Fusing {len(models)} models with [bold]{method}[/bold]"
+        + (f" (importance {importance})" if importance is not None else "")
+        + f" on {len(idx)} samples from the {set_info['source']} of {spec['name']}"
     )
     start = time.perf_counter()
     fused = nf.fuse(
         models,
         (splits.x_train[idx].to(dev), splits.y_train[idx].to(dev)),
         method=method,
-        importance=importance,
-        levels=level_names,
         seed=seed,
         device=dev,
         progress=cli.console.is_terminal,
+        **given,
         **options,
     )
     seconds = time.perf_counter() - start

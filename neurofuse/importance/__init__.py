@@ -18,12 +18,13 @@ or re-weights one class's logits against another's. ``benchmarks/results/importa
 has the measurements behind these defaults.
 
 Which to use: ``conductance`` (the paper's choice; all levels in one pass over ``n_steps + 1``
-path points) or ``deeplift`` (same rules as Captum's, one pass, several times cheaper) help most
-with the neuron-interpolation methods, most of all when each model's owner computes them on its
-own data (:func:`compute_importance`, saved beside the checkpoint with :func:`save_importance`).
-``grad_x_activation`` is a one-pass first-order proxy; ``activation`` and ``variance`` need
-neither labels nor gradients and change little. Keep ``uniform`` for OTFusion: non-uniform OT
-marginals make its transport plans blend neurons.
+path points) or ``deeplift`` (same rules as Captum's, one pass; both timed in
+``benchmarks/results/importance_speed.md``) help most with the neuron-interpolation methods,
+most of all when each model's owner computes them on its own data (:func:`compute_importance`,
+saved beside the checkpoint with :func:`save_importance`). ``grad_x_activation`` is a one-pass
+first-order proxy; ``activation`` and ``variance`` need neither labels nor gradients and change
+little. Keep ``uniform`` for OTFusion: non-uniform OT marginals make its transport plans blend
+neurons.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ The engines ask ``provider.scores(model_index, node_name, output, width)`` and g
 positive weights with mean 1. Raw scores become weights in three steps:
 
 1. **scale**: divide by their mean, per model and per node. Raw attributions of the models differ
-   in scale (on a sharded fusion set, the second model's Conductance is 0.1-0.2x the first's:
-   the data are not its classes); weighting by raw scale all but drops that model, which is how
-   the reference code loses up to 27 points with Conductance;
+   in scale (on a sharded fusion set, the second model's Conductance is a small fraction of the
+   first's: the data are not its classes); weighting by raw scale all but drops that model, which
+   is how the reference code loses accuracy with Conductance (the scale ratios and the loss are
+   measured in ``benchmarks/results/importance_robustness.md``, "Why scores hurt", item 1);
 2. **temper** (``power``): ``s <- s**power / mean(s**power)``; ``power < 1`` flattens the heavy
    tail of attribution scores (``0.5`` is a square root, ``0`` is uniform);
 3. **mix** with uniform: ``s <- (1 - mix) s + mix`` (default ``mix=0.5``), so every neuron keeps
@@ -15,10 +16,10 @@ positive weights with mean 1. Raw scores become weights in three steps:
 
 At the classifier head the "neurons" are classes, aligned across models, and the engines turn
 the scores into per-class convex combinations of the models' logits. Those re-weight one class's
-logits against another's; wherever the fusion set misses classes they are unreliable (-1 to -9
-points measured, depending on the target). The default ``head_mix=1`` keeps the head uniform: the
-plain mean of the logits, as in an ensemble. ``benchmarks/results/importance_robustness.md`` has
-the measurements behind all three defaults.
+logits against another's; wherever the fusion set misses classes they are unreliable (what they
+cost, depending on the target: item 2 of the same section). The default ``head_mix=1`` keeps the
+head uniform: the plain mean of the logits, as in an ensemble.
+``benchmarks/results/importance_robustness.md`` has the measurements behind all three defaults.
 """
 
 from __future__ import annotations

@@ -158,8 +158,10 @@ def conductance(
     internal_batch_size: int = 2048,
     backend: str = "fused",
 ) -> NodeScores:
-    """``n_steps`` path steps (10, as in the paper's reference code: the scores are within about
-    0.5% of a 100-step integral, see ``benchmarks/importance_speed.py``; Captum's default is 50).
+    """``n_steps`` path steps (10, as in the paper's reference code; how far these scores are from
+    a 100-step integral, and what more steps cost, is measured by
+    ``benchmarks/importance_speed.py`` in ``benchmarks/results/importance_speed.md``, column
+    "vs n_steps=100"; Captum's default is 50).
     ``backend="fused"`` attributes every node in one pass; ``"captum"`` calls Captum's
     ``LayerConductance`` once per node (same numbers, slower; for reference)."""
     _positive("n_steps", n_steps)
