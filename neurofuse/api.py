@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from neurofuse.graph import AFFINE_TYPES, GraphCache, Levels
+from neurofuse.graph import AFFINE_TYPES, GraphCache, Levels, is_transformer_like
 from neurofuse.importance import Importance, ImportanceProvider, ImportanceSpec
 from neurofuse.importance.provider import describe
 from neurofuse.methods.registry import (
@@ -241,22 +241,39 @@ def _check_labels(y: Tensor, classes: int) -> Tensor:
     return y.long()
 
 
-def _warn_small(info: MethodInfo, template: nn.Module, n: int) -> None:
+def _warn_small(info: MethodInfo, template: nn.Module, x: Tensor) -> None:
+    """Warn when a layer of the template sees fewer rows (samples times positions or tokens)
+    than it has neurons: its fit is then underdetermined."""
     if not info.caps.fits_data:
         return
-    widths = [
-        (name, m.out_features if isinstance(m, nn.Linear) else m.out_channels)
-        for name, m in template.named_modules()
-        if isinstance(m, AFFINE_TYPES)
-    ]
-    if not widths:
-        return
-    name, width = max(widths, key=lambda t: t[1])
-    if n < width:
+    rows: dict[str, tuple[int, int]] = {}
+    hooks = []
+    for name, mod in template.named_modules():
+        if isinstance(mod, AFFINE_TYPES):
+            width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+
+            def hook(
+                m: nn.Module, args: Any, out: Any, name: str = name, width: int = width
+            ) -> None:
+                if isinstance(out, Tensor) and out.shape[0]:
+                    rows[name] = (out.numel() // (out.shape[0] * width), width)
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            template(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    n = x.shape[0]
+    short = [(w, name, per) for name, (per, w) in rows.items() if n * per < w]
+    if short:
+        width, name, per = max(short)
+        seen = f"{n * per} rows ({n} samples" + (f" x {per} positions)" if per > 1 else ")")
         warnings.warn(
-            f"the fusion set has {n} samples, fewer than the {width} neurons of {name!r}: "
+            f"the fusion set gives {seen}, fewer than the {width} neurons of {name!r}: "
             f"{info.name} cannot tell those neurons apart on so few samples, and the fused "
-            f"model may be far from the base models. Give at least {width} samples.",
+            f"model may be far from the base models. Give at least {-(-width // per)} samples.",
             UserWarning,
             stacklevel=3,
         )
@@ -334,8 +351,14 @@ def fuse(
     if y is not None and (info.caps.labels != "unused" or not _is_uniform(importance)):
         y = _check_labels(y, widths[0][-1] if widths[0] else 1)
     y = y.to(dev) if y is not None else None
-    _warn_small(info, template, x.shape[0])
+    _warn_small(info, template, x)
     graphs = GraphCache()
+    if not info.caps.transformers and is_transformer_like(graphs(copies[0])):
+        raise ValueError(
+            f"method {method!r} does not fuse transformer-like models (LayerNorm or attention, "
+            "whose statistics mix the neurons); use one of "
+            f"{', '.join(n for n in available_methods() if get_method(n).caps.transformers)}"
+        )
     ctx = FusionContext(
         models=copies,
         inputs=x,

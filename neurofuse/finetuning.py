@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from neurofuse.fitting import GradientConfig, fit_gradient
-from neurofuse.optimizers import check_optimizer
+from neurofuse.optimizers import OptimizerName, check_optimizer
 
 
 @dataclass
@@ -67,7 +67,7 @@ class FinetuneOptions:
 
     epochs: int = 30
     lr: float = 3e-4
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     weight_decay: float = 0.0
     batch_size: int = 32
     val_split: float = 0.1

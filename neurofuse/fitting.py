@@ -20,12 +20,13 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurofuse.optimizers import check_optimizer, make_optimizer
+from neurofuse.optimizers import OptimizerName, check_optimizer, make_optimizer
 
 # --------------------------------------------------------------------------- closed form
 
@@ -330,7 +331,7 @@ def least_squares(x: Tensor, y: Tensor, bias: bool = True, ridge: float = 0.0) -
 class GradientConfig:
     """How one level is fitted by gradient descent (paper Table 9)."""
 
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -338,7 +339,9 @@ class GradientConfig:
     batch_size: int = 32
     val_split: float = 0.1
     patience: int = 20
-    loss: str = "mse"  # "mse", "kl" (KL to soft predictions) or "ce" (targets are labels)
+    loss: Literal["mse", "kl", "ce"] = (
+        "mse"  # "mse", "kl" (KL to soft predictions) or "ce" (targets are labels)
+    )
     temperature: float = 1.0
 
     def __post_init__(self) -> None:

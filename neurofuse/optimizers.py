@@ -4,11 +4,14 @@ training, the gradient fits of the fusion methods, distillation, fine-tuning).""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["OPTIMIZERS", "check_optimizer", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "OptimizerName", "check_optimizer", "make_optimizer"]
+
+#: the names of :data:`OPTIMIZERS`, for option annotations (checked against it by a test)
+OptimizerName = Literal["adam", "adamw", "sgd"]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,

@@ -26,7 +26,7 @@ from rich.progress import (
 from torch import nn
 
 from neurofuse.evaluate import predict_logits
-from neurofuse.optimizers import check_optimizer, make_optimizer
+from neurofuse.optimizers import OptimizerName, check_optimizer, make_optimizer
 from neurofuse.utils import resolve_device, to_jsonable
 
 __all__ = [
@@ -69,7 +69,7 @@ class TrainConfig:
         progress: show a transient rich progress bar over epochs.
     """
 
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 5e-4
     momentum: float = 0.9

@@ -238,8 +238,12 @@ class _Analysis:
         out = []
         for root, g in self.groups.items():
             keys = {k for k, _ in g.members}
-            if keys & self.raw or any(not (aliases.get(k, set()) <= keys) for k in keys):
+            if keys & self.raw:
                 g.fixed = True  # also used outside the graph's module calls
+            # a tensor shared by two names (tied weights) is permuted once: every name must be
+            # a member on the same axis, else one permutation would undo the other
+            if any((t, axis) not in g.members for k, axis in g.members for t in aliases.get(k, ())):
+                g.fixed = True
             if not keys <= state_keys:
                 g.fixed = True  # a non-persistent buffer: not in the state dict to permute
             nodes = sorted(g.nodes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from neurofuse.methods._linear import (
     expand_parts,
 )
 from neurofuse.methods.registry import FusionContext
+from neurofuse.optimizers import OptimizerName
 from neurofuse.progress import progress_bar
 
 #: Hyperparameter sets: the paper's two (Table 9) and ``closed_form`` (start from the Linear fit).
@@ -125,20 +127,20 @@ class GradientOptions:
         n_init, max_iter: k-means restarts and iterations (KF only).
     """
 
-    preset: str = "closed_form"
-    init: str | None = None
-    optimizer: str | None = None
+    preset: Literal["closed_form", "setting1", "setting2"] = "closed_form"
+    init: Literal["linear", "model"] | None = None
+    optimizer: OptimizerName | None = None
     lr: float | None = None
     epochs: int | None = None
     weight_decay: float | None = None
     eps: float | None = None
-    last_optimizer: str | None = None
+    last_optimizer: OptimizerName | None = None
     last_lr: float | None = None
     last_epochs: int | None = None
     batch_size: int | None = None
     val_split: float | None = None
     patience: int | None = None
-    head_loss: str = "mse"
+    head_loss: Literal["mse", "kl"] = "mse"
     temperature: float = 1.0
     init_model: int | None = 0
     n_init: int = 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -58,9 +59,9 @@ class LinearOptions:
     max_iter: int = 100
     local_search: bool = False
     row_budget: int | None = None
-    precision: str = "float64"
-    stream: str = "first"
-    prior: str = "aligned"
+    precision: Literal["float32", "float64"] = "float64"
+    stream: Literal["first", "all"] = "first"
+    prior: Literal["aligned", "zero"] = "aligned"
     prior_strength: float | None = None
 
     def __post_init__(self) -> None:

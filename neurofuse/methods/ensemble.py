@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ class EnsembleOptions:
             probabilities); ``"logit"``: the output is the mean of the members' logits.
     """
 
-    mode: str = "prob"
+    mode: Literal["prob", "logit"] = "prob"
 
     def __post_init__(self) -> None:
         if self.mode not in COMBINE:

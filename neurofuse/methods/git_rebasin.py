@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -62,7 +63,7 @@ class GitRebasinOptions:
     """
 
     reference: int = 0
-    match: str = "acts"
+    match: Literal["acts", "weights"] = "acts"
     max_iter: int = 100
     weights: list[float] | None = None
     reset_bn: bool = False

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.methods.ensemble import ensemble_log_probs
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
-from neurofuse.optimizers import check_optimizer
+from neurofuse.optimizers import OptimizerName, check_optimizer
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DistillOptions:
         temperature: ``T`` of the KL loss ``T^2 KL(softmax(t / T) || softmax(s / T))``.
     """
 
-    optimizer: str = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     epochs: int = 100

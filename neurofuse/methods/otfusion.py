@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -95,8 +95,8 @@ class OTFusionOptions:
     """
 
     reference: int = 0
-    ground_metric: str = "acts"
-    solver: str = "emd"
+    ground_metric: Literal["acts", "weights"] = "acts"
+    solver: Literal["emd", "sinkhorn"] = "emd"
     reg: float = 0.01
     sinkhorn_iters: int = 1000
     weights: list[float] | None = None

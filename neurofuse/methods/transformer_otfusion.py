@@ -39,6 +39,7 @@ Fused widths are the anchor's. The classifier's outputs are never permuted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -88,12 +89,12 @@ class TransformerOTFusionOptions:
     """
 
     reference: int = 0
-    ground_metric: str = "acts"
-    solver: str = "sinkhorn"
+    ground_metric: Literal["acts", "wts"] = "acts"
+    solver: Literal["emd", "sinkhorn"] = "sinkhorn"
     reg: float | None = None
     sinkhorn_iters: int = 1000
-    residual: str = "mean"
-    heads: str = "cross"
+    residual: Literal["mean", "weighted_scalar", "only_resid", "no_resid"] = "mean"
+    heads: Literal["cross", "units"] = "cross"
     n_samples: int = 200
     max_rows: int = 20000
     weights: list[float] | None = None
@@ -416,7 +417,7 @@ def _operand_of_add(n: fx.Node) -> fx.Node | None:
     "Transformer OTFusion (Imfeld et al. 2024): layer-wise soft OT alignment with a residual "
     "policy, then averaging",
     TransformerOTFusionOptions,
-    Capabilities(importance=True, target="same", fits_data=False, exact=True),
+    Capabilities(importance=True, target="same", fits_data=False),
 )
 def transformer_otfusion(ctx: FusionContext) -> nn.Module:
     opt: TransformerOTFusionOptions = ctx.options

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -46,7 +47,7 @@ from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.graph import trace
 from neurofuse.methods.kd import teacher_targets
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
-from neurofuse.optimizers import check_optimizer
+from neurofuse.optimizers import OptimizerName, check_optimizer
 from neurofuse.surgery import neuron_view, resize, select
 
 #: Modules whose statistics mix the neurons of a space: concatenating them is not exact.
@@ -278,10 +279,10 @@ class TransplantOptions:
         temperature: of the KL loss when distilling (1 for labels).
     """
 
-    criterion: str = "incoming"
+    criterion: Literal["incoming", "group"] = "incoming"
     finetune_epochs: int = 20
-    finetune_target: str = "auto"
-    optimizer: str = "adamw"
+    finetune_target: Literal["auto", "labels", "ensemble"] = "auto"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 32
@@ -344,7 +345,7 @@ def _merge_error(wide: nn.Module, models: Sequence[nn.Module], x: Tensor) -> flo
     "transplant",
     "Neuron Transplantation: concatenate the models, keep the largest-norm neurons, fine-tune",
     TransplantOptions,
-    Capabilities(labels="optional"),
+    Capabilities(labels="optional", transformers=False),
 )
 def transplant(ctx: FusionContext) -> nn.Module:
     opt: TransplantOptions = ctx.options
