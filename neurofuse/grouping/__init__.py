@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,13 +49,23 @@ from neurofuse.grouping.local_search import (
 
 
 def _group_kmeans(
-    points: Tensor, weights: Tensor | None, k: int, *, sizes: Sequence[int] | None = None, **options
+    points: Tensor,
+    weights: Tensor | None,
+    k: int,
+    *,
+    sizes: Sequence[int] | None = None,
+    **options: Any,
 ) -> Grouping:
     return weighted_kmeans(points, weights, k, **options)
 
 
 def _group_hungarian(
-    points: Tensor, weights: Tensor | None, k: int, *, sizes: Sequence[int] | None = None, **options
+    points: Tensor,
+    weights: Tensor | None,
+    k: int,
+    *,
+    sizes: Sequence[int] | None = None,
+    **options: Any,
 ) -> Grouping:
     if options:
         raise TypeError(f"method='hungarian' takes no options; got {sorted(options)}")
@@ -97,7 +108,7 @@ def group(
     *,
     method: str = "kmeans",
     sizes: Sequence[int] | None = None,
-    **options,
+    **options: Any,
 ) -> Grouping:
     """Partition ``points`` (``(d_M, D)``, the base models' neurons stacked in model order) into
     ``k`` groups with the named method from :data:`GROUPING_METHODS`.
