@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check neurofuse tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -29,9 +30,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check neurofuse tests benchmarks
 	$(PY) -m ruff format --check neurofuse tests benchmarks
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/fusion_speed.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache .mypy_cache

@@ -38,7 +38,7 @@ def as_fusion_data(data: Any) -> tuple[Tensor, Tensor | None]:
             y = torch.as_tensor(y)
     elif isinstance(data, DataLoader | Dataset):
         xs, ys = [], []
-        for item in data:
+        for item in data:  # type: ignore[union-attr]  # a map-style Dataset iterates by index
             if isinstance(item, tuple | list):
                 xs.append(torch.as_tensor(item[0]))
                 ys.append(torch.as_tensor(item[1]) if len(item) > 1 else None)
@@ -250,7 +250,7 @@ def _warn_small(info: MethodInfo, template: nn.Module, x: Tensor) -> None:
     hooks = []
     for name, mod in template.named_modules():
         if isinstance(mod, AFFINE_TYPES):
-            width = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+            width = mod.out_features if isinstance(mod, nn.Linear) else int(mod.out_channels)  # type: ignore[arg-type]
 
             def hook(
                 m: nn.Module, args: Any, out: Any, name: str = name, width: int = width
@@ -375,7 +375,8 @@ def fuse(
     )
     fused = info.fn(ctx)
     _keep_flags(fused, target if target is not None else models[0])
-    fused.neurofuse_report = {
+    # torch's stub of Module.__setattr__ admits only a Tensor or a Module; any value is stored
+    fused.neurofuse_report = {  # type: ignore[assignment]
         "method": method,
         "options": vars(opts),
         "importance": describe(importance),

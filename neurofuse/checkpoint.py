@@ -171,6 +171,7 @@ def load_tensors(
 def _model_config(model: nn.Module) -> dict[str, Any] | None:
     if getattr(model, "neurofuse_config", None) is None:
         return None
+    config: Any  # torch types the attribute as Tensor | Module: it is the build config
     try:
         from neurofuse.models import model_config
     except ImportError:

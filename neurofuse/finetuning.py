@@ -129,9 +129,9 @@ def drift_penalty(model: nn.Module, strength: float) -> Any:
     start = [p.detach().clone() for p in params]
     norm = float(sum(float((s * s).sum()) for s in start)) or 1.0
 
-    def penalty() -> Tensor:
+    def penalty() -> Tensor | float:  # a float only for a model without parameters
         total = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
-        return strength * total / norm  # type: ignore[operator]
+        return strength * total / norm
 
     return penalty
 
@@ -209,7 +209,8 @@ def finetune(
         "options": dataclasses.asdict(opt),
         **stats,
     }
-    student.neurofuse_report = report
+    # torch's stub of Module.__setattr__ admits only a Tensor or a Module; any value is stored
+    student.neurofuse_report = report  # type: ignore[assignment]
     return student.eval()
 
 

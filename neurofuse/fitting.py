@@ -27,11 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurofuse.optimizers import OptimizerName, check_optimizer, make_optimizer
+from neurofuse.utils import optional_tensor_attr, tensor_attr
 
 # --------------------------------------------------------------------------- closed form
 
 
-def _conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], ...]:
+_Pair = tuple[int, int]
+
+
+def _conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[_Pair, _Pair, _Pair, _Pair]:
+    """Kernel size, dilation, padding and stride, as 2-D pairs (a Conv1d is a 1 x k Conv2d)."""
     if layer.groups != 1:
         raise NotImplementedError(
             f"{layer} is a grouped convolution; the Linear variants support groups=1 only. "
@@ -58,7 +63,7 @@ def _conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], ...]:
         p = tuple(layer.padding)
     if isinstance(layer, nn.Conv1d):
         return (1, k[0]), (1, d[0]), (0, p[0]), (1, s[0])
-    return k, d, p, s  # type: ignore[return-value]
+    return (k[0], k[1]), (d[0], d[1]), (p[0], p[1]), (s[0], s[1])
 
 
 def _patch_rows(
@@ -109,17 +114,18 @@ def affine_output_rows(layer: nn.Module, y: Tensor) -> Tensor:
 
 def set_affine_weights(layer: nn.Module, w: Tensor, bias: Tensor | None) -> None:
     """Write a fitted (p, d) weight matrix (rows in :func:`affine_inputs` order) into ``layer``."""
+    weight, layer_bias = tensor_attr(layer, "weight"), optional_tensor_attr(layer, "bias")
     with torch.no_grad():
         if isinstance(layer, nn.Linear):
-            layer.weight.copy_(w.T.to(layer.weight))
+            weight.copy_(w.T.to(weight))
         else:
-            layer.weight.copy_(w.T.reshape(layer.weight.shape).to(layer.weight))
+            weight.copy_(w.T.reshape(weight.shape).to(weight))
         if bias is not None:
-            if layer.bias is None:
+            if layer_bias is None:
                 raise ValueError("cannot set a bias on a layer without one")
-            layer.bias.copy_(bias.to(layer.bias))
-        elif layer.bias is not None:
-            layer.bias.zero_()
+            layer_bias.copy_(bias.to(layer_bias))
+        elif layer_bias is not None:
+            layer_bias.zero_()
 
 
 BLOCK_ROWS = 16384
@@ -171,11 +177,11 @@ class LeastSquares:
 
     def add(self, x_rows: Tensor, y_rows: Tensor) -> None:
         """Accumulate the rows ``x_rows`` (N, p) with their targets ``y_rows`` (N, d)."""
-        if self.shift_x is None:
+        if self.shift_x is None or self.shift_y is None:  # both set by the first call
             self.shift_x = x_rows[:BLOCK_ROWS].to(self.dtype).mean(0)
             self.shift_y = y_rows[:BLOCK_ROWS].to(self.dtype).mean(0)
         ax = self.shift_x.to(self.product_dtype)
-        ay = self.shift_y.to(self.product_dtype)  # type: ignore[union-attr]
+        ay = self.shift_y.to(self.product_dtype)
         for lo in range(0, x_rows.shape[0], BLOCK_ROWS):
             x = x_rows[lo : lo + BLOCK_ROWS].to(self.product_dtype) - ax
             y = y_rows[lo : lo + BLOCK_ROWS].to(self.product_dtype) - ay

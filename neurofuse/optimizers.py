@@ -37,7 +37,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``params``; ``momentum`` is used by ``sgd`` only."""
     check_optimizer(name)
-    kwargs: dict[str, float] = {"lr": lr, "weight_decay": weight_decay}
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if name == "sgd":
         kwargs["momentum"] = momentum
     return OPTIMIZERS[name](params, **kwargs)

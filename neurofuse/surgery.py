@@ -31,7 +31,11 @@ class SpaceLike(Protocol):
 
     name: str
     size: int
-    members: list[tuple[str, int, int]]
+
+    @property
+    def members(self) -> Sequence[tuple[str, int, int, int]]:
+        """``(state_dict key, axis, repeat, parts)`` (:class:`neurofuse.alignment.Member`)."""
+        ...
 
 
 # --------------------------------------------------------------------------- layer sizes
@@ -52,13 +56,18 @@ def register_layer(*types: type[nn.Module]) -> Callable[[SizeSync], SizeSync]:
     return deco
 
 
+# Each function below is registered for, and so only called with (see _sync_for), its types.
+
+
 @register_layer(nn.Linear)
 def _sync_linear(m: nn.Module) -> None:
+    assert isinstance(m, nn.Linear)
     m.out_features, m.in_features = m.weight.shape
 
 
 @register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _sync_conv(m: nn.Module) -> None:
+    assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     if m.groups != 1:
         raise NotImplementedError(
             f"{m} is a grouped convolution: changing its widths would change its groups; "
@@ -69,17 +78,21 @@ def _sync_conv(m: nn.Module) -> None:
 
 @register_layer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _sync_batchnorm(m: nn.Module) -> None:
+    assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d)
     t = m.weight if m.weight is not None else m.running_mean
+    assert t is not None  # resize touched one of its tensors
     m.num_features = t.shape[0]
 
 
 @register_layer(nn.LayerNorm)
 def _sync_layernorm(m: nn.Module) -> None:
+    assert isinstance(m, nn.LayerNorm)
     m.normalized_shape = tuple(m.weight.shape)
 
 
 @register_layer(nn.GroupNorm)
 def _sync_groupnorm(m: nn.Module) -> None:
+    assert isinstance(m, nn.GroupNorm)
     m.num_channels = m.weight.shape[0]
     if m.num_channels % m.num_groups:
         raise ValueError(

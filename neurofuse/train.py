@@ -250,6 +250,7 @@ def train_model(
             )
             val_acc = None
             if x_val is not None:
+                assert y_val is not None  # both or neither (_check_data)
                 logits = predict_logits(model, x_val, device=device)
                 val_acc = float((logits.argmax(1) == y_val.cpu()).double().mean())
                 if best is None or val_acc > best[0]:
@@ -330,7 +331,7 @@ def _train_epoch(
     model.train()
     total = torch.zeros((), device=device)
     seen = 0
-    lr = scheduler.get_last_lr()[0]
+    lr = float(scheduler.get_last_lr()[0])
     for idx in _batches(torch.randperm(len(x), generator=generator), config.batch_size):
         idx = idx.to(x.device)
         xb, target = x[idx], y[idx]
@@ -350,7 +351,7 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        lr = scheduler.get_last_lr()[0]
+        lr = float(scheduler.get_last_lr()[0])
         scheduler.step()
         total += loss.detach().float() * len(idx)
         seen += len(idx)
@@ -412,7 +413,7 @@ def _check_data(
     pairs = [("x", "y", x, y)]
     if (x_val is None) != (y_val is None):
         raise ValueError("pass both x_val and y_val, or neither")
-    if x_val is not None:
+    if x_val is not None and y_val is not None:  # both or neither, as just checked
         pairs.append(("x_val", "y_val", x_val, y_val))
     for x_name, y_name, xs, ys in pairs:
         if not isinstance(xs, torch.Tensor) or not isinstance(ys, torch.Tensor):

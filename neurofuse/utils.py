@@ -1,4 +1,5 @@
-"""Small helpers shared across neurofuse: device choice, seeding, atomic writes, JSON conversion."""
+"""Small helpers shared across neurofuse: device choice, seeding, atomic writes, JSON conversion,
+typed access to a module's tensors."""
 
 from __future__ import annotations
 
@@ -9,19 +10,23 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "optional_tensor_attr",
     "resolve_device",
     "seed_everything",
+    "tensor_attr",
+    "tensor_sum",
     "to_jsonable",
 ]
 
@@ -168,3 +173,33 @@ def to_jsonable(obj: Any) -> Any:
         f"cannot convert {type(obj).__name__} to JSON; pass plain numbers, strings, lists, dicts, "
         "tensors or arrays, or give the object a to_dict() method"
     )
+
+
+def tensor_attr(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>``, a parameter or buffer, typed as a Tensor.
+
+    torch types an attribute that a module class does not declare (``weight`` of a generic
+    ``nn.Module``, ``running_var`` of a norm) as ``Tensor | Module``; this says which it is, and
+    raises a TypeError naming it when it is not a tensor."""
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor: {type(value).__name__}")
+    return value
+
+
+def optional_tensor_attr(module: nn.Module, name: str) -> Tensor | None:
+    """:func:`tensor_attr` for a parameter or buffer that may be registered as ``None`` (a
+    layer's ``bias`` without bias, a BatchNorm's ``running_mean`` without running statistics)."""
+    value = getattr(module, name)
+    if value is not None and not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor: {type(value).__name__}")
+    return value
+
+
+def tensor_sum(terms: Iterable[Tensor]) -> Tensor:
+    """``sum(terms)`` (the same additions, in the same order) typed as a Tensor: at least one
+    term is required, the builtin's empty sum being the int 0."""
+    total = sum(terms)
+    if not isinstance(total, Tensor):
+        raise ValueError("tensor_sum needs at least one tensor")
+    return total

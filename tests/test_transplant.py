@@ -95,6 +95,9 @@ def test_a_vit_is_refused_naming_the_layernorm_of_its_token_stream() -> None:
     models = [build("vit_tiny") for _ in range(2)]
     stream = permutation_spaces(models[0])[0].name
     with pytest.raises(ValueError, match=rf"hidden space '{stream}'.*LayerNorm"):
+        hidden_spaces(models)
+    # nf.fuse refuses it before any work, from the method's declared capabilities
+    with pytest.raises(ValueError, match="transplant' does not fuse transformer-like.*LayerNorm"):
         nf.fuse(models, torch.randn(4, 3, 32, 32), method="transplant")
 
 

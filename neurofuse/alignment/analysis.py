@@ -219,7 +219,7 @@ class _Analysis:
             mod = self.gm.get_submodule(str(n.target))
             rule = next((MODULE_RULES[t] for t in type(mod).__mro__ if t in MODULE_RULES), None)
         elif n.op == "call_function":
-            rule = FUNCTION_RULES.get(n.target)  # type: ignore[arg-type]
+            rule = FUNCTION_RULES.get(n.target)
         else:
             rule = METHOD_RULES.get(str(n.target))
         if rule is None and is_elementwise(self.gm, n):  # the graph toolkit's one table

@@ -152,7 +152,7 @@ def _attention(a: _Analysis, n: fx.Node, mod: Any) -> _Value:
         ok = all([s.axis for s in lv] == [-3, -1] for lv in live)
         ok = ok and len({(lv[0].size, lv[1].size) for lv in live}) == 1
         picked = [[s for s in t.subs if s.axis is None] for t in tags]  # type: ignore[union-attr]
-        ok = ok and all(t.subs[: len(p)] == tuple(p) for t, p in zip(tags, picked, strict=True))  # type: ignore[union-attr]
+        ok = ok and all(t.subs[: len(p)] == tuple(p) for t, p in zip(tags, picked, strict=True))  # type: ignore[union-attr, index]
     if not ok or any(v.tag is not None for v in extra):
         a.fix(*qkv, *extra)
         return _Value(rank=qkv[0].rank)

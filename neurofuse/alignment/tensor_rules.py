@@ -135,7 +135,8 @@ def _view(a: _Analysis, n: fx.Node, mod: Any) -> _Value:
     trailing = [s for s in reversed(shape) if isinstance(s, int) and s > 0]
     width = _last_axis_width(a, x.tag)
     if width is not None:
-        sizes, prod = [], 1
+        sizes: list[int] = []
+        prod = 1
         for s in trailing:
             if prod >= width:
                 break
@@ -161,7 +162,8 @@ def _unflatten(a: _Analysis, n: fx.Node, mod: Any) -> _Value:
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     sizes = n.args[2] if len(n.args) > 2 else n.kwargs.get("sizes")
     if x.tag is None:
-        return _Value(rank=None if x.rank is None else x.rank + len(sizes or ()) - 1)
+        n_sizes = len(sizes) if isinstance(sizes, tuple | list) else 0
+        return _Value(rank=None if x.rank is None else x.rank + n_sizes - 1)
     if not isinstance(dim, int) or not isinstance(sizes, tuple | list) or x.rank is None:
         return a.opaque(n)
     if not all(isinstance(s, int) for s in sizes):
@@ -227,7 +229,8 @@ def _transpose(a: _Analysis, n: fx.Node, mod: Any) -> _Value:
         return axis
 
     if x.tag is None:  # a raw parameter
-        return _param_reordered(x, [move(ax) for ax in range(-x.rank, 0)])  # type: ignore[arg-type]
+        assert x.rank is not None  # a raw parameter's rank is its shape's
+        return _param_reordered(x, [move(ax) for ax in range(-x.rank, 0)])
     return _Value(rank=x.rank, tag=x.tag.with_axes(move))
 
 
@@ -259,14 +262,15 @@ def _reduce(a: _Analysis, n: fx.Node, mod: Any) -> _Value:
     if x.tag is None or x.rank is None or x.tag.flat or not isinstance(dims, tuple | list):
         return a.opaque(n) if x.tag is not None else _Value()
     r = x.rank
-    dims = {d % r for d in dims}
-    if any(r + ax in dims for ax in x.tag.axes()) or not isinstance(keep, bool):
+    reduced = {int(d) % r for d in dims}
+    if any(r + ax in reduced for ax in x.tag.axes()) or not isinstance(keep, bool):
         return a.opaque(n)
     if keep:
         return x
-    rank = r - len(dims)
+    rank = r - len(reduced)
     return _Value(
-        rank=rank, tag=x.tag.with_axes(lambda ax: (r + ax) - sum(d < r + ax for d in dims) - rank)
+        rank=rank,
+        tag=x.tag.with_axes(lambda ax: (r + ax) - sum(d < r + ax for d in reduced) - rank),
     )
 
 

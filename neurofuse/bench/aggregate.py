@@ -158,9 +158,9 @@ def summarise(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> d
         for col in g.columns:
             best, ens = g.get(BASE_ROWS[1], col), g.get(BASE_ROWS[2], col)
             for row in g.rows:
-                stat = g.get(row, col)
-                if stat is not None and stat.values and row != BASE_ROWS[1]:
-                    stat.egr = egr(stat.mean, best.mean, ens.mean)  # type: ignore[arg-type, union-attr]
+                row_stat = g.get(row, col)
+                if row_stat is not None and row_stat.values and row != BASE_ROWS[1]:
+                    row_stat.egr = egr(row_stat.mean, best.mean, ens.mean)  # type: ignore[arg-type, union-attr]
     return groups
 
 

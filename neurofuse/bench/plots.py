@@ -23,10 +23,10 @@ def _best_per_label(group: Group, column: str) -> dict[str, float]:
     best: dict[str, float] = {}
     for row in group.rows:
         stat = group.get(row, column)
-        if stat is None or not stat.values:
+        if stat is None or stat.mean is None:  # None: no values
             continue
         label = row.split(" | ")[0]
-        best[label] = max(best.get(label, -1.0), stat.mean)  # type: ignore[arg-type]
+        best[label] = max(best.get(label, -1.0), stat.mean)
     return best
 
 

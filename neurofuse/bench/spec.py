@@ -129,7 +129,7 @@ class MethodRun:
 
     def entry(self) -> dict[str, Any]:
         """The identifying fields every result entry of this run starts with."""
-        out = {
+        out: dict[str, Any] = {
             "label": self.label,
             "method": self.method,
             "importance": self.importance,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from neurofuse.bench.aggregate import BASE_ROWS, Group, Stat, best_neurofuse
+from neurofuse.bench.aggregate import BASE_ROWS, Group, Stat, best_neurofuse, mean_std
 
 
 def display(row: str) -> str:
@@ -29,9 +29,10 @@ def format_accuracy(stat: Stat | None) -> str:
         return "-"
     if not stat.values:
         return "n/a" if stat.status == "n/a" else stat.status
-    text = f"{100 * stat.mean:.1f}"
+    mean, std = mean_std(stat.values)
+    text = f"{100 * mean:.1f}"
     if len(stat.values) > 1:
-        text += f" ± {100 * stat.std:.1f}"  # type: ignore[operator]
+        text += f" ± {100 * std:.1f}"
     return text + ("*" if stat.errors else "")
 
 

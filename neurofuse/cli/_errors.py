@@ -110,9 +110,10 @@ class UserErrorsMixin:
         sys.exit(code if isinstance(code, int) else 0)
 
 
-class NeurofuseGroup(UserErrorsMixin, TyperGroup):
+# the mixin's main takes click's arguments by name; typer's stubs spell them differently
+class NeurofuseGroup(UserErrorsMixin, TyperGroup):  # type: ignore[misc]
     """The ``neurofuse`` command group (``typer.Typer(cls=NeurofuseGroup)``)."""
 
 
-class NeurofuseCommand(UserErrorsMixin, TyperCommand):
+class NeurofuseCommand(UserErrorsMixin, TyperCommand):  # type: ignore[misc]
     """A single-command app with the same error handling (``python -m neurofuse.bench``)."""

@@ -139,7 +139,7 @@ def fuse(
     # method would ignore); the CLI's own default importance only to a method that uses it
     if importance is None and uses_importance:
         importance = "uniform"
-    given = {"importance": importance} if importance is not None else {}
+    given: dict[str, Any] = {"importance": importance} if importance is not None else {}
     if level_names is not None:
         given["levels"] = level_names
     cli.console.print(

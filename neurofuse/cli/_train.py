@@ -78,7 +78,7 @@ def train(
 
     dev = resolve_device(device)
     config = TrainConfig(
-        optimizer=optimizer,
+        optimizer=optimizer,  # type: ignore[arg-type]  # TrainConfig checks the name
         lr=lr,
         epochs=epochs,
         batch_size=batch_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,7 +203,7 @@ def _synthetic(
     noise: float = 0.4,
 ) -> DataSplits:
     """See :func:`make_synthetic`; ``num_samples`` is the training-set size."""
-    options = {
+    options: dict[str, Any] = {
         "num_features": num_features,
         "num_classes": num_classes,
         "latent_dim": latent_dim,

@@ -319,7 +319,7 @@ def layer_width(mod: nn.Module | None) -> tuple[int | None, bool]:
         return mod.out_features, False
     if isinstance(mod, nn.Conv1d | nn.Conv2d):
         return mod.out_channels, True
-    if isinstance(mod, NORM_TYPES):
+    if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
         return mod.num_features, True
     if isinstance(mod, nn.LayerNorm):
         return int(mod.normalized_shape[-1]), False

@@ -25,6 +25,7 @@ the ``D``-sized data is read only twice (Gram product, final centroids).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,13 +48,23 @@ from neurofuse.grouping.local_search import (
 
 
 def _group_kmeans(
-    points: Tensor, weights: Tensor | None, k: int, *, sizes: Sequence[int] | None = None, **options
+    points: Tensor,
+    weights: Tensor | None,
+    k: int,
+    *,
+    sizes: Sequence[int] | None = None,
+    **options: Any,
 ) -> Grouping:
     return weighted_kmeans(points, weights, k, **options)
 
 
 def _group_hungarian(
-    points: Tensor, weights: Tensor | None, k: int, *, sizes: Sequence[int] | None = None, **options
+    points: Tensor,
+    weights: Tensor | None,
+    k: int,
+    *,
+    sizes: Sequence[int] | None = None,
+    **options: Any,
 ) -> Grouping:
     if options:
         raise TypeError(f"method='hungarian' takes no options; got {sorted(options)}")
@@ -96,7 +107,7 @@ def group(
     *,
     method: str = "kmeans",
     sizes: Sequence[int] | None = None,
-    **options,
+    **options: Any,
 ) -> Grouping:
     """Partition ``points`` (``(d_M, D)``, the base models' neurons stacked in model order) into
     ``k`` groups with the named method from :data:`GROUPING_METHODS`.

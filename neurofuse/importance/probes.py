@@ -143,7 +143,7 @@ def _out_of_place(gm: fx.GraphModule) -> None:
             module = gm.get_submodule(str(node.target))
             if getattr(module, "inplace", False) and not any(module.parameters()):
                 clone = copy.deepcopy(module)
-                clone.inplace = False
+                setattr(clone, "inplace", False)  # noqa: B010  (torch types module attributes as Tensor | Module)
                 _fresh(gm, node, clone)
 
 

@@ -193,7 +193,7 @@ class ImportanceProvider:
         if isinstance(score, str):
             self._fn = build_score_function(score, self.models, inputs, labels, self.spec.options)
             if isinstance(getattr(self._fn, "graphs", None), GraphCache):
-                self._fn.graphs = self.graphs  # type: ignore[union-attr]  # one trace per model
+                setattr(self._fn, "graphs", self.graphs)  # noqa: B010  (one trace per model)
         elif callable(score):
             self._fn = score
         elif isinstance(score, Sequence) and all(isinstance(t, Mapping) for t in score):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
 from neurofuse.methods.registry import FusionContext
+from neurofuse.utils import tensor_sum
 
 State = dict[str, Tensor]
 
@@ -159,9 +160,9 @@ def average_states(
                 c * per_neuron[key][k].to(t0.device, torch.float64).view(shape)
                 for k, c in enumerate(cs)
             ]
-        num = sum(c * t for c, t in zip(cs, ts, strict=True))
-        den = sum(cs)
-        out[key] = (num / den).to(t0.dtype)  # type: ignore[operator]
+        num = tensor_sum(c * t for c, t in zip(cs, ts, strict=True))
+        den = tensor_sum(cs)
+        out[key] = (num / den).to(t0.dtype)
     return out
 
 

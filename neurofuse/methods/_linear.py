@@ -35,6 +35,8 @@ fx-traceable model is covered:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -79,6 +81,11 @@ def _units_upstream(node: fx.Node, plan: FusionPlan) -> list[fx.Node]:
             out.append(n)
         stack.extend(n.all_input_nodes)
     return out
+
+
+def _row_slicer(y: Tensor) -> Callable[[int, int], Tensor]:
+    """The target rows ``lo:hi`` of ``y`` (what the normal equations accumulate chunk by chunk)."""
+    return lambda lo, hi: y[lo:hi]
 
 
 class _LinearFusion:
@@ -169,8 +176,18 @@ class _LinearFusion:
         with self.ctx.timer("forward"):
             return self.frun.value(node)
 
+    def layer(self, unit: fx.Node) -> nn.Module:
+        """The fused model's module that ``unit`` calls."""
+        mod = module_of(self.fgm, unit)
+        assert mod is not None, f"{unit.name} is not a module call"
+        return mod
+
     def accumulate(
-        self, layers: list[nn.Module], xs: list[Tensor], bias: bool, y_rows
+        self,
+        layers: list[nn.Module],
+        xs: list[Tensor],
+        bias: bool,
+        y_rows: Callable[[int, int], Tensor],
     ) -> LeastSquares:
         return normal_equations(layers, xs, bias, y_rows, self.opt, self.ctx.seed)
 
@@ -358,11 +375,11 @@ class _LinearFusion:
         sizes = self.sizes(space)
         fits, feats, weights = [], [], []
         for u in units:
-            layer = module_of(self.fgm, u)
+            layer = self.layer(u)
             end = unit_end(self.fgm, u)
-            y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
+            y, widths, ys = self.base_rows(end, layer)
             x = self.fused_value(u.args[0])  # type: ignore[arg-type]
-            ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi, y=y: y[lo:hi])  # type: ignore[list-item]
+            ls = self.accumulate([layer], [x], self.can_carry_bias(u), _row_slicer(y))
             chol = ls.factor(self.opt.ridge)
             coords = ls.coordinates(chol)
             parts = self.parts(u)
@@ -416,7 +433,7 @@ class _LinearFusion:
         units, fixed = self.sum_operands(add, done)
         layer0 = module_of(self.fgm, units[0])
         y, widths, ys = self.base_rows(add, layer0)  # type: ignore[arg-type]
-        layers = [module_of(self.fgm, u) for u in units]
+        layers = [self.layer(u) for u in units]
         xs = [self.fused_value(u.args[0]) for u in units]  # type: ignore[arg-type]
         bias = self.can_carry_bias(units[0])
         if self.ready(space):
@@ -438,7 +455,7 @@ class _LinearFusion:
             )
         else:
             k = self.plan.spaces[space].size
-            ls = self.accumulate(layers, xs, bias, lambda lo, hi: y[lo:hi])  # type: ignore[arg-type]
+            ls = self.accumulate(layers, xs, bias, _row_slicer(y))
             chol = ls.factor(self.opt.ridge)
             coords = ls.coordinates(chol)
             self.groupings[space] = a = self.group(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.fx as fx
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
+from neurofuse.utils import optional_tensor_attr, tensor_attr
 
 
 @dataclass
@@ -109,13 +110,14 @@ def check_untied(model: nn.Module) -> None:
 
 def set_unit(layer: nn.Module, bn: nn.Module | None, w: Tensor, intercept: Tensor | None) -> None:
     """Write fitted weights; a BatchNorm after the layer becomes the identity (it is folded)."""
-    carries_bias = layer.bias is not None  # type: ignore[union-attr]
+    carries_bias = optional_tensor_attr(layer, "bias") is not None
     set_affine_weights(layer, w, intercept if carries_bias else None)
     if bn is not None:
         identity_norm(bn)
         if intercept is not None and not carries_bias:
             with torch.no_grad():
-                bn.bias.copy_(intercept.to(bn.bias))  # type: ignore[union-attr]
+                bn_bias = tensor_attr(bn, "bias")
+                bn_bias.copy_(intercept.to(bn_bias))
     elif intercept is not None and not carries_bias:
         raise ValueError(f"{layer} has no bias and no BatchNorm to carry the fitted intercept")
 
@@ -124,12 +126,18 @@ def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     """``(a, c)`` such that a normalisation's output is ``a * x_hat + c`` per neuron, ``x_hat``
     what the same normalisation set to the identity (:func:`identity_norm`) gives: for a
     LayerNorm its weight and bias, for an eval-mode BatchNorm its whole affine map of ``x``."""
-    w = norm.weight.detach().to(torch.float64)  # type: ignore[union-attr]
-    b = norm.bias.detach().to(torch.float64)  # type: ignore[union-attr]
+    w = tensor_attr(norm, "weight").detach().to(torch.float64)
+    b = tensor_attr(norm, "bias").detach().to(torch.float64)
     if getattr(norm, "running_mean", None) is None:
         return w.reshape(-1), b.reshape(-1)
-    scale = w / torch.sqrt(norm.running_var.to(torch.float64) + norm.eps)  # type: ignore[union-attr,operator]
-    return scale, b - norm.running_mean.to(torch.float64) * scale  # type: ignore[union-attr]
+    running_var = tensor_attr(norm, "running_var").to(torch.float64)
+    scale = w / torch.sqrt(running_var + _eps(norm))
+    return scale, b - tensor_attr(norm, "running_mean").to(torch.float64) * scale
+
+
+def _eps(norm: nn.Module) -> float:
+    # torch types a module attribute its class does not declare as ``Tensor | Module``.
+    return cast(float, norm.eps)
 
 
 def effective_unit(
@@ -140,8 +148,8 @@ def effective_unit(
     fused model folds (sets to the identity) restored, a BatchNorm ``after`` it folded in. For a
     convolution the shift of a folded normalisation is taken as constant over the kernel (exact
     away from the zero-padded border): this map is only the prior of a fit."""
-    w = layer.weight.detach().to(torch.float64)  # type: ignore[union-attr]
-    bias = layer.bias  # type: ignore[union-attr]
+    w = tensor_attr(layer, "weight").detach().to(torch.float64)
+    bias = optional_tensor_attr(layer, "bias")
     b = torch.zeros(w.shape[0], dtype=w.dtype) if bias is None else bias.detach().to(w)
     b = b.to(w.device)
     if before is not None:
@@ -168,11 +176,11 @@ def identity_norm(norm: nn.Module) -> None:
     """Set a normalisation's affine part to the identity (and a BatchNorm's statistics to zero
     mean and unit variance): what it did is absorbed by the fit of the layer next to it."""
     with torch.no_grad():
-        norm.weight.fill_(1.0)  # type: ignore[union-attr]
-        norm.bias.zero_()  # type: ignore[union-attr]
+        tensor_attr(norm, "weight").fill_(1.0)
+        tensor_attr(norm, "bias").zero_()
         if getattr(norm, "running_mean", None) is not None:
-            norm.running_mean.zero_()  # type: ignore[union-attr]
-            norm.running_var.fill_(1.0 - norm.eps)  # type: ignore[union-attr,operator]
+            tensor_attr(norm, "running_mean").zero_()
+            tensor_attr(norm, "running_var").fill_(1.0 - _eps(norm))
 
 
 def expand_parts(a: Tensor, parts: int, sizes: list[int]) -> Tensor:

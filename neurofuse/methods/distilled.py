@@ -10,7 +10,7 @@ prefixed ``kd_`` (``kd_epochs``, ``kd_anchor``, ...).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -78,7 +78,9 @@ def register_distilled(method: str, base: type, caps: Capabilities) -> None:
             student = finetune(
                 fused, ctx.inputs, list(ctx.models), seed=ctx.seed, device=ctx.device, **kd
             )
-        ctx.report["distillation"] = student.neurofuse_report["finetune"]
+        # torch types a module attribute its class does not declare as Tensor | Module
+        report = cast(dict[str, Any], student.neurofuse_report)
+        ctx.report["distillation"] = report["finetune"]
         ctx.report["labels_used"] = False
         return student
 

@@ -47,6 +47,7 @@ from neurofuse.methods._averaging import (
     write_state,
 )
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
+from neurofuse.utils import tensor_sum
 
 
 @dataclass
@@ -111,11 +112,11 @@ def _match_acts(
         if not space.nodes:
             raise ValueError(f"space {space.name!r} has no nodes; use match='weights'")
         assert ref_runner is not None
-        sim = sum(
+        sim = tensor_sum(
             correlation(node_features(ref_runner, ref, i), node_features(runner, space, i))
             for i in range(len(space.nodes))
         )
-        perms[space.name] = assign(sim, space.heads)  # type: ignore[arg-type]
+        perms[space.name] = assign(sim, space.heads)
     return perms
 
 
@@ -138,14 +139,14 @@ def _match_weights(
         changed = False
         for i in torch.randperm(len(free), generator=g).tolist():
             s = free[i]
-            sim = sum(
+            sim = tensor_sum(
                 neuron_rows(ref_state[m.key], m, s.size).to(torch.float64)
                 @ neuron_rows(state[m.key], m, s.size).to(torch.float64).T
                 for m in s.members
-            ).cpu()  # type: ignore[union-attr]
-            c = assign(sim, s.heads)  # type: ignore[arg-type]
-            gain = float(sim[torch.arange(s.size), c].sum() - sim.diagonal().sum())  # type: ignore[union-attr]
-            if gain > 1e-9 * max(1.0, float(sim.abs().max())):  # type: ignore[union-attr]
+            ).cpu()
+            c = assign(sim, s.heads)
+            gain = float(sim[torch.arange(s.size), c].sum() - sim.diagonal().sum())
+            if gain > 1e-9 * max(1.0, float(sim.abs().max())):
                 state = apply_permutation(state, [s], {s.name: c})
                 perms[s.name] = perms[s.name][c]
                 changed = True

@@ -30,6 +30,7 @@ from neurofuse.fitting import (
 from neurofuse.graph import AFFINE_TYPES, affine_nodes, trace
 from neurofuse.methods.kd import DistillOptions, starting_model, teacher_targets
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
+from neurofuse.utils import tensor_attr
 
 
 @dataclass
@@ -121,7 +122,7 @@ def _least_squares_head(
     """Fit ``head`` exactly to ``targets`` (its output) by least squares; returns the RMSE."""
     p = affine_inputs(head, feats[:1]).shape[1]
     ls = LeastSquares.empty(
-        p, head.weight.shape[0], head.bias is not None, feats.device, torch.float64
+        p, tensor_attr(head, "weight").shape[0], head.bias is not None, feats.device, torch.float64
     )
     for s in range(0, feats.shape[0], chunk):
         ls.add(

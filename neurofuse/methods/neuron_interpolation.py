@@ -7,7 +7,6 @@ each of the four followed by distillation (``+kd``, :mod:`.distilled`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 from torch import nn
 
@@ -40,6 +39,15 @@ def capabilities(grouping: GroupingKind, variant: str) -> Capabilities:
     )
 
 
+def _bind(
+    engine: Callable[[FusionContext, GroupingKind], nn.Module], grouping: GroupingKind
+) -> Callable[[FusionContext], nn.Module]:
+    def method(ctx: FusionContext) -> nn.Module:
+        return engine(ctx, grouping)
+
+    return method
+
+
 for _grouping, _about in GROUPINGS.items():
     for _variant, (_engine, _options, _what) in ENGINES.items():
         _name = f"{PREFIX[_grouping]}_{_variant}"
@@ -47,7 +55,7 @@ for _grouping, _about in GROUPINGS.items():
         register(
             _name,
             f"{_about.split(':')[0]}, {_variant.title()}: {_about.split(': ')[1]}, {_what}",
-            partial(_engine, grouping=_grouping),
+            _bind(_engine, _grouping),
             _options,
             _caps,
         )

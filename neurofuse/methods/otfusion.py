@@ -294,8 +294,9 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 cost = cost / cost.max() if float(cost.max()) > 0 else cost
                 a = _marginal(scores[space.name], space.size)
                 b = _marginal(ref_scores[target.name], target.size)
-                plan = SOLVERS[opt.solver](a, b, cost.numpy(), opt)
-                plan = torch.as_tensor(plan, dtype=torch.float64)
+                plan = torch.as_tensor(
+                    SOLVERS[opt.solver](a, b, cost.numpy(), opt), dtype=torch.float64
+                )
                 total += float((plan * cost).sum())
                 al.apply(space, plan / torch.as_tensor(b)[None, :])
                 advance(k * len(free) + j + 1)
@@ -304,5 +305,5 @@ def otfusion(ctx: FusionContext) -> nn.Module:
     check_aligned_shapes(aligned, states[ref])
     ctx.report["transport_cost"] = costs
     fused = average_states(aligned, weights)
-    target = template_for(ctx, ref, "otfusion")
-    return finish(ctx, write_state(target, fused, "otfusion"), opt.reset_bn)
+    template = template_for(ctx, ref, "otfusion")
+    return finish(ctx, write_state(template, fused, "otfusion"), opt.reset_bn)

@@ -225,13 +225,26 @@ def matches(value: Any, tp: Any) -> bool:
     return True  # a form these checks do not know: the dataclass's own checks apply
 
 
+def _literal_choices(tp: Any) -> tuple[Any, ...]:
+    """The choices of a ``Literal[...]`` annotation (also inside ``X | None``)."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(tp) for c in _literal_choices(a))
+    return ()
+
+
 def check_option(owner: str, name: str, value: Any, tp: Any) -> None:
-    """Raise a TypeError naming the option when ``value`` does not fit ``tp``."""
-    if not matches(value, tp):
-        raise TypeError(
-            f"option {name}={value!r} of {owner}: expected {_describe(tp)}, got "
-            f"{type(value).__name__}"
-        )
+    """Raise an error naming the option when ``value`` does not fit ``tp``: a ValueError for
+    a value of the right type outside the ``Literal`` choices, else a TypeError."""
+    if matches(value, tp):
+        return
+    choices = _literal_choices(tp)
+    if any(type(value) is type(c) for c in choices):
+        raise ValueError(f"option {name}={value!r} of {owner}: {name} must be {_describe(tp)}")
+    raise TypeError(
+        f"option {name}={value!r} of {owner}: expected {_describe(tp)}, got {type(value).__name__}"
+    )
 
 
 def build_options(info: MethodInfo, options: dict[str, Any]) -> Any:

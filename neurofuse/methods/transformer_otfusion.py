@@ -192,9 +192,9 @@ class _Aligner:
         if sp.heads > 1 and self.opt.heads == "units":
             if space not in self.head_maps:
                 feats = [self.unit_features(u, space) for u in self.plan.units_of(space)]
-                mine = torch.cat([torch.cat(f[0], 1) for f in feats], 1)
-                theirs = torch.cat([torch.cat(f[1], 1) for f in feats], 1)
-                self.head_maps[space] = self._head_units(mine, theirs, sp.heads)
+                mine_all = torch.cat([torch.cat(f[0], 1) for f in feats], 1)
+                theirs_all = torch.cat([torch.cat(f[1], 1) for f in feats], 1)
+                self.head_maps[space] = self._head_units(mine_all, theirs_all, sp.heads)
             return [self.head_maps[space]] * parts
         mine, theirs = self.unit_features(unit, space)
         end = unit_end(self.plan.gm, unit)

@@ -21,14 +21,16 @@ POOL = "M"
 
 #: Channel lists; ``"M"`` is a 2x2 max-pool. vgg11/13/16 are Simonyan & Zisserman's A/B/D
 #: configurations; the small ones suit 28x28 inputs (MNIST) and fast tests.
+# fmt: off
 VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg11": [64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
     "vgg13": [64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL],
-    "vgg16": [64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL]
-    + [512, 512, 512, POOL, 512, 512, 512, POOL],
+    "vgg16": [64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL,
+              512, 512, 512, POOL, 512, 512, 512, POOL],
     "vgg_small": [16, POOL, 32, POOL, 64, 64, POOL],
     "vgg_mnist": [32, 32, POOL, 64, 64, POOL, 128, 128, POOL],
 }
+# fmt: on
 
 
 @register_architecture("vgg", "VGG (vgg11/13/16 or small presets, or a custom channel list)")
@@ -64,7 +66,7 @@ class VGG(NamedSequential):
         channels = positive_int("in_channels", in_channels)
         layers: list[nn.Module] = []
         for entry in entries:
-            if entry == POOL:
+            if isinstance(entry, str):  # POOL, the only string _resolve_config lets through
                 layers.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
                 continue
