@@ -265,30 +265,24 @@ def test_fuse_refuses_to_save_a_module_outside_the_zoo(sharded_run: Path, tmp_pa
     assert not out.exists()
 
 
-def test_fuse_refuses_levels_given_to_a_method_that_ignores_them(sharded_run: Path):
-    if "ensemble" not in nf.available_methods():
-        pytest.skip("the ensemble method is not registered")
-    assert not nf.method_info("ensemble").caps.levels
+@pytest.mark.parametrize(
+    "method,flag,argument,value,message",
+    [
+        ("ensemble", "levels", "--levels", "net.0", "does not use levels"),
+        ("vanilla", "importance", "-i", "conductance", "does not use importance"),
+    ],
+)
+def test_fuse_refuses_an_argument_the_method_ignores(
+    sharded_run: Path, method: str, flag: str, argument: str, value: str, message: str
+):
+    assert not getattr(nf.method_info(method).caps, flag)
     result = invoke(
         "fuse",
         sharded_run / "model_0",
         sharded_run / "model_1",
-        *("-m", "ensemble", "--levels", "net.0", "--fusion-samples", "60"),
+        *("-m", method, argument, value, "--fusion-samples", "60"),
     )
-    assert_user_error(result, "ensemble", "does not use levels")
-
-
-def test_fuse_refuses_an_importance_given_to_a_method_that_ignores_it(sharded_run: Path):
-    if "vanilla" not in nf.available_methods():
-        pytest.skip("the vanilla method is not registered")
-    assert not nf.method_info("vanilla").caps.importance
-    result = invoke(
-        "fuse",
-        sharded_run / "model_0",
-        sharded_run / "model_1",
-        *("-m", "vanilla", "-i", "conductance", "--fusion-samples", "60"),
-    )
-    assert_user_error(result, "vanilla", "does not use importance")
+    assert_user_error(result, method, message)
 
 
 def test_fuse_gives_its_default_importance_only_to_methods_that_use_it(

@@ -423,3 +423,29 @@ def test_literal_option_choices_match_the_tables_that_implement_them() -> None:
     )
     assert choices(tot.TransformerOTFusionOptions, "residual") == set(tot.RESIDUAL_POLICIES)
     assert choices(tot.TransformerOTFusionOptions, "solver") == set(tot.SOLVERS)
+
+
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Mish, nn.SELU])
+@pytest.mark.parametrize("method", ["kf_linear", "hf_linear", "git_rebasin", "otfusion"])
+def test_residual_blocks_with_any_listed_activation_fuse_exactly(method, act) -> None:
+    """The operation table is one: an activation every method knows (once only the space
+    analysis knew Hardswish and Mish, and the Linear variants failed on a residual block)."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 16), nn.Linear(16, 12)
+            self.act, self.head = act(), nn.Linear(12, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.act(self.embed(x))
+            h = h + self.fc2(self.act(self.fc1(h)))
+            return self.head(self.act(h))
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), _inputs("mlp")
+    twin = permuted_by_analysis(model, seed=2, example=x[:2])
+    # the activation passes neurons through: the block's spaces are free, the twin really moved
+    assert not torch.equal(twin.fc1.weight, model.fc1.weight)
+    fused = nf.fuse([model, twin], x, method=method)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)

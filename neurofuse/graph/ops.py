@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,67 +36,84 @@ FOLDABLE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm1d, nn.
 
 ADD_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({operator.add, torch.add, operator.iadd})
 
-# The mutable tables behind the predicates below; change them only through
-# register_elementwise so that the tracer and every method see the same set.
-_ACTIVATION_MODULES: set[type[nn.Module]] = {
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.LeakyReLU,
-    nn.SiLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Softplus,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Mish,
-    nn.Softsign,
-    nn.Tanhshrink,
-}
-_IDENTITY_MODULES: set[type[nn.Module]] = {
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-}
-_ACTIVATION_FUNCTIONS: set[Any] = {
-    torch.relu,
-    torch.tanh,
-    torch.sigmoid,
-    torch.erf,
-    torch.exp,
-    torch.abs,
-    torch.clamp,
-    torch.square,
-    F.relu,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.celu,
-    F.softplus,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.tanh,
-    F.sigmoid,
-}
-_IDENTITY_FUNCTIONS: set[Any] = {F.dropout}
-_ACTIVATION_METHODS: set[str] = {
-    *("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "erf", "exp", "abs"),
-    *("clamp", "clamp_", "clip", "square"),
-}
-#: Tensor methods that change nothing but memory layout, dtype or device.
-_IDENTITY_METHODS: set[str] = {"contiguous", "clone", "detach", "float", "to", "type_as"}
+
+@dataclass(frozen=True)
+class OpTable:
+    """Module types, functions and tensor method names of one kind of operation."""
+
+    modules: set[type[nn.Module]]
+    functions: set[Any]
+    methods: set[str]
+
+    def holds(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """Whether ``node`` calls an operation of this table."""
+        if node.op == "call_module":
+            mod = module_of(gm, node)
+            return mod is not None and any(t in self.modules for t in type(mod).__mro__)
+        if node.op == "call_function":
+            return node.target in self.functions
+        return node.op == "call_method" and str(node.target) in self.methods
+
+
+# The two tables of elementwise operations; change them only through register_elementwise so
+# that the tracer and every method see the same set.
+#: Nonlinear elementwise operations.
+ACTIVATIONS = OpTable(
+    modules={
+        nn.ReLU,
+        nn.ReLU6,
+        nn.GELU,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.LeakyReLU,
+        nn.SiLU,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.Softplus,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.Hardtanh,
+        nn.Mish,
+        nn.Softsign,
+        nn.Tanhshrink,
+    },
+    functions={
+        torch.relu,
+        torch.tanh,
+        torch.sigmoid,
+        torch.erf,
+        torch.exp,
+        torch.abs,
+        torch.clamp,
+        torch.square,
+        F.relu,
+        F.relu6,
+        F.gelu,
+        F.silu,
+        F.mish,
+        F.leaky_relu,
+        F.elu,
+        F.selu,
+        F.celu,
+        F.softplus,
+        F.hardswish,
+        F.hardsigmoid,
+        F.hardtanh,
+        F.tanh,
+        F.sigmoid,
+    },
+    methods={
+        *("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "erf", "exp", "abs"),
+        *("clamp", "clamp_", "clip", "square"),
+    },
+)
+#: The identity in eval mode, or a change of memory layout, dtype or device only.
+IDENTITIES = OpTable(
+    modules={nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout},
+    functions={F.dropout},
+    methods={"contiguous", "clone", "detach", "float", "to", "type_as"},
+)
 #: Linear per-neuron-alike reshapes (an affine map before them can move after them).
 RESHAPE_METHODS: frozenset[str] = frozenset(
     {"transpose", "permute", "flatten", "reshape", "view", "unflatten"}
@@ -123,14 +141,15 @@ def register_elementwise(
 
         neurofuse.register_elementwise(Swish)
     """
+    table = IDENTITIES if identity else ACTIVATIONS
     if isinstance(op, type):
         if not issubclass(op, nn.Module):
             raise TypeError(f"register_elementwise: {op.__name__} is not an nn.Module subclass")
-        (_IDENTITY_MODULES if identity else _ACTIVATION_MODULES).add(op)
+        table.modules.add(op)
     elif isinstance(op, str):
-        (_IDENTITY_METHODS if identity else _ACTIVATION_METHODS).add(op)
+        table.methods.add(op)
     elif callable(op):
-        (_IDENTITY_FUNCTIONS if identity else _ACTIVATION_FUNCTIONS).add(op)
+        table.functions.add(op)
     else:
         raise TypeError(
             "register_elementwise takes an nn.Module subclass, a function or a tensor method "
@@ -140,11 +159,11 @@ def register_elementwise(
 
 def registered_modules() -> tuple[type[nn.Module], ...]:
     """Every elementwise module type (activations and identities)."""
-    return (*_ACTIVATION_MODULES, *_IDENTITY_MODULES)
+    return (*ACTIVATIONS.modules, *IDENTITIES.modules)
 
 
 def activation_modules() -> tuple[type[nn.Module], ...]:
-    return tuple(_ACTIVATION_MODULES)
+    return tuple(ACTIVATIONS.modules)
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -152,27 +171,14 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
-def _module_in(gm: fx.GraphModule, node: fx.Node, table: set[type[nn.Module]]) -> bool:
-    mod = module_of(gm, node)
-    return mod is not None and any(t in table for t in type(mod).__mro__)
-
-
 def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Identity in eval mode (dropout, ``nn.Identity``, a cast or ``contiguous``)."""
-    if node.op == "call_module":
-        return _module_in(gm, node, _IDENTITY_MODULES)
-    if node.op == "call_function":
-        return node.target in _IDENTITY_FUNCTIONS
-    return node.op == "call_method" and str(node.target) in _IDENTITY_METHODS
+    return IDENTITIES.holds(gm, node)
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A nonlinear elementwise operation (an activation)."""
-    if node.op == "call_module":
-        return _module_in(gm, node, _ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in _ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and str(node.target) in _ACTIVATION_METHODS
+    return ACTIVATIONS.holds(gm, node)
 
 
 def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
