@@ -455,3 +455,26 @@ def test_kmeans_heads_groups_whole_heads_of_several_models():
         assert all(len(set((labels[i * 4 : i * 4 + 4] // 4).tolist())) == 1 for i in range(3))
     with pytest.raises(ValueError, match="whole heads"):
         kmeans_heads(torch.randn(10, 3), None, 4, 2)
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "hungarian"])
+def test_neuron_grouping_averages_with_the_weights_it_grouped_with(kind):
+    from neurofuse.grouping.strategy import NeuronGrouping
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    weights = torch.rand(8, generator=g, dtype=torch.float64) + 0.1
+    grouping = NeuronGrouping(kind).neurons(points, weights, 4, [4, 4], "space 'x'")
+    a = grouping.assignment_matrix()  # no weights passed again: the grouping's own
+    for i in range(4):
+        members = grouping.members(i)
+        expected = weights[members] / weights[members].sum()
+        torch.testing.assert_close(a[i, members], expected)
+
+
+def test_hungarian_grouping_names_the_variant_to_use_instead():
+    from neurofuse.grouping.strategy import NeuronGrouping
+
+    points, weights = torch.randn(7, 3), torch.ones(7)
+    with pytest.raises(ValueError, match=r"level 2 has base widths \[4, 3\].*Use kf_gradient"):
+        NeuronGrouping("hungarian", "gradient").neurons(points, weights, 4, [4, 3], "level 2")

@@ -5,7 +5,7 @@ Gradient engines both call, so that Hungarian and K-means Fusion differ in this 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from torch import Tensor
@@ -58,11 +58,13 @@ class NeuronGrouping:
         offset: int = 0,
     ) -> Grouping:
         """Group ``points`` (``(d_M, D)``, model after model, ``widths`` each) into ``k``
-        groups; ``offset`` is added to the seed (one stream of k-means restarts per level)."""
+        groups; ``offset`` is added to the seed (one stream of k-means restarts per level).
+        The grouping keeps ``weights``: ``assignment_matrix()`` averages with them."""
         if self.kind == "hungarian":
             self._check_pair(widths, k, where)
-            return group(points, weights, k, method="hungarian", sizes=widths)
-        return group(
+            g = group(points, weights, k, method="hungarian", sizes=widths)
+            return replace(g, weights=weights)
+        g = group(
             points,
             weights,
             k,
@@ -72,6 +74,7 @@ class NeuronGrouping:
             max_iter=self.max_iter,
             local_search=self.local_search,
         )
+        return replace(g, weights=weights)
 
     def heads(
         self,
@@ -83,12 +86,13 @@ class NeuronGrouping:
         where: str,
     ) -> Grouping:
         """Group an attention space's neurons with heads kept whole (``heads`` fused heads of
-        ``head_dim`` neurons)."""
+        ``head_dim`` neurons); the grouping keeps ``weights`` like :meth:`neurons`."""
         if self.kind == "hungarian":
             self._check_pair(widths, heads * head_dim, where)
             c = widths[0]
-            return hungarian_heads(points[:c], points[c:], heads, weights[:c], weights[c:])
-        return kmeans_heads(
+            g = hungarian_heads(points[:c], points[c:], heads, weights[:c], weights[c:])
+            return replace(g, weights=weights)
+        g = kmeans_heads(
             points,
             weights,
             head_dim,
@@ -98,3 +102,4 @@ class NeuronGrouping:
             seed=self.seed,
             first_centres=range(widths[0] // head_dim)[:heads],
         )
+        return replace(g, weights=weights)

@@ -324,7 +324,7 @@ def _group_level(
     widths = [r.shape[0] for r in rows]
     points = torch.cat(rows)
     g = grouper.neurons(points, s, d_f, widths, f"level {li}", offset=li)
-    return g.assignment_matrix(s).to(points)
+    return g.assignment_matrix().to(points)
 
 
 def _order_like(a: Tensor, points: Tensor, reference: Tensor) -> Tensor:

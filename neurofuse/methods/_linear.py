@@ -195,7 +195,7 @@ class _LinearFusion:
         with self.ctx.timer("grouping"):
             g = self.grouper.neurons(coords, s, k, widths, f"space {where!r}")
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
-        return g.assignment_matrix(s).to(torch.float64)
+        return g.assignment_matrix().to(torch.float64)
 
     def grouping(self, space: int) -> tuple[Tensor, list[int]]:
         """The grouping of a space (found earlier; for a space that cannot be permuted, each
@@ -401,7 +401,7 @@ class _LinearFusion:
                 points, w, sizes, sp.heads, sp.head_dim, f"attention space {sp.name!r}"
             )
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
-        self.groupings[space] = g.assignment_matrix(w).to(torch.float64)
+        self.groupings[space] = g.assignment_matrix().to(torch.float64)
         for u, ls, chol, coords, parts in fits:
             a = expand_parts(self.groupings[space], parts, sizes)
             self.write([u], ls, self.solve(ls, [u], space, a, chol, coords))
