@@ -37,24 +37,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neurofuse.fitting import GradientConfig, fit_gradient
-from neurofuse.optimizers import OptimizerName, check_optimizer
+from neurofuse.fitting import TrainingOptions, fit_gradient
 
 
 @dataclass
-class FinetuneOptions:
-    """Options of :func:`finetune` (``kd_``-prefixed in the ``+kd`` methods).
+class FinetuneOptions(TrainingOptions):
+    """Options of :func:`finetune` (``kd_``-prefixed in the ``+kd`` methods): those of
+    :class:`neurofuse.fitting.TrainingOptions` with fine-tuning's defaults (few epochs, a small
+    learning rate: the start is already a good model; no weight decay: ``anchor`` pulls towards
+    the start instead), and:
 
     Attributes:
-        epochs: maximum passes over the training part of the data.
-        lr: learning rate (small: the start is already a good model).
-        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"`` (momentum 0.9).
-        weight_decay: of the optimizer (towards zero; ``anchor`` pulls towards the start).
-        batch_size: mini-batch size.
-        val_split: fraction of the data held out for early stopping (none below 10 samples).
-        patience: epochs without a better held-out loss before training stops.
-        temperature: ``T`` of the distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``
-            (distillation only).
         anchor: strength of the L2-SP penalty on the relative drift from the starting weights;
             0 trains freely.
         mixup: distillation only: copies of the inputs made of random convex combinations of
@@ -65,47 +58,22 @@ class FinetuneOptions:
             claim 9, measures both).
     """
 
-    epochs: int = 30
     lr: float = 3e-4
-    optimizer: OptimizerName = "adamw"
     weight_decay: float = 0.0
-    batch_size: int = 32
-    val_split: float = 0.1
+    epochs: int = 30
     patience: int = 5
     temperature: float = 4.0
     anchor: float = 1.0
     mixup: int = 2
 
     def __post_init__(self) -> None:
-        check_optimizer(self.optimizer)
-        for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("anchor", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        super().__post_init__()
+        if isinstance(self.anchor, bool) or not isinstance(self.anchor, int | float):
+            raise ValueError(f"anchor must be a number >= 0, got {self.anchor!r}")
+        if not self.anchor >= 0:
+            raise ValueError(f"anchor must be a number >= 0, got {self.anchor!r}")
         if isinstance(self.mixup, bool) or not isinstance(self.mixup, int) or self.mixup < 0:
             raise ValueError(f"mixup must be an integer >= 0, got {self.mixup!r}")
-        for name in ("epochs", "batch_size", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.config(distill=True)  # validates val_split
-
-    def config(self, distill: bool) -> GradientConfig:
-        return GradientConfig(
-            optimizer=self.optimizer,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            val_split=self.val_split,
-            patience=self.patience,
-            loss="kl" if distill else "ce",
-            temperature=self.temperature,
-        )
 
 
 def mixup_inputs(x: Tensor, copies: int, seed: int) -> Tensor:
@@ -197,7 +165,7 @@ def finetune(
         student,
         x,
         targets,
-        opt.config(distill=teachers is not None),
+        opt.config("kl" if teachers is not None else "ce"),
         gen,
         penalty=drift_penalty(student, float(opt.anchor)),
     )

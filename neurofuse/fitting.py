@@ -360,6 +360,66 @@ class GradientConfig:
             raise ValueError("epochs and batch_size must be positive")
 
 
+@dataclass
+class TrainingOptions:
+    """Options of a training loop over the fusion set, shared by the distillation baselines
+    (``kd``, ``lp``: :class:`neurofuse.methods.kd.DistillOptions`) and fine-tuning
+    (:class:`neurofuse.finetuning.FinetuneOptions`), which change only the defaults.
+
+    Attributes:
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+        lr, weight_decay: of the optimizer.
+        epochs: maximum passes over the training part of the data.
+        batch_size: mini-batch size.
+        val_split: fraction of the data held out for early stopping; the weights with the best
+            held-out loss are restored at the end (no hold-out below 10 samples).
+        patience: epochs without a better held-out loss before training stops.
+        temperature: ``T`` of the distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``.
+    """
+
+    optimizer: OptimizerName = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 100
+    batch_size: int = 32
+    val_split: float = 0.1
+    patience: int = 20
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_optimizer(self.optimizer)
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(self.weight_decay, bool) or not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config()  # validates val_split
+
+    def config(
+        self,
+        loss: Literal["mse", "kl", "ce"] = "kl",
+        epochs: int | None = None,
+        temperature: float | None = None,
+    ) -> GradientConfig:
+        """The :class:`GradientConfig` of a fit with these options and ``loss``."""
+        return GradientConfig(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            epochs=self.epochs if epochs is None else epochs,
+            batch_size=self.batch_size,
+            val_split=self.val_split,
+            patience=self.patience,
+            loss=loss,
+            temperature=self.temperature if temperature is None else temperature,
+        )
+
+
 def perturb_(module: nn.Module, eps: float, generator: torch.Generator) -> None:
     """Add ``eps * std(p) * N(0, 1)`` noise to every parameter of ``module`` and all its
     submodules (relative noise, so one ``eps`` suits layers of any scale)."""

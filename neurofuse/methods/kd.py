@@ -21,57 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neurofuse.fitting import GradientConfig, fit_gradient
+from neurofuse.fitting import TrainingOptions, fit_gradient
 from neurofuse.methods.ensemble import ensemble_log_probs
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
-from neurofuse.optimizers import OptimizerName, check_optimizer
 
 
 @dataclass
-class DistillOptions:
-    """Training options shared by the distillation baselines (``kd``, ``lp``, ``transplant``).
-
-    Attributes:
-        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
-        lr, weight_decay: of the optimizer.
-        epochs: maximum passes over the training part of the fusion set.
-        batch_size: mini-batch size.
-        val_split: fraction of the fusion set held out for early stopping; the weights with
-            the best validation loss are restored at the end (no hold-out below 10 samples).
-        patience: epochs without a better validation loss before training stops.
-        temperature: ``T`` of the KL loss ``T^2 KL(softmax(t / T) || softmax(s / T))``.
-    """
-
-    optimizer: OptimizerName = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 100
-    batch_size: int = 32
-    val_split: float = 0.1
-    patience: int = 20
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_optimizer(self.optimizer)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        self.config()  # validates epochs, batch_size, val_split
-
-    def config(self, epochs: int | None = None, temperature: float | None = None) -> GradientConfig:
-        """The :class:`GradientConfig` of a KL fit with these options."""
-        return GradientConfig(
-            optimizer=self.optimizer,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            epochs=self.epochs if epochs is None else epochs,
-            batch_size=self.batch_size,
-            val_split=self.val_split,
-            patience=self.patience,
-            loss="kl",
-            temperature=self.temperature if temperature is None else temperature,
-        )
+class DistillOptions(TrainingOptions):
+    """Training options shared by the distillation baselines (``kd``, ``lp``): those of
+    :class:`neurofuse.fitting.TrainingOptions` with its defaults."""
 
 
 @dataclass
