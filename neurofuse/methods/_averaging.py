@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
+from neurofuse.alignment.repair import repair as repair_statistics
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
 from neurofuse.methods.registry import FusionContext
 from neurofuse.utils import tensor_sum
@@ -194,11 +195,32 @@ def write_state(target: nn.Module, state: State, method: str) -> nn.Module:
     return target
 
 
-def finish(ctx: FusionContext, fused: nn.Module, reset_bn: bool) -> nn.Module:
-    """Optionally re-estimate BatchNorm statistics on the fusion set; eval mode."""
+def finish(
+    ctx: FusionContext,
+    fused: nn.Module,
+    reset_bn: bool,
+    repair: bool = False,
+    aligned: Sequence[State] = (),
+    weights: Sequence[float] | Tensor | None = None,
+) -> nn.Module:
+    """The repairs of an averaged model, on the fusion set: re-estimate BatchNorm statistics
+    (``reset_bn``), then REPAIR (:func:`neurofuse.alignment.repair.repair`: every hidden
+    neuron's mean and spread set to the ``weights``-interpolation of the ``aligned`` base
+    models'); eval mode."""
     if reset_bn:
         reestimate_batchnorm(fused, ctx.inputs)
         ctx.report["reset_bn"] = True
+    if repair:
+        if not aligned:
+            raise ValueError("repair=True needs the aligned base models' states")
+        bases = []
+        for state in aligned:
+            base = copy.deepcopy(fused)
+            base.load_state_dict(state)
+            bases.append(base)
+        w = None if weights is None else [float(v) for v in weights]
+        with ctx.timer("repair"):
+            ctx.report["repair_collapse"] = repair_statistics(fused, bases, ctx.inputs, w)
     return fused.eval()
 
 

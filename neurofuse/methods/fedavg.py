@@ -34,10 +34,14 @@ class FedAvgOptions:
         sample_counts: number of training samples of each model (client), one per model;
             required. Model ``k`` weighs ``sample_counts[k] / sum(sample_counts)``.
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after averaging.
+        repair: REPAIR (Jordan et al. 2022): rescale every hidden neuron so that its mean and
+            standard deviation on the fusion set are the interpolation of the aligned base
+            models' (undoes the variance collapse of averaging; after ``reset_bn`` if both).
     """
 
     sample_counts: list[int] | None = None
     reset_bn: bool = False
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.sample_counts is None:
@@ -79,4 +83,5 @@ def fedavg(ctx: FusionContext) -> nn.Module:
     weights = model_weights(opt.sample_counts, n, "sample_counts")
     ctx.report["model_weights"] = weights.tolist()
     fused = average_states(states, weights)
-    return finish(ctx, write_state(ctx.target, fused, "fedavg"), opt.reset_bn)
+    fused_model = write_state(ctx.target, fused, "fedavg")
+    return finish(ctx, fused_model, opt.reset_bn, opt.repair, states, weights)

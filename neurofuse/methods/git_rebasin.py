@@ -61,6 +61,9 @@ class GitRebasinOptions:
         max_iter: coordinate-descent sweeps of weight matching.
         weights: model weights of the final average (default uniform).
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after fusing.
+        repair: REPAIR (Jordan et al. 2022): rescale every hidden neuron so that its mean and
+            standard deviation on the fusion set are the interpolation of the aligned base
+            models' (undoes the variance collapse of averaging; after ``reset_bn`` if both).
     """
 
     reference: int = 0
@@ -68,6 +71,7 @@ class GitRebasinOptions:
     max_iter: int = 100
     weights: list[float] | None = None
     reset_bn: bool = False
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.match not in MATCHERS:
@@ -226,4 +230,5 @@ def git_rebasin(ctx: FusionContext) -> nn.Module:
         sum(int((q != torch.arange(len(q))).sum()) for q in p.values()) for p in perms
     ]
     fused = average_states(aligned, weights, _per_neuron(ctx, spaces[ref], perms))
-    return finish(ctx, write_state(ctx.target, fused, "git_rebasin"), opt.reset_bn)
+    fused_model = write_state(ctx.target, fused, "git_rebasin")
+    return finish(ctx, fused_model, opt.reset_bn, opt.repair, aligned, weights)

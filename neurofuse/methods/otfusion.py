@@ -92,6 +92,9 @@ class OTFusionOptions:
         sinkhorn_iters: maximum Sinkhorn iterations.
         weights: model weights of the final average (default uniform).
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after fusing.
+        repair: REPAIR (Jordan et al. 2022): rescale every hidden neuron so that its mean and
+            standard deviation on the fusion set are the interpolation of the aligned base
+            models' (undoes the variance collapse of averaging; after ``reset_bn`` if both).
     """
 
     reference: int = 0
@@ -101,6 +104,7 @@ class OTFusionOptions:
     sinkhorn_iters: int = 1000
     weights: list[float] | None = None
     reset_bn: bool = False
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.ground_metric not in GROUND_METRICS:
@@ -306,4 +310,5 @@ def otfusion(ctx: FusionContext) -> nn.Module:
     ctx.report["transport_cost"] = costs
     fused = average_states(aligned, weights)
     template = template_for(ctx, ref, "otfusion")
-    return finish(ctx, write_state(template, fused, "otfusion"), opt.reset_bn)
+    fused_model = write_state(template, fused, "otfusion")
+    return finish(ctx, fused_model, opt.reset_bn, opt.repair, aligned, weights)

@@ -30,9 +30,13 @@ class VanillaOptions:
 
     Attributes:
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after averaging.
+        repair: REPAIR (Jordan et al. 2022): rescale every hidden neuron so that its mean and
+            standard deviation on the fusion set are the interpolation of the aligned base
+            models' (undoes the variance collapse of averaging; after ``reset_bn`` if both).
     """
 
     reset_bn: bool = False
+    repair: bool = False
 
 
 @register_method(
@@ -46,4 +50,5 @@ def vanilla(ctx: FusionContext) -> nn.Module:
     states = states_of(ctx.models)
     check_same_layers(states, "vanilla")
     fused = average_states(states, model_weights(None, len(states)))
-    return finish(ctx, write_state(ctx.target, fused, "vanilla"), opt.reset_bn)
+    fused_model = write_state(ctx.target, fused, "vanilla")
+    return finish(ctx, fused_model, opt.reset_bn, opt.repair, states)

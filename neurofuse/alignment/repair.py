@@ -1,0 +1,125 @@
+"""REPAIR (Jordan et al. 2022): undo the variance collapse of averaged neurons.
+
+Averaging two aligned networks shrinks each hidden neuron's spread (its inputs no longer
+agree), and the shrinkage compounds with depth. REPAIR rescales every hidden neuron of the
+merged network so that its mean and standard deviation over the data are the interpolation of
+the same neuron's in the aligned base models::
+
+    y'_j = (y_j - mu_fused_j) * sigma_target_j / sigma_fused_j + mu_target_j
+
+The correction is applied at the end of every affine unit (the Linear/Conv layer, or the
+BatchNorm right after it, whose affine part then carries it) in graph order, each unit measured
+after the units before it are corrected, so that every unit's statistics are exact on the data.
+It is folded into the weights: the model keeps its architecture. A unit without a bias (and no
+BatchNorm after it) gets the rescaling only. The classifier (whose outputs are the model's
+outputs) is left alone.
+
+Written by hand: no maintained library offers REPAIR on an arbitrary graph (the authors' code
+hooks a fixed list of layers of their own models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from neurofuse.graph import (
+    NORM_TYPES,
+    GraphRunner,
+    affine_nodes,
+    layer_width,
+    module_of,
+    neuron_axis,
+    to_neurons,
+    trace,
+    unit_end,
+)
+from neurofuse.utils import tensor_attr
+
+_EPS = 1e-8
+
+
+def neuron_stats(value: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation (float64) of each neuron of ``value`` over every sample and
+    position."""
+    rows = to_neurons(value.detach(), axis).to(torch.float64)
+    return rows.mean(1), rows.std(1, unbiased=False)
+
+
+def _repair_points(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """``(unit, end)`` of every affine unit whose output is not the model's output."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = set(out.all_input_nodes)
+    return [(u, unit_end(gm, u)) for u in affine_nodes(gm) if unit_end(gm, u) not in returned]
+
+
+def _axis(gm: fx.GraphModule, unit: fx.Node, end: fx.Node, value: Tensor) -> int:
+    width, channels_first = layer_width(module_of(gm, unit))
+    return neuron_axis(value, width, channels_first)
+
+
+@torch.no_grad()
+def repair(
+    fused: nn.Module,
+    aligned: Sequence[nn.Module],
+    inputs: Tensor,
+    weights: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """Rescale ``fused``'s hidden units in place so that each neuron's mean and standard
+    deviation on ``inputs`` are the ``weights``-interpolation of those of the ``aligned`` base
+    models (the models averaged into ``fused``, each with its neurons in ``fused``'s order).
+
+    Returns, per repaired unit, the mean ratio of the fused neurons' standard deviation to the
+    target before the repair (how much variance had collapsed).
+    """
+    if not aligned:
+        raise ValueError("repair needs the aligned base models")
+    w = torch.tensor(
+        [1.0 / len(aligned)] * len(aligned) if weights is None else list(weights),
+        dtype=torch.float64,
+    )
+    if w.numel() != len(aligned):
+        raise ValueError(f"{len(aligned)} aligned models but {w.numel()} weights")
+    w = w / w.sum()
+    fused.eval()
+    gm = trace(fused)
+    base_runs = [GraphRunner(trace(m.eval()), inputs) for m in aligned]
+    collapse: dict[str, float] = {}
+    for unit, end in _repair_points(gm):
+        targets = []
+        for run in base_runs:
+            value = run.value(run.node(end.name))
+            targets.append(neuron_stats(value, _axis(gm, unit, end, value)))
+        wk = w.to(targets[0][0].device)
+        mu_t = torch.stack([m for m, _ in targets]).T @ wk
+        sd_t = torch.stack([s for _, s in targets]).T @ wk
+        value = GraphRunner(gm, inputs).value(end)  # after the units before it are repaired
+        mu_f, sd_f = neuron_stats(value, _axis(gm, unit, end, value))
+        scale = sd_t / sd_f.clamp_min(_EPS)
+        shift = mu_t - mu_f * scale
+        _fold(module_of(gm, unit), module_of(gm, end) if end is not unit else None, scale, shift)
+        collapse[str(end.target if end.op == "call_module" else end.name)] = float(
+            (sd_f / sd_t.clamp_min(_EPS)).mean()
+        )
+    return collapse
+
+
+def _fold(layer: nn.Module | None, norm: nn.Module | None, scale: Tensor, shift: Tensor) -> None:
+    """Make the unit compute ``y * scale + shift`` per neuron: in the BatchNorm's affine part
+    when there is one, else in the layer's weight rows and bias."""
+    if norm is not None and isinstance(norm, NORM_TYPES) and norm.affine:
+        w, b = tensor_attr(norm, "weight"), tensor_attr(norm, "bias")
+        b.copy_((b.to(torch.float64) * scale + shift).to(b))
+        w.copy_((w.to(torch.float64) * scale).to(w))
+        return
+    if norm is not None:  # a BatchNorm without affine part: nothing to carry the correction
+        return
+    if not isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d):
+        return
+    view = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.copy_((layer.weight.to(torch.float64) * scale.view(view)).to(layer.weight))
+    if layer.bias is not None:
+        layer.bias.copy_((layer.bias.to(torch.float64) * scale + shift).to(layer.bias))

@@ -1,0 +1,81 @@
+"""REPAIR and the averaging methods' repairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from toys import cnn_bn, mlp, permuted_by_analysis, randomise_batchnorm
+
+import neurofuse as nf
+
+
+def _unit_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Outputs of every affine unit (the layer, or the BatchNorm right after it) but the last,
+    by forward hooks (independent of the graph toolkit REPAIR uses)."""
+    mods = list(model.modules())
+    ends = []
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            ends.append(nxt if isinstance(nxt, nn.BatchNorm2d | nn.BatchNorm1d) else m)
+    ends = ends[:-1]  # the classifier is not repaired
+    seen: list[Tensor] = []
+    hooks = [e.register_forward_hook(lambda m, a, out: seen.append(out.detach())) for e in ends]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _stats(y: Tensor) -> tuple[Tensor, Tensor]:
+    rows = y.transpose(0, 1).reshape(y.shape[1], -1).double()
+    return rows.mean(1), rows.std(1, unbiased=False)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])
+@pytest.mark.parametrize("method,options", [("vanilla", {}), ("fedavg", {"sample_counts": [3, 1]})])
+def test_repair_restores_the_interpolated_neuron_statistics(arch, method, options):
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if arch == "mlp":
+            return mlp(d_in=10, hidden=(16, 16)).eval()
+        return randomise_batchnorm(cnn_bn(), seed)
+
+    models = [build(0), build(1)]
+    x = torch.randn(64, 10) if arch == "mlp" else torch.randn(64, 1, 8, 8)
+    w = [0.75, 0.25] if method == "fedavg" else [0.5, 0.5]
+    fused = nf.fuse(models, x, method=method, repair=True, **options)
+    plain = nf.fuse(models, x, method=method, **options)
+    base = [_unit_outputs(m, x) for m in models]
+    got, before = _unit_outputs(fused, x), _unit_outputs(plain, x)
+    assert len(got) == len(base[0]) >= 2
+    for j, y in enumerate(got):
+        mean, sd = _stats(y)
+        target_mean = sum(wk * _stats(b[j])[0] for wk, b in zip(w, base, strict=True))
+        target_sd = sum(wk * _stats(b[j])[1] for wk, b in zip(w, base, strict=True))
+        torch.testing.assert_close(mean, target_mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sd, target_sd, atol=1e-4, rtol=1e-4)
+    # averaging unrelated neurons collapsed their spread; the report says by how much
+    collapse = fused.neurofuse_report["repair_collapse"]
+    assert len(collapse) == len(got) and min(collapse.values()) < 0.95
+    assert _stats(before[-1])[1].mean() < _stats(got[-1])[1].mean()
+
+
+def test_repair_keeps_a_permuted_copy_exact():
+    torch.manual_seed(0)
+    model, x = randomise_batchnorm(cnn_bn(), 3), torch.randn(48, 1, 8, 8)
+    twin = permuted_by_analysis(model, seed=2, example=x[:2])
+    for method in ("git_rebasin", "otfusion"):
+        fused = nf.fuse([model, twin], x, method=method, repair=True)
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+        assert all(abs(r - 1) < 1e-4 for r in fused.neurofuse_report["repair_collapse"].values())
+
+
+def test_repair_never_touches_the_base_models():
+    models = [mlp(d_in=10).eval(), mlp(d_in=10).eval()]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    nf.fuse(models, torch.randn(32, 10), method="git_rebasin", repair=True)
+    for m, state in zip(models, before, strict=True):
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in state.items())
