@@ -2,6 +2,7 @@
 
 from neurofuse.methods import (  # noqa: F401  (importing a method file registers it)
     auto,
+    cca_merge,
     ensemble,
     fedavg,
     git_rebasin,
