@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -140,7 +141,7 @@ def _check_call(
 ) -> None:
     """Refuse what ``info``'s method would silently ignore or cannot do, before any work."""
     caps, name = info.caps, info.name
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
     if levels is not None and not caps.levels:
         raise ValueError(
@@ -186,6 +187,24 @@ def _check_call(
                     "one shared tensor. Untie them (give each layer its own copy), or use a "
                     f"method that keeps them tied: {', '.join(_methods_with('tied_weights'))}"
                 )
+
+
+def _refuse_reused_layers(info: MethodInfo, gm: Any) -> None:
+    """A layer called twice shares its weights between two places of the graph, like tied
+    parameters: refused by the methods that fit layer by layer."""
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters()):
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    reused = sorted(name for name, c in calls.items() if c > 1)
+    if reused:
+        raise ValueError(
+            f"models[0] calls layer {reused[0]!r} {calls[reused[0]]} times, so its weights are "
+            f"shared by {calls[reused[0]]} places of the network; method {info.name!r} fits each "
+            "place on its own and would write different values into the one layer. Give each "
+            "place its own layer, or use a method that keeps shared weights: "
+            f"{', '.join(_methods_with('tied_weights'))}"
+        )
 
 
 def _is_uniform(importance: Any) -> bool:
@@ -279,12 +298,26 @@ def _warn_small(info: MethodInfo, template: nn.Module, x: Tensor) -> None:
         )
 
 
-def _keep_flags(fused: nn.Module, source: nn.Module) -> None:
-    """The fused model's parameters get ``requires_grad`` from the same-named parameters of
-    the model it was built from (True where that model has no such name)."""
+def _keep_flags(fused: nn.Module, source: nn.Module, models: Sequence[nn.Module]) -> None:
+    """The fused model's parameters get ``requires_grad`` from the base parameters they come
+    from: the same name in the model the fused one was built from, or, for a model that holds
+    the base models as parts (``members.<k>.<name>``: an ensemble), ``<name>`` in ``models[k]``;
+    True where no base parameter matches."""
     flags = {n: p.requires_grad for n, p in source.named_parameters()}
-    for n, p in fused.named_parameters():
-        p.requires_grad_(flags.get(n, True))
+    per_model = [{n: p.requires_grad for n, p in m.named_parameters()} for m in models]
+    for name, p in fused.named_parameters():
+        flag = flags.get(name)
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if flag is not None:
+                break
+            rest = ".".join(parts[i:])
+            k = parts[i - 1]
+            if k.isdigit() and int(k) < len(models) and rest in per_model[int(k)]:
+                flag = per_model[int(k)][rest]
+            elif rest in flags:
+                flag = flags[rest]
+        p.requires_grad_(True if flag is None else flag)
 
 
 def fuse(
@@ -335,6 +368,7 @@ def fuse(
     opts = build_options(info, options)
     models = _check_models(models, info, target is not None)
     _check_call(info, models, levels, importance, target, seed)
+    seed = int(seed)
     levels = Levels.coerce(levels)
     x, y = as_fusion_data(data)
     x = x.to(_models_dtype(models))
@@ -353,6 +387,8 @@ def fuse(
     y = y.to(dev) if y is not None else None
     _warn_small(info, template, x)
     graphs = GraphCache()
+    if not info.caps.tied_weights:
+        _refuse_reused_layers(info, graphs(copies[0]))
     if not info.caps.transformers and is_transformer_like(graphs(copies[0])):
         raise ValueError(
             f"method {method!r} does not fuse transformer-like models (LayerNorm or attention, "
@@ -374,7 +410,7 @@ def fuse(
         target_given=target is not None,
     )
     fused = info.fn(ctx)
-    _keep_flags(fused, target if target is not None else models[0])
+    _keep_flags(fused, target if target is not None else models[0], models)
     # torch's stub of Module.__setattr__ admits only a Tensor or a Module; any value is stored
     fused.neurofuse_report = {  # type: ignore[assignment]
         "method": method,

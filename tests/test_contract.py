@@ -179,11 +179,16 @@ def test_contract(method: str, arch: str) -> None:
     report = fused.neurofuse_report
     assert {"method", "options", "seed", "seconds", "importance"} <= set(report)
     assert report["method"] == method and report["seed"] == 3
-    flags = dict(fused.named_parameters())
     name0 = next(iter(dict(models[0].named_parameters())))
-    if name0 in flags:
-        assert not flags[name0].requires_grad
-    assert all(p.requires_grad for n, p in flags.items() if n != name0)
+    frozen_names = [n for n, _ in fused.named_parameters() if n.endswith(name0)]
+    assert frozen_names, "the frozen base parameter has no counterpart in the fused model"
+    flags = dict(fused.named_parameters())
+    # the frozen layer of models[0] stays frozen (for an ensemble: in its member 0 only)
+    assert not flags[frozen_names[0]].requires_grad
+    assert sum(not p.requires_grad for p in flags.values()) == 1
+    if arch == "tied":  # a method that accepts tied weights keeps them tied
+        tied = [m for m in fused.modules() if isinstance(m, Tied)]
+        assert tied and all(m.fc3.weight is m.fc2.weight for m in tied)
     again = nf.fuse(models, x, method=method, seed=3, **options)
     a, b = fused.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "not deterministic"
@@ -449,3 +454,95 @@ def test_residual_blocks_with_any_listed_activation_fuse_exactly(method, act) ->
     assert not torch.equal(twin.fc1.weight, model.fc1.weight)
     fused = nf.fuse([model, twin], x, method=method)
     torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_models_returning_a_dict_are_a_clear_error() -> None:
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"logits": self.fc(x)}
+
+    with pytest.raises(TypeError, match=r"returns a dict, not a tensor.*\['logits'\]"):
+        nf.fuse([Named(), Named()], _inputs("mlp"))
+
+
+def test_levels_out_of_order_are_refused() -> None:
+    models, x = _pair()
+    with pytest.raises(ValueError, match="forward order"):
+        nf.fuse(models, x, method="kf_gradient", levels=["2", "0"], **QUICK["kf_gradient"])
+
+
+def test_a_layer_called_twice_is_refused_like_tied_weights() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(8, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = F.relu(self.fc1(x))
+            h = F.relu(self.fc2(h))
+            return self.out(F.relu(self.fc2(h)))  # fc2 again: one weight, two places
+
+    models, x = [Twice().eval(), Twice().eval()], _inputs("mlp")
+    for method in ("kf_linear", "hf_linear", "kf_gradient"):
+        with pytest.raises(ValueError, match=r"calls layer 'fc2' 2 times.*git_rebasin"):
+            nf.fuse(models, x, method=method)
+    nf.fuse(models, x, method="git_rebasin")  # alignment keeps the shared layer consistent
+
+
+def erfplus(x: Tensor) -> Tensor:
+    """A per-neuron function that fx would inline (erf and add: an unknown pair)."""
+    return torch.special.erf(x) + x
+
+
+def test_a_registered_plain_function_is_one_call_for_every_method() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(8, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(erfplus(self.fc2(erfplus(self.fc1(x)))))
+
+    from neurofuse.alignment import permutation_spaces
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), _inputs("mlp")
+    assert all(s.fixed for s in permutation_spaces(model, example=x[:2])[:2])
+    nf.register_elementwise(erfplus)
+    assert not any(s.fixed for s in permutation_spaces(model, example=x[:2])[:2])
+    twin = permuted_by_analysis(model, seed=2, example=x[:2])
+    fused = nf.fuse([model, twin], x, method="kf_linear")
+    torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_numpy_integers_are_integers() -> None:
+    import numpy as np
+
+    models, x = _pair()
+    fused = nf.fuse(models, x, seed=np.int64(3), n_init=np.int64(2))
+    assert fused.neurofuse_report["seed"] == 3
+
+
+def test_auto_refuses_levels_that_are_wrong_or_unused() -> None:
+    models, x = _pair()
+    with pytest.raises(ValueError, match="neither a module"):
+        nf.fuse(models, x, method="auto", levels=["nope"])
+    with pytest.raises(ValueError, match="no method of auto's portfolio uses levels"):
+        nf.fuse(models, x, method="auto", levels=["2"], portfolio=("kf_linear",))
+
+
+def test_matching_on_activations_warns_on_a_tiny_fusion_set() -> None:
+    models, x = _pair()
+    for method in ("git_rebasin", "otfusion", "cca_merge"):
+        with pytest.warns(UserWarning, match="fewer than the 12 neurons"):
+            nf.fuse(models, x[:3], method=method)
+
+
+def test_transplant_refuses_missing_labels_before_any_work() -> None:
+    models, x = _pair()
+    with pytest.raises(ValueError, match="labelled fusion data"):
+        nf.fuse(models, x, method="transplant", finetune_target="labels")

@@ -20,6 +20,7 @@ Kinds of operation:
 from __future__ import annotations
 
 import operator
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,9 +128,10 @@ def register_elementwise(
     passes neurons through it (a custom activation, a custom dropout).
 
     Args:
-        op: an ``nn.Module`` subclass (it is also traced as one opaque call, so its ``forward``
-            need not be traceable), a function called on the tensor (``torch.special.expit``),
-            or a tensor method's name (``"sigmoid"``).
+        op: an ``nn.Module`` subclass or a plain Python function called by its module-level
+            name (either is then traced as one opaque call, so its body need not be
+            traceable), a torch function called on the tensor (``torch.special.expit``), or a
+            tensor method's name (``"sigmoid"``).
         identity: the operation is the identity in eval mode (a dropout): the Linear engine
             then sees a unit's output through it unchanged.
 
@@ -150,11 +152,23 @@ def register_elementwise(
         table.methods.add(op)
     elif callable(op):
         table.functions.add(op)
+        if isinstance(op, types.FunctionType):
+            _PYTHON_FUNCTIONS.add(op)  # traced as one call, not inlined
     else:
         raise TypeError(
             "register_elementwise takes an nn.Module subclass, a function or a tensor method "
             f"name; got {type(op).__name__}"
         )
+
+
+#: registered plain Python functions: torch.fx would trace through them, so the tracer keeps
+#: each as one call (``autowrap_functions``)
+_PYTHON_FUNCTIONS: set[types.FunctionType] = set()
+
+
+def registered_functions() -> tuple[types.FunctionType, ...]:
+    """The plain Python functions registered with :func:`register_elementwise`."""
+    return tuple(_PYTHON_FUNCTIONS)
 
 
 def registered_modules() -> tuple[type[nn.Module], ...]:

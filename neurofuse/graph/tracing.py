@@ -13,7 +13,7 @@ import copy
 import torch.fx as fx
 from torch import nn
 
-from neurofuse.graph.ops import registered_modules
+from neurofuse.graph.ops import registered_functions, registered_modules
 
 
 class TraceError(TypeError):
@@ -30,7 +30,7 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.GraphModule:
     """Trace ``model`` with torch.fx; the result shares parameters with ``model``."""
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer(autowrap_functions=registered_functions()).trace(model)
     except Exception as exc:  # fx raises many exception types
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {exc}. neurofuse reads a model's "

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurofuse.finetuning import mixup_inputs
+from neurofuse.graph import Levels
 from neurofuse.methods.ensemble import ensemble_log_probs
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
@@ -170,6 +171,13 @@ def auto(ctx: FusionContext) -> nn.Module:
     from neurofuse.methods.registry import get_method
 
     opt: AutoOptions = ctx.options
+    if ctx.levels != Levels():  # levels were given: they must be valid and used
+        if not any(get_method(m).caps.levels for _, m, _, _ in candidates(ctx, opt)):
+            raise ValueError(
+                "levels= is given, but no method of auto's portfolio uses levels; add one that "
+                "does (kf_gradient) to portfolio=, or drop levels="
+            )
+        ctx.levels.cut_nodes(ctx.trace(ctx.target))  # a bad name or order is an error here
     n = ctx.inputs.shape[0]
     train, held = holdout_split(n, opt.holdout, ctx.labels, ctx.seed)
     train, held = train.to(ctx.inputs.device), held.to(ctx.inputs.device)

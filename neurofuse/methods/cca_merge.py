@@ -116,7 +116,6 @@ def map_space_linear(state: State, space: Space, t: Tensor, reads: set[tuple[str
         target="same",
         transformers=False,
         tied_weights=True,
-        fits_data=False,
         exact=True,
     ),
 )

@@ -90,7 +90,6 @@ def register_distilled(method: str, base: type, caps: Capabilities) -> None:
         "(anchored to the fitted weights)",
         fused_then_distilled,
         options,
-        # distillation needs the models as teachers: no one-model compression; and it moves
-        # the weights, so a permuted copy is no longer returned exactly
-        dataclasses.replace(caps, single_model=False, exact=False),
+        # distillation moves the weights: a permuted copy is no longer returned exactly
+        dataclasses.replace(caps, exact=False),
     )

@@ -207,7 +207,6 @@ def _per_neuron(
         equal_widths=True,
         target="same",
         tied_weights=True,
-        fits_data=False,
         exact=True,
     ),
 )

@@ -15,9 +15,11 @@ Two fits of the head ``h`` on the penultimate features ``phi(x)`` (every other w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.fitting import (
@@ -59,11 +61,15 @@ class LPOptions(DistillOptions):
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
 
-def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+def find_head(
+    model: nn.Module,
+    name: str | None = None,
+    tracer: Callable[[nn.Module], fx.GraphModule] = trace,
+) -> tuple[str, nn.Module]:
     """``(name, module)`` of the classifier head: ``name`` if given, else the last affine layer
     (Linear/Conv) that the model's forward calls."""
     if name is None:
-        nodes = affine_nodes(trace(model))
+        nodes = affine_nodes(tracer(model))
         if not nodes:
             raise ValueError(
                 "the model calls no Linear or Conv layer, so it has no head to probe; "
@@ -154,7 +160,7 @@ def _mean_logits(models: list[nn.Module], inputs: Tensor, chunk: int = 512) -> T
 def lp(ctx: FusionContext) -> nn.Module:
     opt: LPOptions = ctx.options
     model = starting_model(ctx, opt.init_model)
-    name, head = find_head(model, opt.head)
+    name, head = find_head(model, opt.head, ctx.trace)
     for p in model.parameters():
         p.requires_grad_(False)
     feats, head_is_output = head_features(model, head, ctx.inputs)

@@ -268,7 +268,7 @@ def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor
     "otfusion",
     "OTFusion (Singh & Jaggi 2020): optimal-transport alignment to a reference, then averaging",
     OTFusionOptions,
-    Capabilities(importance=True, target="same", tied_weights=True, fits_data=False, exact=True),
+    Capabilities(importance=True, target="same", tied_weights=True, exact=True),
 )
 def otfusion(ctx: FusionContext) -> nn.Module:
     opt: OTFusionOptions = ctx.options

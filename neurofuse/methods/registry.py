@@ -10,12 +10,14 @@ method would ignore (``levels=``, ``importance=``, ``target=``) are errors that 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -75,7 +77,8 @@ class Capabilities:
         transformers: fuses transformer-like graphs (LayerNorm, attention).
         tied_weights: handles a parameter shared by two layers (otherwise such models are
             refused: per-layer fits would write two different values into one tensor).
-        fits_data: learns from the fusion set (a warning when it is smaller than a layer).
+        fits_data: learns from the fusion set or matches neurons on its activations (a warning
+            when it gives a layer fewer rows than the layer has neurons).
         exact: fusing a model with a neuron-permuted copy of itself gives the model back
             (checked by the contract test matrix).
     """
@@ -184,9 +187,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "None"
-    if origin is not None:
-        return f"a {getattr(origin, '__name__', str(origin))}"
-    return f"a {getattr(tp, '__name__', str(tp))}"
+    name = getattr(origin if origin is not None else tp, "__name__", str(tp))
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
 def matches(value: Any, tp: Any) -> bool:
@@ -202,10 +204,10 @@ def matches(value: Any, tp: Any) -> bool:
         return value is None
     if tp is bool:
         return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is int:  # NumPy's integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
         if not isinstance(value, tuple | list):
             return False
@@ -256,6 +258,8 @@ def build_options(info: MethodInfo, options: dict[str, Any]) -> Any:
             f"unknown option(s) {unknown} for method {info.name!r}; valid options: {valid}"
         )
     hints = option_types(info.options)
+    # NumPy scalars (an np.int64 from an array, an np.float32) count as the Python numbers
+    options = {k: v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
     for key, value in options.items():
         check_option(f"method {info.name!r}", key, value, hints[key])
     try:

@@ -417,7 +417,7 @@ def _operand_of_add(n: fx.Node) -> fx.Node | None:
     "Transformer OTFusion (Imfeld et al. 2024): layer-wise soft OT alignment with a residual "
     "policy, then averaging",
     TransformerOTFusionOptions,
-    Capabilities(importance=True, target="same", fits_data=False),
+    Capabilities(importance=True, target="same"),
 )
 def transformer_otfusion(ctx: FusionContext) -> nn.Module:
     opt: TransformerOTFusionOptions = ctx.options

@@ -349,6 +349,10 @@ def _merge_error(wide: nn.Module, models: Sequence[nn.Module], x: Tensor) -> flo
 )
 def transplant(ctx: FusionContext) -> nn.Module:
     opt: TransplantOptions = ctx.options
+    if opt.finetune_epochs > 0 and opt.finetune_target == "labels" and ctx.labels is None:
+        raise ValueError(  # before any work
+            "finetune_target='labels' needs labelled fusion data: pass (inputs, labels)"
+        )
     hidden = hidden_spaces(ctx.models, ctx.inputs[:2], ctx.trace)[1]
     wide, spaces = concatenate(ctx.models, hidden)
     error = _merge_error(wide, ctx.models, ctx.inputs[:256])
@@ -380,10 +384,7 @@ def transplant(ctx: FusionContext) -> nn.Module:
             opt.finetune_target == "auto" and ctx.labels is not None
         )
         if use_labels:
-            if ctx.labels is None:
-                raise ValueError(
-                    "finetune_target='labels' needs labelled fusion data: pass (inputs, labels)"
-                )
+            assert ctx.labels is not None  # checked before any work
             classes = _forward_classes(ctx)
             targets, temperature = label_logits(ctx.labels, classes), 1.0
         else:
