@@ -13,6 +13,7 @@ from neurofuse.methods import (  # noqa: F401  (importing a method file register
     transformer_otfusion,
     transplant,
     vanilla,
+    zipit,
 )
 from neurofuse.methods.registry import (
     Capabilities,

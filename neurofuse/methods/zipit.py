@@ -1,0 +1,200 @@
+"""ZipIt! (Stoica et al. 2024): merge the models' features within and across models.
+
+Alignment methods pair each neuron of one model with one neuron of another. ZipIt! instead
+pools the neurons of every model at a space (``d_M = sum_k d_k``) and greedily merges the most
+correlated ones on the fusion set's activations, whichever models they come from, until the
+fused width is reached: two redundant neurons of one model may merge with each other while a
+feature only one model has survives on its own. With ``n`` models a merged feature holds at most
+``n`` neurons (for two models, pairs: the paper's greedy matching); ``within=False`` forbids two
+neurons of the same model in one feature (pure cross-model matching).
+
+The merge of a space is an averaging matrix ``M`` (fused feature ``i`` is the mean of its
+members, importance-weighted if scores are given); the "unmerge" sends the fused feature back to
+every member. Every parameter is then ``M_out [W_1 ... W_n] U_in``: rows (and biases,
+normalisation parameters) averaged over each feature's members, input columns summed over each
+model's members and averaged over models (:func:`neurofuse.methods._plan.aligned_average`).
+The spaces come from the graph analysis, so any model it handles is zipped, not only the
+architectures the authors wrote graphs for. A permuted copy merges each neuron with its twin
+(correlation 1) and is recovered exactly.
+
+Not built yet: partial zipping (the first layers merged, the last ones kept per model as a
+multi-head network; the fused model has one head), and REPAIR (its targets, each model's own
+statistics of every merged feature, are not defined for a feature that model has no neuron in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from neurofuse.alignment import Space
+from neurofuse.graph import GraphRunner
+from neurofuse.methods._averaging import (
+    alignment_setup,
+    check_same_graphs,
+    finish,
+    node_features,
+    space_scores,
+)
+from neurofuse.methods._plan import FusionPlan, aligned_average
+from neurofuse.methods.registry import Capabilities, FusionContext, register_method
+
+
+@dataclass
+class ZipItOptions:
+    """Options of ``zipit``.
+
+    Attributes:
+        within: allow two neurons of the same model in one merged feature (ZipIt!'s
+            within-model merging); ``False`` matches across models only.
+        reset_bn: re-estimate BatchNorm running statistics on the fusion set after merging.
+    """
+
+    within: bool = True
+    reset_bn: bool = False
+
+
+def correlation_matrix(z: Tensor) -> Tensor:
+    """Pearson correlation (float64, ``(d, d)``) of the rows of ``z`` (``(d, N)``)."""
+    z = z.to(torch.float64)
+    z = z - z.mean(1, keepdim=True)
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return z @ z.T
+
+
+def zip_groups(corr: Tensor, owners: Tensor, k: int, max_size: int, within: bool) -> Tensor:
+    """Greedy merging (average linkage on ``corr``) of ``d_M`` neurons into ``k`` features of
+    at most ``max_size`` neurons; ``owners[j]`` is neuron ``j``'s model. Returns the feature
+    label of every neuron, features numbered by their lowest neuron."""
+    d = corr.shape[0]
+    if not 1 <= k <= d:
+        raise ValueError(f"cannot zip {d} neurons into {k} features")
+    n_models = int(owners.max()) + 1
+    if -(-d // max_size) > k:
+        raise ValueError(f"{d} neurons cannot form {k} features of at most {max_size} each")
+    link = corr.clone()
+    size = torch.ones(d, dtype=torch.float64)
+    models = torch.nn.functional.one_hot(owners, n_models).bool()
+    label = torch.arange(d)
+    alive = torch.ones(d, dtype=torch.bool)
+    link.fill_diagonal_(float("-inf"))
+    if not within:
+        link[owners[:, None] == owners[None, :]] = float("-inf")
+    for _ in range(d - k):
+        flat = int(torch.argmax(link))
+        a, b = divmod(flat, d)
+        if link[a, b] == float("-inf"):
+            raise ValueError(
+                f"zipit cannot reach {k} features: no two features may merge any more "
+                "(within=False and features full); fuse into a wider target"
+            )
+        a, b = min(a, b), max(a, b)
+        merged = (size[a] * link[a] + size[b] * link[b]) / (size[a] + size[b])
+        size[a] += size[b]
+        models[a] |= models[b]
+        alive[b] = False
+        label[label == b] = a
+        link[a], link[:, a] = merged, merged
+        link[b], link[:, b] = float("-inf"), float("-inf")
+        full = ~alive | (size + size[a] > max_size)
+        if not within:
+            full |= (models & models[a]).any(1)
+        link[a, full], link[full, a] = float("-inf"), float("-inf")
+        link[a, a] = float("-inf")
+    roots = torch.unique(label)
+    return torch.searchsorted(roots, label)
+
+
+def _averaging(labels: Tensor, weights: Tensor, k: int) -> Tensor:
+    """``(k, d_M)``: each feature the ``weights``-weighted mean of its members."""
+    a = torch.zeros(k, labels.numel(), dtype=torch.float64)
+    a[labels, torch.arange(labels.numel())] = weights.to(torch.float64)
+    return a / a.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+@register_method(
+    "zipit",
+    "ZipIt! (Stoica et al. 2024): features merged greedily by correlation within and across "
+    "models, then every parameter merged and unmerged through the spaces",
+    ZipItOptions,
+    Capabilities(
+        importance=True,
+        equal_widths=True,
+        target="same",
+        transformers=False,
+        tied_weights=True,
+        exact=True,
+    ),
+)
+def zipit(ctx: FusionContext) -> nn.Module:
+    opt: ZipItOptions = ctx.options
+    n = len(ctx.models)
+    _, _, states, spaces = alignment_setup(ctx, "zipit", 0, None, equal_widths=True)
+    check_same_graphs(ctx.models, "zipit", ctx.trace)
+    fused = ctx.target
+    fgm = ctx.trace(fused)
+    plan = FusionPlan(fgm, fused, ctx.inputs[:2])
+    runners = [GraphRunner(ctx.trace(m), ctx.inputs) for m in ctx.models]
+    groupings: dict[int, Tensor] = {}
+    merged_within: dict[str, int] = {}
+    for i, space in enumerate(plan.spaces):
+        sizes = [spaces[k][i].size for k in range(n)]
+        if space.fixed:
+            eye = torch.eye(space.size, dtype=torch.float64) / n
+            groupings[i] = torch.cat([eye] * n, dim=1)
+            continue
+        groupings[i] = _zip_space(ctx, opt, runners, [spaces[k][i] for k in range(n)], space)
+        owners = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
+        per_feature = (groupings[i] > 0).to(torch.float64) @ torch.nn.functional.one_hot(
+            owners, n
+        ).to(torch.float64)
+        merged_within[space.name] = int((per_feature > 1).any(1).sum())
+    ctx.report["features_merged_within_a_model"] = merged_within
+
+    def grouping(index: int) -> tuple[Tensor, list[int]]:
+        return groupings[index], [spaces[k][index].size for k in range(n)]
+
+    state = fused.state_dict()
+    for key, t in state.items():
+        if not t.is_floating_point():
+            continue
+        axes = plan.spaces_of_key(key, t.dim())
+        value = aligned_average(fgm, key, [s[key] for s in states], axes, grouping)
+        with torch.no_grad():
+            t.copy_(value.to(t))
+    return finish(ctx, fused, opt.reset_bn)
+
+
+def _zip_space(
+    ctx: FusionContext,
+    opt: ZipItOptions,
+    runners: list[GraphRunner],
+    spaces: list[Space],
+    fused_space: Space,
+) -> Tensor:
+    n = len(runners)
+    if any(s.heads > 1 for s in spaces):
+        raise ValueError(
+            f"space {fused_space.name!r} is split into attention heads; zipit merges single "
+            "neurons and would split heads. Use git_rebasin or transformer_otfusion."
+        )
+    if not spaces[0].nodes:
+        raise ValueError(f"space {fused_space.name!r} has no graph node to measure")
+    feats = [
+        torch.cat([node_features(runners[k], spaces[k], i) for i in range(len(spaces[k].nodes))], 1)
+        for k in range(n)
+    ]
+    corr = correlation_matrix(torch.cat(feats))
+    sizes = [s.size for s in spaces]
+    owners = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
+    labels = zip_groups(corr.cpu(), owners, fused_space.size, n, opt.within)
+    scores = [space_scores(ctx, k, runners[k], spaces[k]) for k in range(n)]
+    weights = torch.cat(
+        [
+            torch.ones(sizes[k], dtype=torch.float64) if s is None else s
+            for k, s in enumerate(scores)
+        ]
+    )
+    return _averaging(labels, weights, fused_space.size).to(ctx.inputs.device)
