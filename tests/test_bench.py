@@ -110,6 +110,26 @@ def test_summarise_means_and_egr_of_means():
     assert best is not None and best[0] == "KF Linear | uniform"
 
 
+def test_the_strongest_baseline_is_the_best_non_neurofuse_one_shot_row():
+    record = _record(
+        "sharded 2",
+        0,
+        [0.5, 0.4],
+        0.95,
+        {
+            "KF Linear | uniform": _ok("kf_linear", 0.8),
+            "KD | uniform": _ok("kd", 0.7),
+            "Git Re-Basin + REPAIR | uniform": _ok("git_rebasin", 0.75),
+            "Ensemble-like | uniform": _ok("ensemble", 0.95),
+        },
+    )
+    group = summarise([record])["mlp"]
+    rival = aggregate.best_baseline(group, "sharded 2")
+    assert rival is not None and rival[0] == "Git Re-Basin + REPAIR | uniform"
+    line = tables.best_table(group).splitlines()[2]
+    assert "Git Re-Basin + REPAIR" in line and line.rstrip(" |").endswith("+5.0")
+
+
 def test_accuracy_table_shape_and_entries():
     group = summarise(_records())["mlp"]
     lines = tables.accuracy_table(group).splitlines()

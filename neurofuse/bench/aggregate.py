@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,12 +167,29 @@ def summarise(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> d
 def best_neurofuse(group: Group, column: str) -> tuple[str, Stat] | None:
     """The one-shot neurofuse row (:data:`NEUROFUSE_METHODS`) of highest mean accuracy in
     ``column``."""
+    return _best(group, column, lambda stat: stat.method in NEUROFUSE_METHODS)
+
+
+#: rows that are not fusion baselines: the ensemble is the upper bound, not a merged model
+_NOT_BASELINES = ("ensemble",)
+
+
+def best_baseline(group: Group, column: str) -> tuple[str, Stat] | None:
+    """The strongest one-shot baseline in ``column``: the row of highest mean accuracy among
+    the methods that are not neurofuse's (KD, LP and the repaired and merging baselines
+    included; the ensemble and the base models excluded)."""
+    return _best(
+        group,
+        column,
+        lambda stat: stat.method not in NEUROFUSE_METHODS and stat.method not in _NOT_BASELINES,
+    )
+
+
+def _best(group: Group, column: str, keep: Callable[[Stat], bool]) -> tuple[str, Stat] | None:
     best: tuple[str, Stat] | None = None
-    for row in group.rows:
+    for row in group.rows[len(BASE_ROWS) :]:
         stat = group.get(row, column)
-        if stat is None or not stat.values or stat.method not in NEUROFUSE_METHODS:
-            continue
-        if not stat.one_shot:
+        if stat is None or not stat.values or not stat.one_shot or not keep(stat):
             continue
         if best is None or stat.mean > best[1].mean:  # type: ignore[operator]
             best = (row, stat)

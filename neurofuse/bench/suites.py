@@ -112,7 +112,23 @@ def paper_methods(
             *gradient_runs("hf", imp, pairwise=True),
             *gradient_runs("kf", imp, pairwise=False),
         ]
-    return tuple(runs) + quality_runs()
+    return tuple(runs) + strong_baselines() + quality_runs()
+
+
+def strong_baselines() -> tuple[MethodRun, ...]:
+    """The averaging baselines with the repairs their authors' follow-ups use (REPAIR, Jordan
+    et al. 2022; a BatchNorm reset), and the merging methods made for models trained on
+    disjoint classes: ZipIt! and CCA Merge. REPORT.md compares against the best of them."""
+    repair = (("repair", True),)
+    return (
+        MethodRun("Vanilla averaging + REPAIR", "vanilla", options=repair),
+        MethodRun("OTFusion + REPAIR", "otfusion", options=repair),
+        MethodRun("Git Re-Basin + REPAIR", "git_rebasin", options=repair),
+        MethodRun("Git Re-Basin + BN reset", "git_rebasin", options=(("reset_bn", True),)),
+        MethodRun("ZipIt!", "zipit"),
+        MethodRun("CCA Merge", "cca_merge"),
+        MethodRun("CCA Merge + REPAIR", "cca_merge", options=repair),
+    )
 
 
 def quality_runs(fine_tune_epochs: int = 10) -> tuple[MethodRun, ...]:

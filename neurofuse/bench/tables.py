@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from neurofuse.bench.aggregate import BASE_ROWS, Group, Stat, best_neurofuse, mean_std
+from neurofuse.bench.aggregate import (
+    BASE_ROWS,
+    Group,
+    Stat,
+    best_baseline,
+    best_neurofuse,
+    mean_std,
+)
 
 
 def display(row: str) -> str:
@@ -79,12 +86,17 @@ def best_table(group: Group) -> str:
     rows = []
     for c in group.columns:
         found = best_neurofuse(group, c)
+        rival = best_baseline(group, c)
         base, ens = group.get(BASE_ROWS[1], c), group.get(BASE_ROWS[2], c)
         if found is None or base is None:
-            rows.append([c, "-", "-", "-", "-", "-"])
+            rows.append([c, *["-"] * 9])
             continue
         row, stat = found
         margin = 100 * (stat.mean - base.mean)  # type: ignore[operator]
+        versus = ["-", "-", "-"]
+        if rival is not None:
+            gap = 100 * (stat.mean - rival[1].mean)  # type: ignore[operator]
+            versus = [display(rival[0]), format_accuracy(rival[1]), f"{gap:+.1f}"]
         rows.append(
             [
                 c,
@@ -94,6 +106,7 @@ def best_table(group: Group) -> str:
                 format_accuracy(ens),
                 format_egr(stat),
                 f"{margin:+.1f}",
+                *versus,
             ]
         )
     header = [
@@ -104,6 +117,9 @@ def best_table(group: Group) -> str:
         "ensemble",
         "EGR",
         "vs best base (pp)",
+        "strongest baseline",
+        "its accuracy",
+        "vs strongest baseline (pp)",
     ]
     return _markdown(header, rows)
 
