@@ -66,30 +66,29 @@ def correlation_matrix(z: Tensor) -> Tensor:
 
 def zip_groups(corr: Tensor, owners: Tensor, k: int, max_size: int, within: bool) -> Tensor:
     """Greedy merging (average linkage on ``corr``) of ``d_M`` neurons into ``k`` features of
-    at most ``max_size`` neurons; ``owners[j]`` is neuron ``j``'s model. Returns the feature
-    label of every neuron, features numbered by their lowest neuron."""
+    at most ``max_size`` neurons; ``owners[j]`` is neuron ``j``'s model. When no merge is
+    allowed any more before ``k`` features are reached (features of 3 and 3 when 4 is the
+    limit), the most correlated remaining pair merges anyway. Returns the feature label of
+    every neuron, features numbered by their lowest neuron."""
     d = corr.shape[0]
     if not 1 <= k <= d:
         raise ValueError(f"cannot zip {d} neurons into {k} features")
     n_models = int(owners.max()) + 1
-    if -(-d // max_size) > k:
-        raise ValueError(f"{d} neurons cannot form {k} features of at most {max_size} each")
     link = corr.clone()
     size = torch.ones(d, dtype=torch.float64)
     models = torch.nn.functional.one_hot(owners, n_models).bool()
     label = torch.arange(d)
     alive = torch.ones(d, dtype=torch.bool)
-    link.fill_diagonal_(float("-inf"))
+    allowed = ~torch.eye(d, dtype=torch.bool)
     if not within:
-        link[owners[:, None] == owners[None, :]] = float("-inf")
+        allowed &= owners[:, None] != owners[None, :]
     for _ in range(d - k):
-        flat = int(torch.argmax(link))
+        scores = link.masked_fill(~allowed, float("-inf"))
+        flat = int(torch.argmax(scores))
+        if scores.view(-1)[flat] == float("-inf"):  # no allowed merge left: relax the limits
+            live = alive[:, None] & alive[None, :] & ~torch.eye(d, dtype=torch.bool)
+            flat = int(torch.argmax(link.masked_fill(~live, float("-inf"))))
         a, b = divmod(flat, d)
-        if link[a, b] == float("-inf"):
-            raise ValueError(
-                f"zipit cannot reach {k} features: no two features may merge any more "
-                "(within=False and features full); fuse into a wider target"
-            )
         a, b = min(a, b), max(a, b)
         merged = (size[a] * link[a] + size[b] * link[b]) / (size[a] + size[b])
         size[a] += size[b]
@@ -97,12 +96,12 @@ def zip_groups(corr: Tensor, owners: Tensor, k: int, max_size: int, within: bool
         alive[b] = False
         label[label == b] = a
         link[a], link[:, a] = merged, merged
-        link[b], link[:, b] = float("-inf"), float("-inf")
-        full = ~alive | (size + size[a] > max_size)
+        allowed[b], allowed[:, b] = False, False
+        ok = alive & (size + size[a] <= max_size)
         if not within:
-            full |= (models & models[a]).any(1)
-        link[a, full], link[full, a] = float("-inf"), float("-inf")
-        link[a, a] = float("-inf")
+            ok &= ~(models & models[a]).any(1)
+        ok[a] = False
+        allowed[a], allowed[:, a] = ok, ok
     roots = torch.unique(label)
     return torch.searchsorted(roots, label)
 
