@@ -126,6 +126,7 @@ def strong_baselines() -> tuple[MethodRun, ...]:
         MethodRun("Git Re-Basin + REPAIR", "git_rebasin", options=repair),
         MethodRun("Git Re-Basin + BN reset", "git_rebasin", options=(("reset_bn", True),)),
         MethodRun("ZipIt!", "zipit"),
+        MethodRun("ZipIt! + BN reset", "zipit", options=(("reset_bn", True),)),
         MethodRun("CCA Merge", "cca_merge"),
         MethodRun("CCA Merge + REPAIR", "cca_merge", options=repair),
     )
