@@ -261,6 +261,14 @@ def node_features(runner: GraphRunner, space: Space, i: int) -> Tensor:
     return rows
 
 
+def space_features(runner: GraphRunner, space: Space) -> Tensor:
+    """(d, N) float64: the values of every node of the space side by side, one row per neuron
+    (what the activation-based merges compare)."""
+    if not space.nodes:
+        raise ValueError(f"space {space.name!r} has no graph node to measure")
+    return torch.cat([node_features(runner, space, i) for i in range(len(space.nodes))], 1)
+
+
 def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) -> Tensor | None:
     """Model ``k``'s importance scores (float64, ``(size,)``) for ``space``, looked up at the
     node that names it; ``None`` for uniform importance."""
@@ -292,6 +300,7 @@ __all__ = [
     "finish",
     "model_weights",
     "node_features",
+    "space_features",
     "space_scores",
     "states_of",
     "template_for",

@@ -33,7 +33,7 @@ from neurofuse.methods._averaging import (
     alignment_setup,
     average_states,
     finish,
-    node_features,
+    space_features,
     write_state,
 )
 from neurofuse.methods._plan import is_incoming, map_axis
@@ -135,14 +135,8 @@ def cca_merge(ctx: FusionContext) -> nn.Module:
         for space, ref_space in zip(spaces[k], spaces[ref], strict=True):
             if space.fixed:
                 continue
-            if not space.nodes:
-                raise ValueError(f"space {space.name!r} has no graph node to measure")
-            za = torch.cat(
-                [node_features(runners[ref], ref_space, i) for i in range(len(space.nodes))], 1
-            )
-            zb = torch.cat(
-                [node_features(runners[k], space, i) for i in range(len(space.nodes))], 1
-            )
+            za = space_features(runners[ref], ref_space)
+            zb = space_features(runners[k], space)
             t = cca_transform(za, zb, opt.reg)
             reads = {(m.key, m.axis) for m in space.members if is_incoming(gm, m.key, m.axis)}
             state = map_space_linear(state, space, t, reads)

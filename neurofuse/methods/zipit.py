@@ -33,9 +33,8 @@ from neurofuse.alignment import Space
 from neurofuse.graph import GraphRunner
 from neurofuse.methods._averaging import (
     alignment_setup,
-    check_same_graphs,
     finish,
-    node_features,
+    space_features,
     space_scores,
 )
 from neurofuse.methods._plan import FusionPlan, aligned_average
@@ -130,8 +129,8 @@ def _averaging(labels: Tensor, weights: Tensor, k: int) -> Tensor:
 def zipit(ctx: FusionContext) -> nn.Module:
     opt: ZipItOptions = ctx.options
     n = len(ctx.models)
+    # checks the layers and graphs and derives the matched spaces
     _, _, states, spaces = alignment_setup(ctx, "zipit", 0, None, equal_widths=True)
-    check_same_graphs(ctx.models, "zipit", ctx.trace)
     fused = ctx.target
     fgm = ctx.trace(fused)
     plan = FusionPlan(fgm, fused, ctx.inputs[:2])
@@ -179,12 +178,7 @@ def _zip_space(
             f"space {fused_space.name!r} is split into attention heads; zipit merges single "
             "neurons and would split heads. Use git_rebasin or transformer_otfusion."
         )
-    if not spaces[0].nodes:
-        raise ValueError(f"space {fused_space.name!r} has no graph node to measure")
-    feats = [
-        torch.cat([node_features(runners[k], spaces[k], i) for i in range(len(spaces[k].nodes))], 1)
-        for k in range(n)
-    ]
+    feats = [space_features(runners[k], spaces[k]) for k in range(n)]
     corr = correlation_matrix(torch.cat(feats))
     sizes = [s.size for s in spaces]
     owners = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
