@@ -56,6 +56,18 @@ def _repair_points(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     return [(u, unit_end(gm, u)) for u in affine_nodes(gm) if unit_end(gm, u) not in returned]
 
 
+def _downstream(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node computed from it."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
+
+
 def _axis(gm: fx.GraphModule, unit: fx.Node, end: fx.Node, value: Tensor) -> int:
     width, channels_first = layer_width(module_of(gm, unit))
     return neuron_axis(value, width, channels_first)
@@ -87,6 +99,7 @@ def repair(
     fused.eval()
     gm = trace(fused)
     base_runs = [GraphRunner(trace(m.eval()), inputs) for m in aligned]
+    fused_run = GraphRunner(gm, inputs)
     collapse: dict[str, float] = {}
     for unit, end in _repair_points(gm):
         targets = []
@@ -96,11 +109,12 @@ def repair(
         wk = w.to(targets[0][0].device)
         mu_t = torch.stack([m for m, _ in targets]).T @ wk
         sd_t = torch.stack([s for _, s in targets]).T @ wk
-        value = GraphRunner(gm, inputs).value(end)  # after the units before it are repaired
+        value = fused_run.value(end)  # after the units before it are repaired
         mu_f, sd_f = neuron_stats(value, _axis(gm, unit, end, value))
         scale = sd_t / sd_f.clamp_min(_EPS)
         shift = mu_t - mu_f * scale
         _fold(module_of(gm, unit), module_of(gm, end) if end is not unit else None, scale, shift)
+        fused_run.forget(_downstream(unit))  # the values the repaired unit changes
         collapse[str(end.target if end.op == "call_module" else end.name)] = float(
             (sd_f / sd_t.clamp_min(_EPS)).mean()
         )
