@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from neurofuse.graph import AFFINE_TYPES, GraphCache, Levels, is_transformer_like
 from neurofuse.importance import Importance, ImportanceProvider, ImportanceSpec
 from neurofuse.importance.provider import describe
+from neurofuse.methods._averaging import check_same_layers
 from neurofuse.methods.registry import (
     FusionContext,
     MethodInfo,
@@ -159,17 +160,10 @@ def _check_call(
         raise ValueError(
             f"method {name!r} builds its own model and would ignore target=; drop the argument"
         )
-    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
     if caps.equal_widths:
-        for i, sh in enumerate(shapes[1:], start=1):
-            if sh != shapes[0]:
-                diff = next((k for k in sh if shapes[0].get(k) != sh[k]), None)
-                raise ValueError(
-                    f"method {name!r} needs models of equal widths, but models[{i}] differs from "
-                    f"models[0]" + (f" at {diff!r}" if diff else "") + "; use kf_linear or "
-                    "kf_gradient for models of different widths"
-                )
+        check_same_layers([m.state_dict() for m in models], name)
     if target is not None and caps.target == "same":
+        shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
         tgt = {k: tuple(v.shape) for k, v in target.state_dict().items()}
         if all(tgt != sh for sh in shapes):
             raise ValueError(
