@@ -247,3 +247,42 @@ def test_resize_refuses_layers_it_does_not_know() -> None:
         resize(model, {"s": 6}, [space])
     with pytest.raises(ValueError, match="positive integer"):
         resize(model, {"s": 0}, [space])
+
+
+def _hidden_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the hidden Linear layers, by forward hooks."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.double())) for m in layers]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_repair_gives_every_kept_neuron_the_statistics_of_its_own_model() -> None:
+    torch.manual_seed(0)
+    models = [mlp(d_in=10, hidden=(12, 12)).eval() for _ in range(2)]
+    x = torch.randn(128, 10)
+    plain = nf.fuse(models, x, method="transplant", finetune_epochs=0)
+    fused = nf.fuse(models, x, method="transplant", finetune_epochs=0, repair=True)
+    base = [_hidden_outputs(m, x) for m in models]
+    layers = [m for m in plain.modules() if isinstance(m, nn.Linear)][:-1]
+    sources = [[m for m in b.modules() if isinstance(m, nn.Linear)][:-1] for b in models]
+    shifted = 0.0
+    for j, (got, before) in enumerate(
+        zip(_hidden_outputs(fused, x), _hidden_outputs(plain, x), strict=True)
+    ):
+        for i, bias in enumerate(layers[j].bias.detach()):  # pruning copies each kept bias
+            k, n = next(
+                (k, int(n))
+                for k in range(2)
+                for n in torch.nonzero(sources[k][j].bias.detach() == bias).flatten()
+            )
+            want = base[k][j][:, n]
+            assert float(got[:, i].mean()) == pytest.approx(float(want.mean()), abs=1e-5)
+            assert float(got[:, i].std()) == pytest.approx(float(want.std()), rel=1e-4)
+            shifted = max(shifted, float((before[:, i].std() - want.std()).abs()))
+    assert shifted > 1e-2  # without the repair, pruning had moved the second layer's neurons
+    assert len(fused.neurofuse_report["repair_collapse"]) == 2

@@ -20,7 +20,7 @@ hooks a fixed list of layers of their own models).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -73,6 +73,12 @@ def _axis(gm: fx.GraphModule, unit: fx.Node, end: fx.Node, value: Tensor) -> int
     return neuron_axis(value, width, channels_first)
 
 
+#: ``target(end, axis)``: the mean and standard deviation (float64, one per neuron) that the
+#: unit ending at node ``end`` of the fused graph should have on the data (its neurons on
+#: ``axis`` of the node's value), or ``None`` to leave that unit alone.
+StatsTarget = Callable[[fx.Node, int], tuple[Tensor, Tensor] | None]
+
+
 @torch.no_grad()
 def repair(
     fused: nn.Module,
@@ -96,21 +102,35 @@ def repair(
     if w.numel() != len(aligned):
         raise ValueError(f"{len(aligned)} aligned models but {w.numel()} weights")
     w = w / w.sum()
+    base_runs = [GraphRunner(trace(m.eval()), inputs) for m in aligned]
+
+    def interpolated(end: fx.Node, axis: int) -> tuple[Tensor, Tensor]:
+        stats = [neuron_stats(run.value(run.node(end.name)), axis) for run in base_runs]
+        wk = w.to(stats[0][0].device)
+        return torch.stack([m for m, _ in stats]).T @ wk, torch.stack([s for _, s in stats]).T @ wk
+
+    return repair_to(fused, inputs, interpolated)
+
+
+@torch.no_grad()
+def repair_to(fused: nn.Module, inputs: Tensor, target: StatsTarget) -> dict[str, float]:
+    """Rescale ``fused``'s hidden units in place, in graph order, so that each neuron's mean and
+    standard deviation on ``inputs`` are what ``target`` asks (the general form of
+    :func:`repair`, for merges whose targets are not one neuron per base model: ZipIt!'s merged
+    features, Neuron Transplantation's kept neurons). Returns the collapse ratios of
+    :func:`repair` for the units ``target`` gave statistics for."""
     fused.eval()
     gm = trace(fused)
-    base_runs = [GraphRunner(trace(m.eval()), inputs) for m in aligned]
     fused_run = GraphRunner(gm, inputs)
     collapse: dict[str, float] = {}
     for unit, end in _repair_points(gm):
-        targets = []
-        for run in base_runs:
-            value = run.value(run.node(end.name))
-            targets.append(neuron_stats(value, _axis(gm, unit, end, value)))
-        wk = w.to(targets[0][0].device)
-        mu_t = torch.stack([m for m, _ in targets]).T @ wk
-        sd_t = torch.stack([s for _, s in targets]).T @ wk
         value = fused_run.value(end)  # after the units before it are repaired
-        mu_f, sd_f = neuron_stats(value, _axis(gm, unit, end, value))
+        axis = _axis(gm, unit, end, value)
+        wanted = target(end, axis)
+        if wanted is None:
+            continue
+        mu_t, sd_t = (t.to(value.device, torch.float64) for t in wanted)
+        mu_f, sd_f = neuron_stats(value, axis)
         scale = sd_t / sd_f.clamp_min(_EPS)
         shift = mu_t - mu_f * scale
         _fold(module_of(gm, unit), module_of(gm, end) if end is not unit else None, scale, shift)

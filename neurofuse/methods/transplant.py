@@ -43,8 +43,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces
+from neurofuse.alignment.repair import StatsTarget, neuron_stats, repair_to
 from neurofuse.fitting import GradientConfig, fit_gradient
-from neurofuse.graph import trace
+from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods.kd import teacher_targets
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 from neurofuse.optimizers import OptimizerName, check_optimizer
@@ -277,6 +278,10 @@ class TransplantOptions:
         optimizer, lr, weight_decay, batch_size, val_split, patience: of the fine-tuning
             (see ``kd``; the best validation weights are restored).
         temperature: of the KL loss when distilling (1 for labels).
+        repair: after pruning (before fine-tuning), REPAIR every kept neuron's mean and
+            standard deviation on the fusion set to those it had in its own model, which the
+            pruned neurons' missing inputs shift (Jordan et al. 2022's correction, with the
+            source model's statistics as targets).
     """
 
     criterion: Literal["incoming", "group"] = "incoming"
@@ -289,6 +294,7 @@ class TransplantOptions:
     val_split: float = 0.1
     patience: int = 20
     temperature: float = 1.0
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -373,8 +379,13 @@ def transplant(ctx: FusionContext) -> nn.Module:
             "total than all models together"
         )
     state, keep = prune(wide, spaces, widths, opt.criterion)
-    del wide
     ctx.target.load_state_dict(state)
+    if opt.repair:
+        with ctx.timer("repair"):
+            ctx.report["repair_collapse"] = repair_to(
+                ctx.target, ctx.inputs, kept_statistics(wide, spaces, keep, ctx.inputs)
+            )
+    del wide
     sizes = [{s.name: s.size for s in h} for h in hidden]
     ctx.report["kept_per_model"] = {
         name: _count_per_model(idx, [sz[name] for sz in sizes]) for name, idx in keep.items()
@@ -394,6 +405,25 @@ def transplant(ctx: FusionContext) -> nn.Module:
         )
         ctx.report["finetune"] = {"target": "labels" if use_labels else "ensemble", **stats}
     return ctx.target.eval()
+
+
+def kept_statistics(
+    wide: nn.Module, spaces: Sequence[Space], keep: dict[str, Tensor], inputs: Tensor
+) -> StatsTarget:
+    """REPAIR's targets after pruning: each kept neuron's mean and standard deviation in the
+    concatenated model, i.e. in the model it came from (pruning the others shifts them)."""
+    runner = GraphRunner(trace(wide.eval()), inputs)
+    space_of = {node: s.name for s in spaces for node in s.nodes}
+
+    def target(end: fx.Node, axis: int) -> tuple[Tensor, Tensor] | None:
+        name = space_of.get(end.name)
+        if name is None:
+            return None
+        mu, sd = neuron_stats(runner.value(runner.node(end.name)), axis)
+        idx = keep[name].to(mu.device)
+        return mu[idx], sd[idx]
+
+    return target
 
 
 def _forward_classes(ctx: FusionContext) -> int:

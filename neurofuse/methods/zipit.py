@@ -17,26 +17,39 @@ The spaces come from the graph analysis, so any model it handles is zipped, not 
 architectures the authors wrote graphs for. A permuted copy merges each neuron with its twin
 (correlation 1) and is recovered exactly.
 
-Not built yet: partial zipping (the first layers merged, the last ones kept per model as a
-multi-head network; the fused model has one head), and REPAIR (its targets, each model's own
-statistics of every merged feature, are not defined for a feature that model has no neuron in).
+**Partial zipping** (``merge_layers=m``): only the first ``m`` affine layers (in execution
+order) are merged; the rest of every model is kept as one head per model, fed with the unmerged
+trunk features, and the heads' outputs are combined like the ensemble's
+(:mod:`neurofuse.methods._multihead`). ``merge_layers=0`` is the ensemble itself; the report's
+``inference_cost`` gives the parameters against one model's.
+
+**REPAIR** (``repair=True``): every merged feature's mean and standard deviation on the fusion
+set are set to the (importance-)weighted mean of its members' statistics in their own models,
+the same weights that merge its parameters; a neuron alone in its feature keeps its own
+statistics. (Jordan et al.'s targets interpolate one neuron per model; a ZipIt! feature may hold
+two neurons of one model and none of another, and this is the interpolation that covers both.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space
-from neurofuse.graph import GraphRunner
+from neurofuse.alignment.repair import StatsTarget, neuron_stats, repair_to
+from neurofuse.graph import GraphRunner, affine_nodes
 from neurofuse.methods._averaging import (
     alignment_setup,
     finish,
     space_features,
     space_scores,
 )
+from neurofuse.methods._multihead import build_multihead, inference_cost
 from neurofuse.methods._plan import FusionPlan, aligned_average
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
@@ -49,10 +62,24 @@ class ZipItOptions:
         within: allow two neurons of the same model in one merged feature (ZipIt!'s
             within-model merging); ``False`` matches across models only.
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after merging.
+        repair: REPAIR every merged feature's statistics to its members' (see the module).
+        merge_layers: merge only the first this many affine layers and keep the rest per
+            model (partial zipping: a multi-head model); ``None`` merges all of them.
+        combine: how the heads' outputs are combined after partial zipping, as in
+            ``ensemble``: ``"prob"`` (log of the mean probabilities) or ``"logit"``.
     """
 
     within: bool = True
     reset_bn: bool = False
+    repair: bool = False
+    merge_layers: int | None = None
+    combine: Literal["prob", "logit"] = "prob"
+
+    def __post_init__(self) -> None:
+        if self.merge_layers is not None and self.merge_layers < 0:
+            raise ValueError(
+                f"merge_layers must be None (merge every layer) or >= 0, got {self.merge_layers}"
+            )
 
 
 def correlation_matrix(z: Tensor) -> Tensor:
@@ -162,7 +189,82 @@ def zipit(ctx: FusionContext) -> nn.Module:
         value = aligned_average(fgm, key, [s[key] for s in states], axes, grouping)
         with torch.no_grad():
             t.copy_(value.to(t))
-    return finish(ctx, fused, opt.reset_bn)
+    fused = finish(ctx, fused, opt.reset_bn)
+    if opt.repair:
+        with ctx.timer("repair"):
+            ctx.report["repair_collapse"] = repair_to(
+                fused, ctx.inputs, _feature_statistics(plan, groupings, runners)
+            )
+    units = len(affine_nodes(fgm))
+    if opt.merge_layers is None or opt.merge_layers >= units:
+        return fused
+    bridge = _bridge(
+        plan, groupings, [spaces[k] for k in range(n)], GraphRunner(fgm, ctx.inputs[:2])
+    )
+    model = build_multihead(fused, fgm, ctx.models, opt.merge_layers, bridge, opt.combine)
+    ctx.report["partial"] = {
+        "merged_layers": opt.merge_layers,
+        "affine_layers": units,
+        "heads": n,
+        "inference_cost": inference_cost(model, ctx.models[0]),
+    }
+    return model.eval()
+
+
+def _feature_statistics(
+    plan: FusionPlan, groupings: dict[int, Tensor], runners: list[GraphRunner]
+) -> StatsTarget:
+    """REPAIR's targets for zipped features: each feature's grouping applied to its members'
+    means and standard deviations (the base models' neurons stacked like the grouping's
+    columns)."""
+
+    def target(end: fx.Node, axis: int) -> tuple[Tensor, Tensor] | None:
+        where = plan.node_space.get(end.name)
+        if where is None:
+            return None
+        stats = [neuron_stats(r.value(r.node(end.name)), axis) for r in runners]
+        grouping = groupings[where.index].to(torch.float64).cpu()
+        mu = torch.cat([m.cpu() for m, _ in stats])
+        sd = torch.cat([s.cpu() for _, s in stats])
+        return grouping @ mu, grouping @ sd
+
+    return target
+
+
+def _bridge(
+    plan: FusionPlan,
+    groupings: dict[int, Tensor],
+    spaces: list[list[Space]],
+    runner: GraphRunner,
+) -> Callable[[fx.Node, int], tuple[Tensor, int] | None]:
+    """How head ``k`` reads a trunk value: unmerged on its neuron axis when it carries a zipped
+    space, as it is when it is the input, a fixed space or not a tensor."""
+
+    def bridge(node: fx.Node, k: int) -> tuple[Tensor, int] | None:
+        if node.op == "placeholder":
+            return None
+        where = plan.node_space.get(node.name)
+        if where is None:
+            if not isinstance(runner.value(runner.node(node.name)), Tensor):
+                return None
+            raise ValueError(
+                f"partial zipping cannot cut at node {node.name!r}: its value crosses into the "
+                "unmerged layers but carries no neuron space the zip could unmerge (a reshaped "
+                "or mixed value); choose another merge_layers"
+            )
+        if plan.spaces[where.index].fixed:
+            return None
+        if where.parts != 1:
+            raise ValueError(
+                f"partial zipping cannot cut at node {node.name!r}: it holds {where.parts} "
+                "copies of its space side by side; choose another merge_layers"
+            )
+        offset = sum(spaces[j][where.index].size for j in range(k))
+        size = spaces[k][where.index].size
+        members = groupings[where.index][:, offset : offset + size] > 0
+        return members.T.to(torch.float32), where.axis
+
+    return bridge
 
 
 def _zip_space(
