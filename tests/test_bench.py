@@ -130,6 +130,28 @@ def test_the_strongest_baseline_is_the_best_non_neurofuse_one_shot_row():
     assert "Git Re-Basin + REPAIR" in line and line.rstrip(" |").endswith("+5.0")
 
 
+def test_a_multi_head_row_is_no_baseline_and_its_cost_is_tabled():
+    partial = {**_ok("zipit", 0.9), "parameters_vs_one_model": 1.25}
+    record = _record(
+        "sharded 2",
+        0,
+        [0.5, 0.4],
+        0.95,
+        {
+            "KF Linear | uniform": _ok("kf_linear", 0.8),
+            "ZipIt! | uniform": {**_ok("zipit", 0.7), "parameters_vs_one_model": 1.0},
+            "ZipIt! partial | uniform": partial,
+        },
+    )
+    group = summarise([record])["mlp"]
+    rival = aggregate.best_baseline(group, "sharded 2")
+    assert rival is not None and rival[0] == "ZipIt! | uniform"
+    lines = tables.cost_table(group).splitlines()
+    assert lines[2] == "| Ensemble | 2x |"
+    assert lines[3] == "| ZipIt! partial (uniform) | 1.25x |" and len(lines) == 4
+    assert tables.cost_table(summarise(_records())["mlp"]) is None
+
+
 def test_accuracy_table_shape_and_entries():
     group = summarise(_records())["mlp"]
     lines = tables.accuracy_table(group).splitlines()

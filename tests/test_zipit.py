@@ -104,13 +104,16 @@ def test_partial_zip_of_a_permuted_copy_is_the_model_at_every_cut(arch):
     assert type(full) is type(model) and "partial" not in full.neurofuse_report
 
 
-def test_partial_zip_exports_and_refuses_a_negative_cut():
-    models, x = _pair("cnn_bn")
-    heads = nf.fuse(models, x, method="zipit", merge_layers=1)
+def test_partial_zip_counts_from_the_end_exports_and_refuses_a_cut_beyond_the_model():
+    models, x = _pair("cnn_bn")  # 3 affine layers
+    heads = nf.fuse(models, x, method="zipit", merge_layers=-2)
+    same = nf.fuse(models, x, method="zipit", merge_layers=1)
+    assert heads.neurofuse_report["partial"]["merged_layers"] == 1
+    torch.testing.assert_close(heads(x), same(x))
     exported = torch.export.export(heads, (x[:4],))
     torch.testing.assert_close(exported.module()(x[:4]), heads(x[:4]))
-    with pytest.raises(ValueError, match="merge_layers"):
-        nf.fuse(models, x, method="zipit", merge_layers=-1)
+    with pytest.raises(ValueError, match="merge_layers=-4"):
+        nf.fuse(models, x, method="zipit", merge_layers=-4)
 
 
 def _first_layer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,10 @@ def _metrics(model: torch.nn.Module, setup: Setup, device: torch.device) -> dict
     return evaluate(model, setup.data.x_test, setup.data.y_test, device=device).to_dict()
 
 
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) -> dict[str, Any]:
     """Fuse with one method run and evaluate the result on the test set; never raises (an
     error is recorded in the returned entry)."""
@@ -61,6 +65,7 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
             )
         seconds = time.perf_counter() - start
         metrics = _metrics(fused, setup, device)
+        metrics["parameters_vs_one_model"] = _parameters(fused) / _parameters(setup.models[0])
     except Exception as exc:  # a failing method must not stop the suite
         return {
             **entry,
@@ -156,6 +161,18 @@ def accuracy_report(suite: Suite, records: list[dict[str, Any]], out: Path) -> l
             tables.seconds_table(group),
             "",
         ]
+        cost = tables.cost_table(group)
+        if cost is not None:
+            lines += [
+                "### Inference cost (parameters, multiple of one base model)",
+                "",
+                "Rows that keep more than one network's parameters (the ensemble, ZipIt!'s "
+                "partial zip); every other row is one network of the base models' size. These "
+                "rows are not counted as the strongest baseline of a split.",
+                "",
+                cost,
+                "",
+            ]
         acc_png, n_png, rt_png = (
             f"{arch}_accuracy.png",
             f"{arch}_vs_models.png",

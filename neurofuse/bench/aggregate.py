@@ -68,6 +68,13 @@ class Stat:
     egr: float | None = None
     method: str = ""
     one_shot: bool = True
+    parameters: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def single_model(self) -> bool:
+        """One network's parameters (not a multi-head or multi-member model); runs recorded
+        before the parameter count was are taken as single models."""
+        return not self.parameters or max(self.parameters) <= 1.0 + 1e-9
 
     @property
     def mean(self) -> float | None:
@@ -146,6 +153,8 @@ def summarise(records: Iterable[dict[str, Any]], order: Sequence[str] = ()) -> d
                 stat.seconds.append(entry["seconds"])
                 stat.nll.append(entry["nll"])
                 stat.ece.append(entry["ece"])
+                if "parameters_vs_one_model" in entry:
+                    stat.parameters.append(entry["parameters_vs_one_model"])
             else:
                 stat.status = entry["status"]
                 if entry["status"] == "error":
@@ -176,12 +185,17 @@ _NOT_BASELINES = ("ensemble",)
 
 def best_baseline(group: Group, column: str) -> tuple[str, Stat] | None:
     """The strongest one-shot baseline in ``column``: the row of highest mean accuracy among
-    the methods that are not neurofuse's (KD, LP and the repaired and merging baselines
-    included; the ensemble and the base models excluded)."""
+    the methods that are not neurofuse's and return one network (KD, LP and the repaired and
+    merging baselines included; the ensemble, multi-head models such as ZipIt!'s partial zip
+    and the base models excluded)."""
     return _best(
         group,
         column,
-        lambda stat: stat.method not in NEUROFUSE_METHODS and stat.method not in _NOT_BASELINES,
+        lambda stat: (
+            stat.method not in NEUROFUSE_METHODS
+            and stat.method not in _NOT_BASELINES
+            and stat.single_model
+        ),
     )
 
 

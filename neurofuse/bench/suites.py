@@ -118,7 +118,9 @@ def paper_methods(
 def strong_baselines() -> tuple[MethodRun, ...]:
     """The averaging baselines with the repairs their authors' follow-ups use (REPAIR, Jordan
     et al. 2022; a BatchNorm reset), and the merging methods made for models trained on
-    disjoint classes: ZipIt! and CCA Merge. REPORT.md compares against the best of them."""
+    disjoint classes: ZipIt! (fully merged, and partially: every model keeps its own classifier,
+    a multi-head model reported with its parameter count) and CCA Merge. REPORT.md compares
+    against the best single-network one."""
     repair = (("repair", True),)
     return (
         MethodRun("Vanilla averaging + REPAIR", "vanilla", options=repair),
@@ -127,8 +129,11 @@ def strong_baselines() -> tuple[MethodRun, ...]:
         MethodRun("Git Re-Basin + BN reset", "git_rebasin", options=(("reset_bn", True),)),
         MethodRun("ZipIt!", "zipit"),
         MethodRun("ZipIt! + BN reset", "zipit", options=(("reset_bn", True),)),
+        MethodRun("ZipIt! + REPAIR", "zipit", options=repair),
+        MethodRun("ZipIt! partial (own classifiers)", "zipit", options=(("merge_layers", -1),)),
         MethodRun("CCA Merge", "cca_merge"),
         MethodRun("CCA Merge + REPAIR", "cca_merge", options=repair),
+        MethodRun("NT + REPAIR", "transplant", options=repair),
     )
 
 

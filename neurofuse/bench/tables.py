@@ -81,6 +81,28 @@ def seconds_table(group: Group) -> str:
     return _markdown(["method (importance)", *group.columns], rows)
 
 
+def cost_table(group: Group) -> str | None:
+    """Parameters of the rows that are not one network (the ensemble: one model per member;
+    multi-head models), as a multiple of one base model's; ``None`` when every row is one."""
+    rows = []
+    for row in group.rows[len(BASE_ROWS) :]:
+        stats = [group.get(row, c) for c in group.columns]
+        if all(s is None or s.single_model for s in stats):
+            continue
+        rows.append(
+            [row]
+            + [
+                f"{sum(s.parameters) / len(s.parameters):.2f}x" if s and s.parameters else "-"
+                for s in stats
+            ]
+        )
+    if not rows:
+        return None
+    members = [c.split()[1] if len(c.split()) > 1 else "-" for c in group.columns]
+    rows.insert(0, [BASE_ROWS[2], *[f"{m}x" if m.isdigit() else m for m in members]])
+    return _markdown(["method (importance)", *group.columns], rows)
+
+
 def best_table(group: Group) -> str:
     """Per split: the best HF/KF row, its accuracy, EGR, and margin over the best base model."""
     rows = []

@@ -18,7 +18,7 @@ architectures the authors wrote graphs for. A permuted copy merges each neuron w
 (correlation 1) and is recovered exactly.
 
 **Partial zipping** (``merge_layers=m``): only the first ``m`` affine layers (in execution
-order) are merged; the rest of every model is kept as one head per model, fed with the unmerged
+order; ``m < 0`` counts from the end: ``-1`` keeps the classifier per model) are merged; the rest of every model is kept as one head per model, fed with the unmerged
 trunk features, and the heads' outputs are combined like the ensemble's
 (:mod:`neurofuse.methods._multihead`). ``merge_layers=0`` is the ensemble itself; the report's
 ``inference_cost`` gives the parameters against one model's.
@@ -63,8 +63,9 @@ class ZipItOptions:
             within-model merging); ``False`` matches across models only.
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after merging.
         repair: REPAIR every merged feature's statistics to its members' (see the module).
-        merge_layers: merge only the first this many affine layers and keep the rest per
-            model (partial zipping: a multi-head model); ``None`` merges all of them.
+        merge_layers: merge only the first this many affine layers (negative: all but the
+            last ``-merge_layers``) and keep the rest per model (partial zipping: a multi-head
+            model); ``None`` merges all of them.
         combine: how the heads' outputs are combined after partial zipping, as in
             ``ensemble``: ``"prob"`` (log of the mean probabilities) or ``"logit"``.
     """
@@ -74,12 +75,6 @@ class ZipItOptions:
     repair: bool = False
     merge_layers: int | None = None
     combine: Literal["prob", "logit"] = "prob"
-
-    def __post_init__(self) -> None:
-        if self.merge_layers is not None and self.merge_layers < 0:
-            raise ValueError(
-                f"merge_layers must be None (merge every layer) or >= 0, got {self.merge_layers}"
-            )
 
 
 def correlation_matrix(z: Tensor) -> Tensor:
@@ -196,14 +191,22 @@ def zipit(ctx: FusionContext) -> nn.Module:
                 fused, ctx.inputs, _feature_statistics(plan, groupings, runners)
             )
     units = len(affine_nodes(fgm))
-    if opt.merge_layers is None or opt.merge_layers >= units:
+    merged = opt.merge_layers
+    if merged is not None and merged < 0:
+        if merged < -units:
+            raise ValueError(
+                f"merge_layers={merged} asks to keep more layers per model than the {units} "
+                f"affine layers these models have; use -{units} .. {units} (or None)"
+            )
+        merged += units
+    if merged is None or merged >= units:
         return fused
     bridge = _bridge(
         plan, groupings, [spaces[k] for k in range(n)], GraphRunner(fgm, ctx.inputs[:2])
     )
-    model = build_multihead(fused, fgm, ctx.models, opt.merge_layers, bridge, opt.combine)
+    model = build_multihead(fused, fgm, ctx.models, merged, bridge, opt.combine)
     ctx.report["partial"] = {
-        "merged_layers": opt.merge_layers,
+        "merged_layers": merged,
         "affine_layers": units,
         "heads": n,
         "inference_cost": inference_cost(model, ctx.models[0]),
