@@ -23,6 +23,10 @@ _LAZY = {
     "available_methods": ("neurofuse.methods", "available_methods"),
     "method_options": ("neurofuse.methods", "method_options"),
     "register_method": ("neurofuse.methods", "register_method"),
+    "save_pretrained": ("neurofuse.pretrained", "save_pretrained"),
+    "load_pretrained": ("neurofuse.pretrained", "load_pretrained"),
+    "load_models": ("neurofuse.sources", "load_models"),
+    "load_recipe": ("neurofuse.recipe", "load_recipe"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -39,6 +39,9 @@ __all__ = [
     "checkpoint_paths",
     "load_checkpoint",
     "load_metadata",
+    "load_strict",
+    "model_config_record",
+    "plain_tensors",
     "load_tensors",
     "load_weights",
     "save_checkpoint",
@@ -94,9 +97,9 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,
         "neurofuse_version": __version__,
-        "model": _model_config(model),
+        "model": model_config_record(model),
     }
-    return _write_pair(path, _plain_tensors(model.state_dict()), sidecar, metadata)
+    return _write_pair(path, plain_tensors(model.state_dict()), sidecar, metadata)
 
 
 def load_checkpoint(
@@ -126,7 +129,7 @@ def load_checkpoint(
         model = copy.deepcopy(model)
     else:
         model = _rebuild(sidecar.get("model"), sidecar_path)
-    _load_strict(model, tensors, weights_path)
+    load_strict(model, tensors, weights_path)
     return model.to(resolve_device(device)).eval(), sidecar
 
 
@@ -158,7 +161,7 @@ def save_tensors(
         "format_version": FORMAT_VERSION,
         "neurofuse_version": __version__,
     }
-    return _write_pair(path, _plain_tensors(tensors), sidecar, metadata)
+    return _write_pair(path, plain_tensors(tensors), sidecar, metadata)
 
 
 def load_tensors(
@@ -168,7 +171,7 @@ def load_tensors(
     return _read_pair(path, TENSORS_FORMAT, device)
 
 
-def _model_config(model: nn.Module) -> dict[str, Any] | None:
+def model_config_record(model: nn.Module) -> dict[str, Any] | None:
     if getattr(model, "neurofuse_config", None) is None:
         return None
     config: Any  # torch types the attribute as Tensor | Module: it is the build config
@@ -181,7 +184,7 @@ def _model_config(model: nn.Module) -> dict[str, Any] | None:
     return to_jsonable(config)
 
 
-def _plain_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def plain_tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Fresh contiguous CPU copies, so no two entries share storage (safetensors refuses that)."""
     plain = {}
     for name, value in state.items():
@@ -309,7 +312,14 @@ def _rebuild(config: Any, sidecar_path: Path) -> nn.Module:
         ) from err
 
 
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+def load_strict(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    weights_path: Path,
+    hint: str | None = None,
+) -> None:
+    """Load ``tensors`` into ``model`` (in place) or raise a :class:`CheckpointError` naming
+    ``weights_path`` and listing the missing, unexpected and mis-shaped keys (plus ``hint``)."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
@@ -331,5 +341,6 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], weights_pat
         raise CheckpointError(
             f"{weights_path}: weights do not fit the {type(model).__name__} model; "
             + "; ".join(problems)
+            + (f"; {hint}" if hint else "")
         )
     model.load_state_dict(tensors, strict=True)

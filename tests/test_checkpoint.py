@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,17 @@ def test_to_jsonable_gives_strict_json():
     assert converted["dtype"] == "torch.float16" and converted["fn"].endswith("sigmoid")
     with pytest.raises(TypeError, match="to_dict"):
         to_jsonable(object())
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_writes_keep_the_users_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        path = atomic_write_text(tmp_path / "f.txt", "x")
+        save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "m")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    assert stat.S_IMODE(path.stat().st_mode) == want
+    for name in ("m.safetensors", "m.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want

@@ -147,24 +147,56 @@ def architecture_kwargs(arch: str, given: dict[str, Any], splits: Any) -> dict[s
     return kwargs
 
 
-def checkpoint_stems(paths: Sequence[Path]) -> list[Path]:
-    """Unique checkpoint weights paths, in order (``model_*`` globs list both files of one)."""
-    from neurofuse.checkpoint import checkpoint_paths
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        metavar="MODULE:CLASS",
+        help="Your model class (or factory) for plain weights files, 'package.module:Name'; "
+        "the current directory is importable.",
+    ),
+]
+ModelKwOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-kw",
+        metavar="KEY=VALUE",
+        help="Argument of --model or --arch, JSON value (repeatable).",
+    ),
+]
+ArchOption = Annotated[
+    str | None,
+    typer.Option(
+        "--arch", help="A neurofuse architecture for plain weights files (see: neurofuse archs)."
+    ),
+]
 
-    seen: dict[Path, None] = {}
-    for path in paths:
-        seen.setdefault(checkpoint_paths(path)[0], None)
-    return list(seen)
+
+def model_spec(model: str | None, arch: str | None, model_kw: Sequence[str] | None) -> Any:
+    """The :class:`neurofuse.sources.ModelSpec` of ``--model`` / ``--arch`` / ``--model-kw``."""
+    from neurofuse.sources import ModelSpec
+
+    kwargs = parse_pairs(model_kw, "--model-kw")
+    if kwargs and model is None and arch is None:
+        raise ValueError("--model-kw needs --model MODULE:CLASS or --arch NAME")
+    return ModelSpec(target=model, arch=arch, kwargs=kwargs)
 
 
-def load_checkpoints(paths: Sequence[Path], device: Any) -> list[tuple[Path, Any, dict]]:
-    from neurofuse.checkpoint import load_checkpoint
+def load_checkpoints(
+    paths: Sequence[Path], device: Any, spec: Any = None, splits: Any = None
+) -> list[Any]:
+    """Every model named by ``paths`` (:func:`neurofuse.sources.load_models`: checkpoints,
+    plain state dicts, plain safetensors, folders); a zoo ``--arch`` takes its input and class
+    sizes from ``splits`` when given."""
+    from neurofuse.sources import load_models
 
-    loaded = []
-    for path in checkpoint_stems(paths):
-        model, sidecar = load_checkpoint(path, device=device)
-        loaded.append((path, model, sidecar))
-    return loaded
+    derived = None
+    if splits is not None:
+
+        def derived(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+            return architecture_kwargs(arch, kwargs, splits)
+
+    return load_models(paths, spec, device, derived)
 
 
 def _int_list(t: Any) -> list[int]:

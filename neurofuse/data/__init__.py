@@ -15,6 +15,7 @@ from neurofuse.data.datasets import (
     make_splits,
     register_dataset,
 )
+from neurofuse.data.local_files import load_fusion_file
 from neurofuse.data.partition import (
     PARTITION_SCHEMES,
     Partition,
@@ -34,6 +35,7 @@ __all__ = [
     "channel_stats",
     "cutmix",
     "fusion_indices",
+    "load_fusion_file",
     "load",
     "make_splits",
     "make_synthetic",

@@ -17,7 +17,7 @@ from neurofuse.data.datasets import DataSplits, make_splits, register_dataset
 from neurofuse.data.partition import stratified_split
 from neurofuse.data.safe_pickle import safe_load_pickle
 
-__all__ = ["DATA_ROOT_ENV", "load_cifar", "load_npz"]
+__all__ = ["DATA_ROOT_ENV", "load_cifar", "load_fusion_file", "load_npz"]
 
 DATA_ROOT_ENV = "NEUROFUSE_DATA"
 """Environment variable consulted when ``root`` is not given."""
@@ -217,3 +217,74 @@ def _npz(
         num_classes=num_classes,
         channels_last=channels_last,
     )
+
+
+def load_fusion_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fusion set from a file, as given (no normalisation, no split): ``(x, y)`` with ``y``
+    ``None`` when the file has no labels.
+
+    - ``.npz``: array ``x`` (inputs), optionally ``y`` (integer labels); read with
+      ``allow_pickle=False``;
+    - ``.pt`` / ``.pth``: a tensor of inputs, an ``(x, y)`` pair or a dict with ``x`` (and
+      ``y``); read with ``torch.load(weights_only=True)``;
+    - a folder in a layout :func:`neurofuse.data.load` reads (CIFAR-10/100 batches): its
+      training split, normalised as ``neurofuse.data.load`` does.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("cifar10", "cifar100"):
+            try:
+                _find_cifar_folder(name, path)
+            except FileNotFoundError:
+                continue
+            from neurofuse.data.datasets import load
+
+            splits = load(name, root=path)
+            return splits.x_train, splits.y_train
+        raise ValueError(
+            f"{path}: folder is not in a layout neurofuse reads (cifar-10-batches-py, "
+            "cifar-100-python); give an .npz or .pt file of inputs x (and labels y)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"fusion data {path} does not exist")
+    x: Any
+    y: Any = None
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise ValueError(
+                    f"{path} lacks array 'x' (the inputs); found {sorted(archive.files)}"
+                )
+            x = torch.from_numpy(archive["x"])
+            y = torch.from_numpy(archive["y"]) if "y" in archive.files else None
+    elif path.suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"{path}: not readable as tensors with torch.load(weights_only=True) ({err}); "
+                "save a tensor, an (x, y) pair or {'x': ..., 'y': ...}"
+            ) from err
+        if isinstance(obj, dict):
+            x, y = obj.get("x"), obj.get("y")
+        elif isinstance(obj, tuple | list) and len(obj) == 2:
+            x, y = obj
+        else:
+            x = obj
+        if not isinstance(x, torch.Tensor) or (y is not None and not isinstance(y, torch.Tensor)):
+            raise ValueError(
+                f"{path} must hold a tensor of inputs, an (x, y) pair of tensors or "
+                "{'x': tensor, 'y': tensor}"
+            )
+    else:
+        raise ValueError(f"{path}: fusion data must be .npz, .pt/.pth or a dataset folder")
+    if x.dim() < 2:
+        raise ValueError(f"{path}: x must be (N, features) or (N, C, ...), got {tuple(x.shape)}")
+    if y is not None:
+        if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            raise ValueError(
+                f"{path}: y must be integer labels, one per row of x ({x.shape[0]}), got shape "
+                f"{tuple(y.shape)} and dtype {y.dtype}"
+            )
+        y = y.long()
+    return (x.float() if not x.is_floating_point() else x), y
