@@ -34,6 +34,8 @@ from neurofuse.utils import atomic_path, atomic_write_text, resolve_device, to_j
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
+    "SIDECAR_SUFFIX",
+    "WEIGHTS_SUFFIX",
     "TENSORS_FORMAT",
     "CheckpointError",
     "checkpoint_paths",

@@ -204,7 +204,11 @@ def load_pretrained(
 
 
 __all__ = [
+    "CARD_FILE",
+    "CONFIG_FILE",
     "PRETRAINED_FORMAT",
+    "RECIPE_FILE",
+    "WEIGHTS_FILE",
     "is_pretrained_folder",
     "load_pretrained",
     "model_card",
