@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from toys import TinyResNet, cnn_bn, permuted_by_analysis, randomise_batchnorm
+from toys import mlp as toy_mlp
 
 import neurofuse as nf
 from neurofuse.models import build
@@ -245,7 +246,7 @@ def test_every_option_is_type_checked_by_name(method: str) -> None:
     models = [_model("mlp", 0), _model("mlp", 1)]
     checked = 0
     for field in dataclasses.fields(info.options):
-        if hints[field.name] is typing.Any:
+        if hints[field.name] is typing.Any or field.name in info.unused:
             continue
         with pytest.raises(TypeError, match=f"option {field.name}="):
             nf.fuse(models, _inputs("mlp"), method=method, **{field.name: object()})
@@ -546,3 +547,24 @@ def test_transplant_refuses_missing_labels_before_any_work() -> None:
     models, x = _pair()
     with pytest.raises(ValueError, match="labelled fusion data"):
         nf.fuse(models, x, method="transplant", finetune_target="labels")
+
+
+def test_an_option_the_method_never_reads_is_refused_and_not_listed() -> None:
+    models, x = [toy_mlp().eval(), toy_mlp().eval()], torch.randn(32, 10)
+    for method in ("hf_linear", "hf_gradient", "hf_linear+kd"):
+        assert "n_init" not in nf.method_options(method)
+        with pytest.raises(ValueError, match=r"\['n_init'\] do nothing for method"):
+            nf.fuse(models, x, method=method, n_init=3)
+    assert "n_init" in nf.method_options("kf_linear")
+    assert "local_search" in nf.method_options("kf_linear+kd")
+
+
+def test_every_option_of_every_method_is_documented() -> None:
+    from neurofuse.methods import method_info, option_docs
+
+    for method in nf.available_methods():
+        docs = option_docs(method_info(method).options)
+        missing = [k for k in nf.method_options(method) if not docs.get(k)]
+        assert not missing, f"{method}: options without a description {missing}"
+    kd = option_docs(method_info("kf_linear+kd").options)
+    assert kd["kd_epochs"] and kd["ridge"]  # both sources of the combined options

@@ -22,6 +22,7 @@ from neurofuse.methods.registry import (
     get_method,
     method_info,
     method_options,
+    option_docs,
     register_method,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "get_method",
     "method_info",
     "method_options",
+    "option_docs",
     "register_method",
 ]

@@ -46,6 +46,7 @@ def _combined_options(base: type, name: str) -> type:
 
     cls = dataclasses.make_dataclass(name, extra, bases=(base,), namespace={})
     cls.__post_init__ = post_init  # type: ignore[attr-defined]
+    cls.__option_sources__ = ((base, ""), (FinetuneOptions, PREFIX))  # type: ignore[attr-defined]
     cls.__doc__ = (
         f"Options of the fusion method ({base.__name__}) and, prefixed ``kd_``, of the "
         "distillation after it (:class:`neurofuse.finetuning.FinetuneOptions`)."
@@ -65,8 +66,11 @@ def fusion_options(opts: Any, base: type) -> Any:
     return base(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(base)})
 
 
-def register_distilled(method: str, base: type, caps: Capabilities) -> None:
-    """Register ``<method>+kd``: ``method`` (options ``base``), then distillation."""
+def register_distilled(
+    method: str, base: type, caps: Capabilities, unused: frozenset[str] = frozenset()
+) -> None:
+    """Register ``<method>+kd``: ``method`` (options ``base``, of which it never reads
+    ``unused``), then distillation."""
     options = _combined_options(base, f"{method.title().replace('_', '')}KDOptions")
 
     def fused_then_distilled(ctx: FusionContext) -> nn.Module:
@@ -92,4 +96,5 @@ def register_distilled(method: str, base: type, caps: Capabilities) -> None:
         options,
         # distillation moves the weights: a permuted copy is no longer returned exactly
         dataclasses.replace(caps, exact=False),
+        unused,
     )

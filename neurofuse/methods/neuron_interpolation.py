@@ -48,15 +48,23 @@ def _bind(
     return method
 
 
+#: the K-means knobs of each engine's options, which the Hungarian variants never read
+KMEANS_ONLY: dict[str, frozenset[str]] = {
+    "linear": frozenset({"n_init", "max_iter", "local_search"}),
+    "gradient": frozenset({"n_init", "max_iter"}),
+}
+
 for _grouping, _about in GROUPINGS.items():
     for _variant, (_engine, _options, _what) in ENGINES.items():
         _name = f"{PREFIX[_grouping]}_{_variant}"
         _caps = capabilities(_grouping, _variant)
+        _unused = KMEANS_ONLY[_variant] if _grouping == "hungarian" else frozenset()
         register(
             _name,
             f"{_about.split(':')[0]}, {_variant.title()}: {_about.split(': ')[1]}, {_what}",
             _bind(_engine, _grouping),
             _options,
             _caps,
+            _unused,
         )
-        register_distilled(_name, _options, _caps)
+        register_distilled(_name, _options, _caps, _unused)

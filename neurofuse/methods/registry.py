@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,10 +103,16 @@ class MethodInfo:
     fn: Callable[[FusionContext], nn.Module]
     options: type
     caps: Capabilities = field(default_factory=Capabilities)
+    #: fields of ``options`` this method never reads (shared option classes: the K-means knobs
+    #: of the Hungarian variants); refused when given, left out of :func:`method_options`
+    unused: frozenset[str] = frozenset()
 
     @property
     def single_model(self) -> bool:
         return self.caps.single_model
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.options) if f.name not in self.unused]
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -116,13 +123,14 @@ def register_method(
     description: str,
     options: type = NoOptions,
     caps: Capabilities | None = None,
+    unused: Iterable[str] = (),
 ) -> Callable[[Callable[[FusionContext], nn.Module]], Callable[[FusionContext], nn.Module]]:
     """Decorator registering a fusion method under ``name`` with its option dataclass and
     :class:`Capabilities`. Registering is all a method needs: ``nf.fuse``, the CLI, the
     benchmark suites and the contract test matrix then treat it like any other."""
 
     def deco(fn: Callable[[FusionContext], nn.Module]) -> Callable[[FusionContext], nn.Module]:
-        register(name, description, fn, options, caps)
+        register(name, description, fn, options, caps, unused)
         return fn
 
     return deco
@@ -134,13 +142,18 @@ def register(
     fn: Callable[[FusionContext], nn.Module],
     options: type = NoOptions,
     caps: Capabilities | None = None,
+    unused: Iterable[str] = (),
 ) -> MethodInfo:
     """:func:`register_method` without the decorator (for methods built in a loop)."""
     if name in _METHODS:
         raise ValueError(f"fusion method {name!r} is already registered")
     if not dataclasses.is_dataclass(options):
         raise TypeError(f"options of method {name!r} must be a dataclass, got {options!r}")
-    info = MethodInfo(name, description, fn, options, caps or Capabilities())
+    fields = {f.name for f in dataclasses.fields(options)}
+    stray = sorted(set(unused) - fields)
+    if stray:
+        raise ValueError(f"method {name!r}: unused options {stray} are not fields of {options}")
+    info = MethodInfo(name, description, fn, options, caps or Capabilities(), frozenset(unused))
     _METHODS[name] = info
     return info
 
@@ -166,12 +179,63 @@ def available_methods() -> dict[str, str]:
 
 
 def method_options(name: str) -> dict[str, Any]:
-    """The options of a method with their defaults."""
+    """The options a method reads, with their defaults."""
     info = get_method(name)
     return {
         f.name: (f.default if f.default is not dataclasses.MISSING else None)
         for f in dataclasses.fields(info.options)
+        if f.name not in info.unused
     }
+
+
+def option_docs(options: type) -> dict[str, str]:
+    """Each option's description, from the ``Attributes:`` sections of the docstrings of the
+    option dataclass and its bases (Google style; ``a, b: text`` documents both); a class
+    built from others may name its sources in ``__option_sources__`` as ``(class, prefix)``."""
+    sources = getattr(options, "__option_sources__", None) or [
+        (c, "") for c in options.__mro__ if c is not object
+    ]
+    docs: dict[str, str] = {}
+    for cls, prefix in sources:
+        for klass in cls.__mro__ if prefix else (cls,):
+            for key, text in _attribute_docs(klass.__doc__ or "").items():
+                docs.setdefault(prefix + key, text)
+    return docs
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    lines = doc.expandtabs().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return out
+    indent: int | None = None
+    current: list[str] = []
+    names: list[str] = []
+
+    def flush() -> None:
+        text = " ".join(" ".join(current).split())
+        for n in names:
+            out[n] = text
+
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        here = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = here
+        if here < indent:
+            break
+        head, sep, rest = line.strip().partition(":")
+        if here == indent and sep and re.fullmatch(r"[\w, ]+", head):
+            flush()
+            names = [n.strip() for n in head.split(",") if n.strip()]
+            current = [rest]
+        else:
+            current.append(line.strip())
+    flush()
+    return out
 
 
 def option_types(options: type) -> dict[str, Any]:
@@ -250,7 +314,13 @@ def check_option(owner: str, name: str, value: Any, tp: Any) -> None:
 
 
 def build_options(info: MethodInfo, options: dict[str, Any]) -> Any:
-    names = [f.name for f in dataclasses.fields(info.options)]
+    names = info.option_names()
+    ignored = sorted(set(options) & info.unused)
+    if ignored:
+        raise ValueError(
+            f"option(s) {ignored} do nothing for method {info.name!r} (they set a grouping or "
+            f"engine it does not use); drop them. Its options: {', '.join(names) or 'none'}"
+        )
     unknown = sorted(set(options) - set(names))
     if unknown:
         valid = ", ".join(names) if names else "none"
