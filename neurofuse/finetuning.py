@@ -111,6 +111,7 @@ def finetune(
     *,
     seed: int = 0,
     device: str | torch.device | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> nn.Module:
     """A fine-tuned copy of ``model`` (never modified; nor are the teachers).
@@ -123,6 +124,7 @@ def finetune(
             probabilities the copy is distilled towards on ``data``'s inputs.
         seed: seeds the held-out split and the batch order (same seed, same weights).
         device: where to train; default the data's device.
+        progress: show a bar of epochs on stderr.
         **options: :class:`FinetuneOptions` fields.
 
     Returns:
@@ -168,6 +170,7 @@ def finetune(
         opt.config("kl" if teachers is not None else "ce"),
         gen,
         penalty=drift_penalty(student, float(opt.anchor)),
+        progress="fine-tuning epochs" if progress else None,
     )
     for name, p in student.named_parameters():
         p.requires_grad_(flags[name])

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurofuse.optimizers import OptimizerName, check_optimizer, make_optimizer
+from neurofuse.progress import progress_bar
 from neurofuse.utils import optional_tensor_attr, tensor_attr
 
 # --------------------------------------------------------------------------- closed form
@@ -458,8 +459,11 @@ def fit_gradient(
     generator: torch.Generator,
     parameters: Sequence[nn.Parameter] | None = None,
     penalty: Callable[[], Tensor] | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Minimise the loss between ``level(inputs)`` and ``targets`` over the level's parameters.
+
+    ``progress``, when given, is the label of a bar of epochs shown on stderr.
 
     ``penalty()``, when given, is added to every training step's loss (e.g. an anchor to the
     starting weights); validation and the returned losses are the data loss alone.
@@ -494,27 +498,29 @@ def fit_gradient(
     best_state = copy.deepcopy(level.state_dict())
     stale = 0
     train_loss = math.nan
-    for _ in range(cfg.epochs):
-        order = tr_idx[torch.randperm(len(tr_idx), generator=generator).to(tr_idx.device)]
-        running, count = 0.0, 0
-        for s in range(0, len(order), cfg.batch_size):
-            b = order[s : s + cfg.batch_size]
-            loss = _level_loss(level(inputs[b]), targets[b], cfg)
-            total = loss if penalty is None else loss + penalty()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            running += float(loss.detach()) * len(b)
-            count += len(b)
-        train_loss = running / max(count, 1)
-        score = evaluate(val_idx) if n_val else train_loss
-        if score < best - 1e-12:
-            best, stale = score, 0
-            best_state = copy.deepcopy(level.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+    with progress_bar(progress is not None, progress or "", cfg.epochs) as advance:
+        for epoch in range(cfg.epochs):
+            order = tr_idx[torch.randperm(len(tr_idx), generator=generator).to(tr_idx.device)]
+            running, count = 0.0, 0
+            for s in range(0, len(order), cfg.batch_size):
+                b = order[s : s + cfg.batch_size]
+                loss = _level_loss(level(inputs[b]), targets[b], cfg)
+                total = loss if penalty is None else loss + penalty()
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                running += float(loss.detach()) * len(b)
+                count += len(b)
+            train_loss = running / max(count, 1)
+            score = evaluate(val_idx) if n_val else train_loss
+            advance(epoch + 1)
+            if score < best - 1e-12:
+                best, stale = score, 0
+                best_state = copy.deepcopy(level.state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
     level.load_state_dict(best_state)
     level.train(was_training)
     for p in params:

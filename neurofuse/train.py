@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -465,4 +466,5 @@ def _progress_bar(enabled: bool) -> Progress:
         TextColumn("{task.fields[stats]}"),
         transient=True,
         disable=not enabled,
+        console=Console(stderr=True),  # a command's own output stays clean when piped
     )

@@ -521,3 +521,26 @@ def test_methods_options_shows_descriptions_users_and_json():
     assert "hf_linear" not in listing["n_init"]["used_by"]
     methods = json.loads(ok("methods", "--json").stdout)
     assert methods["zipit"]["capabilities"]["exact"] is True
+
+
+def test_bench_help_lists_every_suite_and_bench_honours_the_global_threads(monkeypatch):
+    from neurofuse.bench.suites import available_suites
+
+    from neurofuse.cli._bench import SUITE_NAMES
+
+    assert sorted(SUITE_NAMES) == sorted(available_suites())
+    text = " ".join(ok("bench", "--help").output.split())
+    assert all(name in text for name in available_suites())
+    seen: dict[str, int] = {}
+
+    def fake_bench(*args, threads: int = 0, **kwargs):
+        seen["threads"] = threads
+        return "r.md"
+
+    monkeypatch.setattr("neurofuse.bench.command.bench", fake_bench)
+    ok("--threads", "1", "bench", "quick", "--report-only")
+    assert seen["threads"] == 1
+    ok("bench", "quick", "--report-only")
+    assert seen["threads"] == 2  # the default the committed reports were measured with
+    ok("--threads", "1", "bench", "quick", "--report-only", "--threads", "3")
+    assert seen["threads"] == 3

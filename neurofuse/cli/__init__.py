@@ -52,7 +52,13 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+#: the global ``--threads N`` of this invocation (None: not given), for commands that set their
+#: own default (``bench`` runs at 2 threads unless told otherwise)
+THREADS: dict[str, int | None] = {"value": None}
+
+
 def _threads_callback(value: int | None) -> int | None:
+    THREADS["value"] = value
     if value is not None:
         if value < 1:
             raise typer.BadParameter(f"must be >= 1, got {value}")
@@ -86,8 +92,9 @@ def main(
             "--threads",
             callback=_threads_callback,
             metavar="N",
-            help="Torch CPU threads (default: torch's choice). 1 is often fastest for small "
-            "models and on busy machines.",
+            help="Torch CPU threads for every command (default: torch's choice, one per "
+            "physical core; bench: 2). On a shared machine give fewer; 1 is often fastest "
+            "for small models.",
         ),
     ] = None,
     debug: Annotated[
@@ -125,4 +132,4 @@ for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)
 del _name, _command
 
-__all__ = ["COMMANDS", "USER_ERRORS", "app", "console", "err_console", "main"]
+__all__ = ["COMMANDS", "THREADS", "USER_ERRORS", "app", "console", "err_console", "main"]

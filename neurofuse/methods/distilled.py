@@ -80,7 +80,13 @@ def register_distilled(
         ctx.report.update(inner.report)
         with ctx.timer("distillation"):
             student = finetune(
-                fused, ctx.inputs, list(ctx.models), seed=ctx.seed, device=ctx.device, **kd
+                fused,
+                ctx.inputs,
+                list(ctx.models),
+                seed=ctx.seed,
+                device=ctx.device,
+                progress=ctx.progress,
+                **kd,
             )
         # torch types a module attribute its class does not declare as Tensor | Module
         report = cast(dict[str, Any], student.neurofuse_report)

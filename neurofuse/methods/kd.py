@@ -106,7 +106,14 @@ def kd(ctx: FusionContext) -> nn.Module:
     if opt.fresh:
         reinitialise_(student, ctx.seed)
     targets = teacher_targets(ctx)
-    stats = fit_gradient(student, ctx.inputs, targets, opt.config(), ctx.generator())
+    stats = fit_gradient(
+        student,
+        ctx.inputs,
+        targets,
+        opt.config(),
+        ctx.generator(),
+        progress="kd: distillation epochs" if ctx.progress else None,
+    )
     ctx.report["distillation"] = stats
     ctx.report["labels_used"] = False
     return student.eval()

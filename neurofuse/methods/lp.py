@@ -178,8 +178,16 @@ def lp(ctx: FusionContext) -> nn.Module:
     targets = teacher_targets(ctx)
     params = list(head.parameters())
     if head_is_output:  # train the head alone on cached features: no pass through the body
-        stats = fit_gradient(head, feats, targets, opt.config(), ctx.generator())
+        stats = fit_gradient(
+            head, feats, targets, opt.config(), ctx.generator(), progress=_bar(ctx)
+        )
     else:
-        stats = fit_gradient(model, ctx.inputs, targets, opt.config(), ctx.generator(), params)
+        stats = fit_gradient(
+            model, ctx.inputs, targets, opt.config(), ctx.generator(), params, progress=_bar(ctx)
+        )
     ctx.report["distillation"] = stats
     return model.eval()
+
+
+def _bar(ctx: FusionContext) -> str | None:
+    return "lp: probe epochs" if ctx.progress else None

@@ -401,7 +401,12 @@ def transplant(ctx: FusionContext) -> nn.Module:
         else:
             targets, temperature = teacher_targets(ctx), opt.temperature
         stats = fit_gradient(
-            ctx.target, ctx.inputs, targets, opt.config(temperature), ctx.generator()
+            ctx.target,
+            ctx.inputs,
+            targets,
+            opt.config(temperature),
+            ctx.generator(),
+            progress="transplant: fine-tuning epochs" if ctx.progress else None,
         )
         ctx.report["finetune"] = {"target": "labels" if use_labels else "ensemble", **stats}
     return ctx.target.eval()
