@@ -525,7 +525,6 @@ def test_methods_options_shows_descriptions_users_and_json():
 
 def test_bench_help_lists_every_suite_and_bench_honours_the_global_threads(monkeypatch):
     from neurofuse.bench.suites import available_suites
-
     from neurofuse.cli._bench import SUITE_NAMES
 
     assert sorted(SUITE_NAMES) == sorted(available_suites())

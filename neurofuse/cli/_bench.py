@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-
 #: the registered suites (neurofuse.bench.suites.SUITES; listed here so that ``--help`` does
 #: not import the benchmark machinery; a test keeps the two equal)
 SUITE_NAMES = (
