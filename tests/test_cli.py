@@ -543,3 +543,68 @@ def test_bench_help_lists_every_suite_and_bench_honours_the_global_threads(monke
     assert seen["threads"] == 2  # the default the committed reports were measured with
     ok("--threads", "1", "bench", "quick", "--report-only", "--threads", "3")
     assert seen["threads"] == 3
+
+
+def test_from_part_chooses_the_fusion_sets_part_whatever_the_argument_order(
+    sharded_run: Path, tmp_path: Path
+):
+    import yaml
+
+    parts = json.loads((sharded_run / "partition.json").read_text())["indices"]
+    out = tmp_path / "a"
+    ok(
+        "fuse",
+        sharded_run / "model_1",
+        sharded_run / "model_0",
+        "--fusion-samples",
+        "40",
+        "--out",
+        out,
+    )
+    recipe = yaml.safe_load((tmp_path / "a.recipe.yaml").read_text())
+    assert recipe["from_part"] == 1  # the first model's own part, now written down
+    out = tmp_path / "b"
+    ok(
+        "fuse",
+        sharded_run / "model_1",
+        sharded_run / "model_0",
+        "--fusion-samples",
+        "40",
+        "--from-part",
+        "0",
+        "--out",
+        out,
+    )
+    fusion_set = load_metadata(out)["fusion"]["fusion_set"]
+    assert fusion_set["from_part"] == 0 and set(fusion_set["indices"]) <= set(parts[0])
+    result = invoke(
+        "fuse",
+        sharded_run / "model_0",
+        sharded_run / "model_1",
+        "--from-part",
+        "5",
+        "--fusion-samples",
+        "40",
+    )
+    assert_user_error(result, "from_part")
+
+
+def test_fuse_reads_a_fusion_set_from_a_pt_file(sharded_run: Path, tmp_path: Path):
+    splits = data.load("synthetic", seed=3, num_samples=300, num_test=200)
+    torch.save({"x": splits.x_train[:50], "y": splits.y_train[:50]}, tmp_path / "f.pt")
+    result = ok(
+        "fuse",
+        sharded_run / "model_0",
+        sharded_run / "model_1",
+        "--data",
+        tmp_path / "f.pt",
+        "--json",
+    )
+    payload = json.loads(result.stdout)
+    assert payload["fusion_set"]["size"] == 50 and payload["fusion_set"]["labelled"]
+    assert "fused" in payload["metrics"]  # the checkpoints' recorded dataset is the test set
+    torch.save([1, 2, 3], tmp_path / "bad.pt")
+    result = invoke(
+        "fuse", sharded_run / "model_0", sharded_run / "model_1", "--data", tmp_path / "bad.pt"
+    )
+    assert_user_error(result, "bad.pt", "tensor")
