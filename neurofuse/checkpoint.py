@@ -259,7 +259,9 @@ def _read_sidecar(sidecar_path: Path, expected_format: str | None) -> dict[str, 
         if weights_path.is_file():
             raise CheckpointError(
                 f"{sidecar_path}: sidecar missing beside {weights_path.name}; the sidecar is "
-                "written last, so the save was interrupted or the file was not copied"
+                "written last, so the save was interrupted or the file was not copied. If it is "
+                "a plain safetensors file (not written by neurofuse), load it with "
+                "neurofuse.load_models(paths, ModelSpec(...)) or the CLI's --model/--arch"
             )
         raise CheckpointError(
             f"no checkpoint at {sidecar_path.with_suffix('')}: neither {weights_path.name} "

@@ -286,3 +286,20 @@ def test_repair_gives_every_kept_neuron_the_statistics_of_its_own_model() -> Non
             shifted = max(shifted, float((before[:, i].std() - want.std()).abs()))
     assert shifted > 1e-2  # without the repair, pruning had moved the second layer's neurons
     assert len(fused.neurofuse_report["repair_collapse"]) == 2
+
+
+def test_reset_bn_reestimates_the_pruned_models_batchnorm_statistics() -> None:
+    torch.manual_seed(0)
+    models = [randomise_batchnorm(cnn_bn(), s) for s in (1, 2)]
+    x = torch.randn(64, 1, 8, 8)
+    plain = nf.fuse(models, x, method="transplant", finetune_epochs=0)
+    reset = nf.fuse(models, x, method="transplant", finetune_epochs=0, reset_bn=True)
+    bn_plain = [m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_reset = [m for m in reset.modules() if isinstance(m, nn.BatchNorm2d)]
+    # the first BatchNorm normalises the first conv's outputs: its reset statistics are theirs
+    conv = next(m for m in reset.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        z = conv(x)
+    torch.testing.assert_close(bn_reset[0].running_mean, z.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(bn_plain[0].running_mean, bn_reset[0].running_mean)
+    assert reset.neurofuse_report["reset_bn"] is True

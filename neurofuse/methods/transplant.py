@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from neurofuse.alignment import Space, permutation_spaces
+from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
 from neurofuse.alignment.repair import StatsTarget, neuron_stats, repair_to
 from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.graph import GraphRunner, trace
@@ -282,6 +282,8 @@ class TransplantOptions:
             standard deviation on the fusion set to those it had in its own model, which the
             pruned neurons' missing inputs shift (Jordan et al. 2022's correction, with the
             source model's statistics as targets).
+        reset_bn: after pruning (before REPAIR and fine-tuning), re-estimate BatchNorm running
+            statistics on the fusion set (the kept neurons' inputs changed with the pruning).
     """
 
     criterion: Literal["incoming", "group"] = "incoming"
@@ -295,6 +297,7 @@ class TransplantOptions:
     patience: int = 20
     temperature: float = 1.0
     repair: bool = False
+    reset_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -380,6 +383,9 @@ def transplant(ctx: FusionContext) -> nn.Module:
         )
     state, keep = prune(wide, spaces, widths, opt.criterion)
     ctx.target.load_state_dict(state)
+    if opt.reset_bn:
+        reestimate_batchnorm(ctx.target, ctx.inputs)
+        ctx.report["reset_bn"] = True
     if opt.repair:
         with ctx.timer("repair"):
             ctx.report["repair_collapse"] = repair_to(
