@@ -393,7 +393,7 @@ def fuse(
         models=copies,
         inputs=x,
         labels=y,
-        importance=ImportanceProvider(importance, copies, x, y, graphs),
+        importance=ImportanceProvider(importance, copies, x, y, graphs, progress),
         levels=levels,
         target=template,
         seed=seed,

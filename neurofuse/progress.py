@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,3 +26,11 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callab
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
         yield lambda completed: bar.update(task, completed=completed)
+
+
+def status(enabled: bool, message: str) -> Any:
+    """A transient spinner with ``message`` on stderr while the block runs (a no-op when not
+    ``enabled``), for steps without a count to show."""
+    if not enabled:
+        return nullcontext()
+    return Console(stderr=True).status(message)

@@ -180,6 +180,7 @@ class ImportanceProvider:
         inputs: Tensor,
         labels: Tensor | None,
         graphs: GraphCache | None = None,
+        progress: bool = False,
     ) -> None:
         self.spec = Importance.coerce(spec)
         self.graphs = graphs if graphs is not None else GraphCache()
@@ -194,6 +195,8 @@ class ImportanceProvider:
             self._fn = build_score_function(score, self.models, inputs, labels, self.spec.options)
             if isinstance(getattr(self._fn, "graphs", None), GraphCache):
                 setattr(self._fn, "graphs", self.graphs)  # noqa: B010  (one trace per model)
+            if hasattr(self._fn, "progress"):
+                setattr(self._fn, "progress", progress)  # noqa: B010
         elif callable(score):
             self._fn = score
         elif isinstance(score, Sequence) and all(isinstance(t, Mapping) for t in score):

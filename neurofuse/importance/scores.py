@@ -31,6 +31,7 @@ from neurofuse.importance import attribution as attr
 from neurofuse.importance import reference
 from neurofuse.importance.probes import Probed, default_nodes, probe
 from neurofuse.importance.registry import register_importance
+from neurofuse.progress import status
 
 Compute = Callable[[Probed, Tensor, "Tensor | None", Sequence[str]], dict[str, Tensor]]
 
@@ -59,6 +60,8 @@ class NodeScores:
         self._cache: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
         #: traces of the models; the fusion replaces it with its own (one trace per model)
         self.graphs = GraphCache()
+        #: show a status line on stderr while a model's scores are computed (set by the fusion)
+        self.progress = False
 
     def compute(self, model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
         """Scores ``(d,)`` of the nodes ``names`` of ``model`` on the factory's inputs."""
@@ -77,7 +80,8 @@ class NodeScores:
             names = [name]
             if not cache:  # first request: everything the engines will ask for, in one pass
                 names += [n for n in default_nodes(self.graphs(model)) if n != name]
-            cache.update(self.compute(model, names))
+            with status(self.progress, f"importance: scoring {len(names)} nodes of a model"):
+                cache.update(self.compute(model, names))
         return cache[name]
 
 
