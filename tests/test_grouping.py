@@ -15,6 +15,7 @@ from neurofuse.grouping import (
     hungarian_matching,
     kmeans_cost,
     local_search_kmeans,
+    matching_labels,
     weighted_centroids,
     weighted_kmeans,
 )
@@ -478,3 +479,81 @@ def test_hungarian_grouping_names_the_variant_to_use_instead():
     points, weights = torch.randn(7, 3), torch.ones(7)
     with pytest.raises(ValueError, match=r"level 2 has base widths \[4, 3\].*Use kf_gradient"):
         NeuronGrouping("hungarian", "gradient").neurons(points, weights, 4, [4, 3], "level 2")
+
+
+# ------------------------------------------------------------------ matching seeds (issue 13)
+def _permuted_models(n_models: int, d: int = 40, dim: int = 30, noise: float = 0.01):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(d, dim, generator=g, dtype=torch.float64)
+    perms = [torch.arange(d)] + [torch.randperm(d, generator=g) for _ in range(n_models - 1)]
+    blocks = [
+        base[p] + noise * torch.randn(d, dim, generator=g, dtype=torch.float64) for p in perms
+    ]
+    return torch.cat(blocks), perms
+
+
+@pytest.mark.parametrize("n_models", [2, 3])
+def test_matching_labels_pair_every_neuron_with_its_twins(n_models):
+    points, perms = _permuted_models(n_models)
+    labels = matching_labels(points, [40] * n_models)
+    for m, perm in enumerate(perms):
+        # model m's neuron j is base neuron perm[j], founded by model 0's neuron perm[j]
+        assert torch.equal(labels[m * 40 : (m + 1) * 40], perm)
+    with pytest.raises(ValueError, match="equal width"):
+        matching_labels(points[:70], [40, 30])
+
+
+def test_group_seeds_from_a_matching_on_request_and_both_is_never_worse():
+    points, _ = _permuted_models(2, noise=0.5)
+    matched = group(points, None, 40, sizes=[40, 40], seeding="matching", n_init=2)
+    assert matched.seeding == "matching"
+    plain = group(points, None, 40, sizes=[40, 40], n_init=2)
+    assert plain.seeding == "k-means++"
+    both = group(points, None, 40, sizes=[40, 40], seeding="both", n_init=2)
+    assert both.seeding == "matching+k-means++"
+    assert both.cost <= min(matched.cost, plain.cost) + 1e-9  # the best of both starts
+    with pytest.raises(ValueError, match="matching seeds need"):
+        group(points, None, 30, sizes=[40, 40], seeding="matching")
+    with pytest.raises(ValueError, match="unknown seeding"):
+        group(points, None, 40, sizes=[40, 40], seeding="greedy")
+
+
+def test_seeding_in_principal_coordinates_keeps_the_exact_seedings_quality(monkeypatch):
+    import neurofuse.grouping.kmeans as km
+
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(30, 400, generator=g, dtype=torch.float64) * 4
+    points = centres[torch.randint(0, 30, (600,), generator=g)]
+    points = points + torch.randn(600, 400, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(km, "SEED_PRINCIPAL_WORK", 0.0)  # this small problem counts as large
+    fast = weighted_kmeans(points, None, 30, n_init=2, seed=1)
+    monkeypatch.setattr(km, "SEED_DIMS", None)
+    exact = weighted_kmeans(points, None, 30, n_init=2, seed=1)
+    # thirty separated blobs: both seedings find them, to the same (optimal) cost
+    assert fast.cost == pytest.approx(exact.cost, rel=1e-9)
+    before = torch.random.get_rng_state()
+    monkeypatch.setattr(km, "SEED_DIMS", 64)
+    weighted_kmeans(points, None, 30, n_init=2, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # no global RNG draw
+
+
+def test_kmeans_from_given_labels_alone_keeps_their_partition_when_it_is_optimal():
+    points, perms = _permuted_models(2)
+    labels = matching_labels(points, [40, 40])
+    g = weighted_kmeans(points, None, 40, n_init=0, init_labels=[labels])
+    assert g.seeding == "matching" and torch.equal(g.labels, labels)
+    with pytest.raises(ValueError, match="n_init"):
+        weighted_kmeans(points, None, 40, n_init=0)
+
+
+def test_kf_linear_with_a_matching_seed_recovers_a_permuted_copy():
+    from toys import mlp, permuted_by_analysis
+
+    import neurofuse as nf
+
+    torch.manual_seed(0)
+    model, x = mlp(hidden=(24, 24)).eval(), torch.randn(80, 10)
+    twin = permuted_by_analysis(model, seed=4, example=x[:2])
+    fused = nf.fuse([model, twin], x, method="kf_linear", kmeans_seeding="matching")
+    torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+    assert set(fused.neurofuse_report["kmeans_seeding"].values()) == {"matching"}

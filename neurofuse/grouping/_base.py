@@ -34,6 +34,8 @@ class Grouping:
             (``None`` when unknown, read as uniform).
         history: the cost after each Lloyd iteration (and after each accepted local-search
             swap) of the returned solution; never increasing. Empty for Hungarian matching.
+        seeding: how k-means was started (``"k-means++"``, ``"random"``, ``"matching"``, or
+            ``"matching+k-means++"``); empty for other methods.
     """
 
     labels: Tensor
@@ -42,6 +44,7 @@ class Grouping:
     k: int
     weights: Tensor | None = None
     history: list[float] = field(default_factory=list)
+    seeding: str = ""
 
     def members(self, i: int) -> Tensor:
         """Indices (int64, ascending) of the base neurons in group ``i``."""

@@ -26,7 +26,8 @@ class NeuronGrouping:
         kind: ``"kmeans"`` (K-means Fusion: any number of models, any fused width) or
             ``"hungarian"`` (Hungarian Fusion: two models of equal width, one-to-one pairs).
         variant: ``"linear"`` or ``"gradient"``: only named in error messages.
-        seed, n_init, max_iter, local_search: k-means settings (ignored by Hungarian).
+        seed, n_init, max_iter, local_search, seeding: k-means settings (ignored by
+            Hungarian; ``seeding`` as in :func:`neurofuse.grouping.group`).
     """
 
     kind: GroupingKind
@@ -35,6 +36,7 @@ class NeuronGrouping:
     n_init: int = 4
     max_iter: int = 100
     local_search: bool = False
+    seeding: str = "k-means++"
 
     @property
     def method(self) -> str:
@@ -69,10 +71,12 @@ class NeuronGrouping:
             weights,
             k,
             method="kmeans",
+            sizes=widths,
             seed=self.seed + offset,
             n_init=self.n_init,
             max_iter=self.max_iter,
             local_search=self.local_search,
+            seeding=self.seeding,
         )
         return replace(g, weights=weights)
 

@@ -125,6 +125,10 @@ class GradientOptions:
             e.g. compressing a large model into a trained small one, paper section 5.5.2). A
             base level whose shapes differ from the template's also leaves the template's.
         n_init, max_iter: k-means restarts and iterations (KF only).
+        kmeans_seeding: how k-means starts (KF only): ``"k-means++"`` (default, ``n_init``
+            restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
+            models: faster on wide layers, a higher grouping error on trained ones) or
+            ``"both"`` (:func:`neurofuse.grouping.group`).
     """
 
     preset: Literal["closed_form", "setting1", "setting2"] = "closed_form"
@@ -145,6 +149,7 @@ class GradientOptions:
     init_model: int | None = 0
     n_init: int = 4
     max_iter: int = 100
+    kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -212,7 +217,12 @@ def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
     producers = [producing_layer(fgm, c) for c in ctx.levels.cut_nodes(fgm)]
     linear = _linear_start(ctx, grouping) if opt.init == "linear" else None
     grouper = NeuronGrouping(
-        grouping, "gradient", seed=ctx.seed, n_init=opt.n_init, max_iter=opt.max_iter
+        grouping,
+        "gradient",
+        seed=ctx.seed,
+        n_init=opt.n_init,
+        max_iter=opt.max_iter,
+        seeding=opt.kmeans_seeding,
     )
     gen = ctx.generator()
     f_in: Tensor = ctx.inputs
@@ -289,7 +299,12 @@ def _linear_start(ctx: FusionContext, grouping: GroupingKind) -> _LinearFusion |
     the engine for its groupings; ``None`` (and the paper's initialisation) when the Linear
     variant cannot fuse these models (e.g. levels that span layers of other depths)."""
     opt: GradientOptions = ctx.options
-    lctx = dataclasses.replace(ctx, options=LinearOptions(n_init=opt.n_init, max_iter=opt.max_iter))
+    lctx = dataclasses.replace(
+        ctx,
+        options=LinearOptions(
+            n_init=opt.n_init, max_iter=opt.max_iter, kmeans_seeding=opt.kmeans_seeding
+        ),
+    )
     saved = {k: v.clone() for k, v in ctx.target.state_dict().items()}
     try:
         engine = _LinearFusion(lctx, grouping)

@@ -99,6 +99,7 @@ class _LinearFusion:
             n_init=self.opt.n_init,
             max_iter=self.opt.max_iter,
             local_search=self.opt.local_search,
+            seeding=self.opt.kmeans_seeding,
         )
         self.fused = ctx.target
         self.fgm = ctx.trace(self.fused)
@@ -195,6 +196,8 @@ class _LinearFusion:
         with self.ctx.timer("grouping"):
             g = self.grouper.neurons(coords, s, k, widths, f"space {where!r}")
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
+        if g.seeding:
+            self.ctx.report.setdefault("kmeans_seeding", {})[where] = g.seeding
         return g.assignment_matrix().to(torch.float64)
 
     def grouping(self, space: int) -> tuple[Tensor, list[int]]:

@@ -29,6 +29,10 @@ class LinearOptions:
         n_init: k-means restarts (KF only).
         max_iter: Lloyd iterations per restart (KF only).
         local_search: refine k-means with Kanungo et al.'s swap local search (KF only).
+        kmeans_seeding: how k-means starts (KF only): ``"k-means++"`` (default, ``n_init``
+            restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
+            models: faster on wide layers, a higher grouping error on trained ones) or
+            ``"both"`` (:func:`neurofuse.grouping.group`).
         row_budget: if set, fit each layer on a uniform random sample of about
             ``row_budget * p`` of its rows (sample x position), ``p`` being the layer's fan-in:
             a sketch of the least-squares problem that bounds the Gram cost of wide
@@ -59,6 +63,7 @@ class LinearOptions:
     n_init: int = 4
     max_iter: int = 100
     local_search: bool = False
+    kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
     row_budget: int | None = None
     precision: Literal["float32", "float64"] = "float64"
     stream: Literal["first", "all"] = "first"

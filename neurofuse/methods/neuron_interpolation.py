@@ -50,8 +50,8 @@ def _bind(
 
 #: the K-means knobs of each engine's options, which the Hungarian variants never read
 KMEANS_ONLY: dict[str, frozenset[str]] = {
-    "linear": frozenset({"n_init", "max_iter", "local_search"}),
-    "gradient": frozenset({"n_init", "max_iter"}),
+    "linear": frozenset({"n_init", "max_iter", "local_search", "kmeans_seeding"}),
+    "gradient": frozenset({"n_init", "max_iter", "kmeans_seeding"}),
 }
 
 for _grouping, _about in GROUPINGS.items():
