@@ -374,6 +374,9 @@ def test_runtime_cell_times_each_method_in_its_own_process(tmp_path: Path):
     assert len(kf["times"]) == 2 and kf["median_seconds"] > 0
     assert ot["ratio_to_otfusion"] == pytest.approx(1.0)
     assert kf["ratio_to_otfusion"] == pytest.approx(kf["median_seconds"] / ot["median_seconds"])
+    assert kf["warm_median_seconds"] == pytest.approx(kf["times"][1])  # every call but the first
+    assert kf["forward_seconds"] > 0
+    assert kf["ratio_to_forward"] == pytest.approx(kf["times"][1] / kf["forward_seconds"])
     report = tables.runtime_table(rec)
     assert "KF Linear (uniform)" in report and "÷ OTFusion" in report
     from neurofuse.bench.report import write_report

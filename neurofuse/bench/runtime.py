@@ -1,10 +1,13 @@
 """The ``runtime`` cell: every method fuses the same base models ``repeats`` times in its own
 fresh process, so its peak memory is its own and no warm cache from another method helps it.
 
-Reported per method: the median and all wall times of ``nf.fuse`` (models already loaded),
-peak memory (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak RSS over its
-value just before the first fusion), the test accuracy of the last fused model, and the ratio of
-the median time to OTFusion's. Its report section gives one table and one plot per seed.
+Reported per method: the median and all wall times of ``nf.fuse`` (models already loaded), the
+warm median (every call but the first: what a process that fuses repeatedly pays), the time of
+one forward pass of every base model on the fusion set measured in the same process (median of
+``repeats``) and the warm median's ratio to it, peak memory (CUDA: ``max_memory_allocated``;
+CPU: growth of the process's peak RSS over its value just before the first fusion), the test
+accuracy of the last fused model, and the ratio of the median time to OTFusion's. Its report
+section gives one table and one plot per seed.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def _child(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
+        forward = _forward_seconds(models, data[0], repeats, dev)
         base_rss = _peak_rss_mib()
         times = []
         for _ in range(repeats):
@@ -75,6 +79,9 @@ def _child(
                 "status": "ok",
                 "times": times,
                 "median_seconds": statistics.median(times),
+                "warm_median_seconds": statistics.median(times[1:] or times),
+                "forward_seconds": forward,
+                "ratio_to_forward": statistics.median(times[1:] or times) / max(forward, 1e-9),
                 "peak_memory_mib": peak,
                 "accuracy": acc,
                 "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "cpu_rss_growth",
@@ -88,6 +95,22 @@ def _child(
                 "traceback": traceback.format_exc(limit=4),
             }
         )
+
+
+def _forward_seconds(models: list[Any], x: torch.Tensor, repeats: int, dev: torch.device) -> float:
+    """Median over ``repeats`` (after one warm-up) of one forward pass of every model on ``x``:
+    the unit the fusion time is compared with."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            for m in models:
+                m.eval()(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def time_method(

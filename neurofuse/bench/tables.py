@@ -147,22 +147,35 @@ def best_table(group: Group) -> str:
 
 
 def runtime_table(record: dict[str, Any]) -> str:
-    """Median fusion time, peak memory, ratio to OTFusion and accuracy, one row per method."""
+    """Median and warm median fusion time, the warm median against a forward pass of the base
+    models, peak memory, ratio to OTFusion and accuracy, one row per method."""
     rows = []
     for key, e in record["methods"].items():
         if e.get("status") != "ok":
-            rows.append([key, e.get("status", "?"), "-", "-", "-", e.get("error", "")[:80]])
+            rows.append([key, e.get("status", "?"), *["-"] * 5, e.get("error", "")[:80]])
             continue
         ratio = e.get("ratio_to_otfusion")
+        warm, forward = e.get("warm_median_seconds"), e.get("ratio_to_forward")
         rows.append(
             [
                 key,
                 f"{e['median_seconds']:.3f}",
+                "-" if warm is None else f"{warm:.3f}",
+                "-" if forward is None else f"{forward:.1f}×",
                 f"{e['peak_memory_mib']:.0f}",
                 "-" if ratio is None else f"{ratio:.2f}×",
                 f"{100 * e['accuracy']:.1f}",
                 ", ".join(f"{t:.3f}" for t in e["times"]),
             ]
         )
-    header = ["method (importance)", "median s", "peak MiB", "÷ OTFusion", "acc %", "all times (s)"]
+    header = [
+        "method (importance)",
+        "median s",
+        "warm median s",
+        "warm ÷ forward pass",
+        "peak MiB",
+        "÷ OTFusion",
+        "acc %",
+        "all times (s)",
+    ]
     return _markdown(header, rows)
