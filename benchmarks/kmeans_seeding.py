@@ -53,7 +53,7 @@ def _models(width: int, scheme: str, seed: int, splits: data.DataSplits):
 
 
 def _row(models, fusion, seeding: str, splits: data.DataSplits) -> dict:
-    from neurofuse.grouping import kmeans
+    from neurofuse.grouping import seeding as kmeans
 
     dims = kmeans.SEED_DIMS
     kmeans.SEED_DIMS = None if seeding == "exact" else dims  # the seeding before issue 13

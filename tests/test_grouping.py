@@ -519,7 +519,7 @@ def test_group_seeds_from_a_matching_on_request_and_both_is_never_worse():
 
 
 def test_seeding_in_principal_coordinates_keeps_the_exact_seedings_quality(monkeypatch):
-    import neurofuse.grouping.kmeans as km
+    import neurofuse.grouping.seeding as km
 
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(30, 400, generator=g, dtype=torch.float64) * 4

@@ -40,12 +40,12 @@ from neurofuse.grouping.hungarian import (
     hungarian_matching,
 )
 from neurofuse.grouping.kmeans import (
-    matching_labels,
     weighted_kmeans,
 )
 from neurofuse.grouping.local_search import (
     local_search_kmeans,
 )
+from neurofuse.grouping.seeding import matching_labels
 
 SEEDINGS = ("k-means++", "matching", "both")
 
