@@ -59,3 +59,19 @@ def test_merging_identical_models_returns_the_model_and_many_models_merge():
     fused = nf.fuse([model, *twins], x, method="cca_merge")
     torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
     assert all(s > 0.999 for s in fused.neurofuse_report["aligned_similarity"].values())
+
+
+def test_a_permuted_resnet_and_bn_vgg_are_recovered():
+    from toys import TinyResNet, cnn_bn, permute_resnet, randomise_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 1, 8, 8)
+    resnet = randomise_batchnorm(TinyResNet(), 1)
+    vgg = randomise_batchnorm(cnn_bn(), 2)
+    pairs = [
+        (resnet, permute_resnet(resnet, seed=5)),
+        (vgg, permuted_by_analysis(vgg, seed=5, example=x[:2])),
+    ]
+    for model, twin in pairs:
+        fused = nf.fuse([model, twin], x, method="cca_merge")
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)

@@ -102,6 +102,7 @@ def test_partial_zip_of_a_permuted_copy_is_the_model_at_every_cut(arch):
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
     full = nf.fuse([model, twin], x, method="zipit", merge_layers=layers)
     assert type(full) is type(model) and "partial" not in full.neurofuse_report
+    torch.testing.assert_close(full(x), model(x), atol=1e-4, rtol=1e-4)  # fully zipped
 
 
 def test_partial_zip_counts_from_the_end_exports_and_refuses_a_cut_beyond_the_model():
