@@ -541,3 +541,24 @@ def test_augment_composition():
     assert Augment.from_spec("none").is_identity
     with pytest.raises(ValueError, match="valid: crop"):
         Augment.from_spec("rotate=10")
+
+
+def test_a_fusion_set_from_an_npz_a_pt_or_a_dataset_folder(tmp_path):
+    folder, _ = make_fake_cifar10(tmp_path / "cifar")
+    x, y = nd.load_fusion_file(tmp_path / "cifar")
+    splits = nd.load("cifar10", root=folder)
+    assert torch.equal(x, splits.x_train) and torch.equal(y, splits.y_train)
+    np.savez(tmp_path / "f.npz", x=np.ones((4, 3), dtype=np.uint8))
+    x, y = nd.load_fusion_file(tmp_path / "f.npz")
+    assert x.dtype == torch.float32 and x.shape == (4, 3) and y is None
+    torch.save((torch.zeros(5, 2), torch.arange(5)), tmp_path / "f.pt")
+    x, y = nd.load_fusion_file(tmp_path / "f.pt")
+    assert x.shape == (5, 2) and torch.equal(y, torch.arange(5))
+    torch.save({"x": torch.zeros(3, 2), "y": torch.zeros(4, dtype=torch.long)}, tmp_path / "g.pt")
+    with pytest.raises(ValueError, match="one per row of x"):
+        nd.load_fusion_file(tmp_path / "g.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not in a layout neurofuse reads"):
+        nd.load_fusion_file(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        nd.load_fusion_file(tmp_path / "nope.npz")

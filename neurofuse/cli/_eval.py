@@ -35,7 +35,7 @@ def eval_(
         list[Path],
         typer.Argument(
             help="Models: neurofuse checkpoints, plain state-dict or safetensors files (with "
-            "--model or --arch), model folders, or folders of these."
+            "--model or --arch), model folders, or folders of these (natural name order)."
         ),
     ],
     model: ModelOption = None,
