@@ -39,6 +39,7 @@ __all__ = [
     "TENSORS_FORMAT",
     "CheckpointError",
     "checkpoint_paths",
+    "file_sha256",
     "load_checkpoint",
     "load_metadata",
     "load_strict",
@@ -220,7 +221,7 @@ def _write_pair(
         save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
         sidecar["weights"] = {
             "file": weights_path.name,
-            "sha256": _sha256(tmp),
+            "sha256": file_sha256(tmp),
             "bytes": tmp.stat().st_size,
             "num_tensors": len(tensors),
         }
@@ -239,7 +240,7 @@ def _read_pair(
             "copy both files of a checkpoint together"
         )
     expected = sidecar["weights"]["sha256"]
-    actual = _sha256(weights_path)
+    actual = file_sha256(weights_path)
     if actual != expected:
         raise CheckpointError(
             f"{weights_path}: SHA-256 mismatch (file {actual[:16]}..., sidecar "
@@ -290,7 +291,8 @@ def _read_sidecar(sidecar_path: Path, expected_format: str | None) -> dict[str, 
     return sidecar
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

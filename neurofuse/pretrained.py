@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from neurofuse._version import __version__
@@ -166,6 +166,8 @@ def load_pretrained(
     """
     import copy
 
+    from neurofuse.sources import ModelSpec, read_state_dict  # it imports this module
+
     folder = Path(folder)
     if not is_pretrained_folder(folder):
         raise CheckpointError(
@@ -190,16 +192,10 @@ def load_pretrained(
                 "import_model=True to import it (this runs that module's code) or model=<an "
                 "instance> to load the weights into"
             )
-        from neurofuse.sources import ModelSpec
-
         built = ModelSpec(target=klass["target"], kwargs=klass.get("kwargs") or {}).build()
     else:
         raise CheckpointError(f"{folder}: {CONFIG_FILE} records no architecture")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
-    load_strict(built, tensors, weights)
+    load_strict(built, read_state_dict(weights), weights)
     return built.to(resolve_device(device)).eval()
 
 

@@ -21,7 +21,6 @@ keys, naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import pickle
@@ -40,6 +39,7 @@ from neurofuse.checkpoint import (
     WEIGHTS_SUFFIX,
     CheckpointError,
     checkpoint_paths,
+    file_sha256,
     load_checkpoint,
     load_strict,
 )
@@ -184,14 +184,6 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     return list(out)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a plain state-dict or safetensors file (nothing unpickled)."""
     if not path.is_file():
@@ -259,7 +251,7 @@ def load_model(
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         sidecar = {
             "model": config.get("model"),
-            "weights": {"sha256": _sha256(path / WEIGHTS_FILE)},
+            "weights": {"sha256": file_sha256(path / WEIGHTS_FILE)},
         }
         return LoadedModel(path, model, sidecar, "pretrained", sidecar["weights"]["sha256"])
     weights, sidecar_path = checkpoint_paths(path)
@@ -281,7 +273,7 @@ def load_model(
         state = read_state_dict(path)
         model = spec.build(derived)
         load_strict(model, state, path, hint="check --model / --arch and --model-kw")
-        return LoadedModel(path, model.to(device).eval(), {}, kind, _sha256(path))
+        return LoadedModel(path, model.to(device).eval(), {}, kind, file_sha256(path))
     raise CheckpointError(
         f"no model at {path}: neither a neurofuse checkpoint ({weights.name} + "
         f"{sidecar_path.name}) nor a *.safetensors / {' / '.join('*' + s for s in TORCH_SUFFIXES)} file"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "parameter_count",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -182,6 +183,11 @@ def to_jsonable(obj: Any) -> Any:
         f"cannot convert {type(obj).__name__} to JSON; pass plain numbers, strings, lists, dicts, "
         "tensors or arrays, or give the object a to_dict() method"
     )
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of parameter elements of ``model`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def tensor_attr(module: nn.Module, name: str) -> Tensor:

@@ -20,14 +20,11 @@ from neurofuse.bench.records import partial_path, resumable_record, without_erro
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
 from neurofuse.evaluate import evaluate, evaluate_ensemble
+from neurofuse.utils import parameter_count
 
 
 def _metrics(model: torch.nn.Module, setup: Setup, device: torch.device) -> dict[str, Any]:
     return evaluate(model, setup.data.x_test, setup.data.y_test, device=device).to_dict()
-
-
-def _parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) -> dict[str, Any]:
@@ -65,7 +62,9 @@ def fuse_once(run: MethodRun, setup: Setup, cell: Cell, device: torch.device) ->
             )
         seconds = time.perf_counter() - start
         metrics = _metrics(fused, setup, device)
-        metrics["parameters_vs_one_model"] = _parameters(fused) / _parameters(setup.models[0])
+        metrics["parameters_vs_one_model"] = parameter_count(fused) / parameter_count(
+            setup.models[0]
+        )
     except Exception as exc:  # a failing method must not stop the suite
         return {
             **entry,

@@ -26,10 +26,6 @@ from neurofuse.cli._common import (
 )
 
 
-def _count_parameters(model: Any) -> str:
-    return f"{sum(p.numel() for p in model.parameters()):,}"
-
-
 def eval_(
     checkpoints: Annotated[
         list[Path],
@@ -63,7 +59,7 @@ def eval_(
     """Accuracy, NLL and ECE of models on a test set (and of their ensemble)."""
     from neurofuse.data import load_fusion_file
     from neurofuse.evaluate import evaluate, evaluate_ensemble
-    from neurofuse.utils import resolve_device
+    from neurofuse.utils import parameter_count, resolve_device
 
     dev = resolve_device(device)
     spec = model_spec(model, arch, model_kw)
@@ -96,7 +92,7 @@ def eval_(
         metrics = evaluate(m.model, x_test, y_test, device=dev)
         name = (m.sidecar.get("model") or {}).get("name") or spec.target or spec.arch or "?"
         results[str(m.path)] = {"arch": name, **metrics.to_dict()}
-        table.add_row(str(m.path), name, _count_parameters(m.model), *metric_cells(metrics))
+        table.add_row(str(m.path), name, f"{parameter_count(m.model):,}", *metric_cells(metrics))
     if ensemble:
         metrics = evaluate_ensemble([m.model for m in loaded], x_test, y_test, device=dev)
         results["ensemble"] = metrics.to_dict()

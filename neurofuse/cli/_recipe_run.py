@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from neurofuse import cli
-from neurofuse.checkpoint import save_checkpoint
+from neurofuse.checkpoint import file_sha256, save_checkpoint
 from neurofuse.cli._common import (
     dataset_spec,
     load_checkpoints,
@@ -96,11 +96,10 @@ def run_recipe(recipe: Any, as_json: bool = False) -> dict[str, Any]:
 def _load(run: _Run) -> None:
     """The base models (hash-checked against the recipe), the dataset, recorded options."""
     recipe = run.recipe
-    early = None
+    early_spec, early = None, None
     if recipe.dataset is not None and run.spec.arch is not None:  # sizes of a zoo --arch
-        early = load_dataset(
-            dataset_spec(recipe.dataset, recipe.dataset_kwargs, recipe.seed, recipe.root)
-        )
+        early_spec = dataset_spec(recipe.dataset, recipe.dataset_kwargs, recipe.seed, recipe.root)
+        early = load_dataset(early_spec)
     entries = recipe.entries()
     run.loaded = load_checkpoints([e.path for e in entries], run.device, run.spec, early)
     _check_hashes(entries, run.loaded)
@@ -118,7 +117,8 @@ def _load(run: _Run) -> None:
             None if recipe.root is None else Path(recipe.root),
             str(first.path),
         )
-    run.splits = load_dataset(run.dataset) if run.dataset is not None else None
+    if run.dataset is not None:  # the one loaded for --arch when it is the same
+        run.splits = early if run.dataset == early_spec else load_dataset(run.dataset)
     takes = run.info.option_names()
     if "sample_counts" in takes and "sample_counts" not in run.options:
         counts = recorded_sample_counts([m.sidecar for m in run.loaded])
@@ -342,12 +342,6 @@ def _check_saveable(fused: Any, reference: Any, method: str, spec: Any) -> None:
         "models' architecture, so it cannot be saved as one model; its metrics are shown "
         "above, and the base models already hold all of its weights"
     )
-
-
-def file_sha256(path: Path) -> str:
-    from neurofuse.sources import _sha256
-
-    return _sha256(path)
 
 
 def recorded_sample_counts(sidecars: Sequence[dict[str, Any]]) -> list[int] | None:

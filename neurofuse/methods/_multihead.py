@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.graph import affine_nodes
+from neurofuse.utils import parameter_count
 
 
 def unmerge(x: Tensor, matrix: Tensor, axis: int) -> Tensor:
@@ -167,8 +168,7 @@ def build_multihead(
 
 def inference_cost(model: nn.Module, reference: nn.Module) -> dict[str, float]:
     """Parameters of ``model`` and their ratio to ``reference``'s (one base model)."""
-    own = sum(p.numel() for p in model.parameters())
-    base = sum(p.numel() for p in reference.parameters())
+    own, base = parameter_count(model), parameter_count(reference)
     return {"parameters": float(own), "parameters_vs_one_model": own / max(base, 1)}
 
 
