@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
+from neurofuse.alignment.repair import StatsTarget, repair_to
 from neurofuse.alignment.repair import repair as repair_statistics
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
 from neurofuse.methods.registry import FusionContext
@@ -202,15 +203,21 @@ def finish(
     repair: bool = False,
     aligned: Sequence[State] = (),
     weights: Sequence[float] | Tensor | None = None,
+    target: Callable[[], StatsTarget] | None = None,
 ) -> nn.Module:
-    """The repairs of an averaged model, on the fusion set: re-estimate BatchNorm statistics
-    (``reset_bn``), then REPAIR (:func:`neurofuse.alignment.repair.repair`: every hidden
-    neuron's mean and spread set to the ``weights``-interpolation of the ``aligned`` base
-    models'); eval mode."""
+    """The repairs of an averaged or merged model, on the fusion set: re-estimate BatchNorm
+    statistics (``reset_bn``), then REPAIR: every hidden neuron's mean and spread set to the
+    ``weights``-interpolation of the ``aligned`` base models'
+    (:func:`neurofuse.alignment.repair.repair`), or, for merges whose neurons are not one per
+    model, to what ``target()`` asks (:func:`neurofuse.alignment.repair.repair_to`, the
+    factory called only when ``repair``); eval mode."""
     if reset_bn:
         reestimate_batchnorm(fused, ctx.inputs)
         ctx.report["reset_bn"] = True
-    if repair:
+    if repair and target is not None:
+        with ctx.timer("repair"):
+            ctx.report["repair_collapse"] = repair_to(fused, ctx.inputs, target())
+    elif repair:
         if not aligned:
             raise ValueError("repair=True needs the aligned base models' states")
         bases = []

@@ -33,6 +33,7 @@ not something they do.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,10 +42,11 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from neurofuse.alignment import Space, reestimate_batchnorm
-from neurofuse.alignment.repair import StatsTarget, neuron_stats, repair_to
+from neurofuse.alignment import Space
+from neurofuse.alignment.repair import StatsTarget, neuron_stats
 from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.graph import GraphRunner, trace
+from neurofuse.methods._averaging import finish
 from neurofuse.methods._transplant_surgery import (
     CRITERIA,
     concatenate,
@@ -186,14 +188,13 @@ def transplant(ctx: FusionContext) -> nn.Module:
         )
     state, keep = prune(wide, spaces, widths, opt.criterion)
     ctx.target.load_state_dict(state)
-    if opt.reset_bn:
-        reestimate_batchnorm(ctx.target, ctx.inputs)
-        ctx.report["reset_bn"] = True
-    if opt.repair:
-        with ctx.timer("repair"):
-            ctx.report["repair_collapse"] = repair_to(
-                ctx.target, ctx.inputs, kept_statistics(wide, spaces, keep, ctx.inputs)
-            )
+    finish(
+        ctx,
+        ctx.target,
+        opt.reset_bn,
+        opt.repair,
+        target=functools.partial(kept_statistics, wide, spaces, keep, ctx.inputs),
+    )
     del wide
     sizes = [{s.name: s.size for s in h} for h in hidden]
     ctx.report["kept_per_model"] = {

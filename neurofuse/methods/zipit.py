@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space
-from neurofuse.alignment.repair import StatsTarget, neuron_stats, repair_to
+from neurofuse.alignment.repair import StatsTarget, neuron_stats
 from neurofuse.graph import GraphRunner, affine_nodes
 from neurofuse.methods._averaging import (
     alignment_setup,
@@ -184,12 +184,13 @@ def zipit(ctx: FusionContext) -> nn.Module:
         value = aligned_average(fgm, key, [s[key] for s in states], axes, grouping)
         with torch.no_grad():
             t.copy_(value.to(t))
-    fused = finish(ctx, fused, opt.reset_bn)
-    if opt.repair:
-        with ctx.timer("repair"):
-            ctx.report["repair_collapse"] = repair_to(
-                fused, ctx.inputs, _feature_statistics(plan, groupings, runners)
-            )
+    fused = finish(
+        ctx,
+        fused,
+        opt.reset_bn,
+        opt.repair,
+        target=lambda: _feature_statistics(plan, groupings, runners),
+    )
     units = len(affine_nodes(fgm))
     merged = opt.merge_layers
     if merged is not None and merged < 0:
