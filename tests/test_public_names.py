@@ -4,16 +4,23 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
 
 import neurofuse
 
+# neurofuse.federated's modules import Flower, an optional extra; without it only the package
+# itself and its (Flower-free) configuration can be imported.
+_FLOWER_FREE = {"neurofuse.federated", "neurofuse.federated.config"}
+
 
 def _modules() -> list[str]:
     names = ["neurofuse"]
     names += [m.name for m in pkgutil.walk_packages(neurofuse.__path__, "neurofuse.")]
+    if importlib.util.find_spec("flwr") is None:
+        names = [n for n in names if not n.startswith("neurofuse.federated.") or n in _FLOWER_FREE]
     return sorted(names)
 
 
@@ -77,3 +84,22 @@ def test_names_one_module_imports_from_another_are_in_its_all():
                     continue
                 stale.append(f"{path.relative_to(root.parent)}: {node.module}.{name}")
     assert not stale, "imported but missing from __all__:\n" + "\n".join(stale)
+
+
+def test_only_the_federated_package_imports_flower():
+    """Flower is an optional extra: no module outside neurofuse.federated may import it (nor
+    may neurofuse.federated's package or configuration, which the CLI imports)."""
+    from pathlib import Path
+
+    root = Path(neurofuse.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        inside = relative.startswith("federated/") and relative not in (
+            "federated/__init__.py",
+            "federated/config.py",
+        )
+        text = path.read_text(encoding="utf-8")
+        if not inside and ("import flwr" in text or "from flwr" in text):
+            offenders.append(relative)
+    assert offenders == []

@@ -9,7 +9,8 @@ once, for every command; ``--debug`` (or ``NEUROFUSE_DEBUG=1``) shows every trac
 Heavy imports (torch and the library) happen inside the commands, so ``--help`` stays quick.
 
 One module per command group: :mod:`._listing` (datasets, archs, methods, importance),
-:mod:`._train`, :mod:`._eval`, :mod:`._fuse`, :mod:`._demo` and :mod:`._bench`; shared helpers
+:mod:`._train`, :mod:`._eval`, :mod:`._fuse`, :mod:`._federate`, :mod:`._demo` and
+:mod:`._bench`; shared helpers
 in :mod:`._common` (key=value parsing, tables, datasets, architecture kwargs, checkpoints) and
 :mod:`._partition` (partition schemes and ``partition.json``). This module holds the typer app,
 its global options, the consoles and the command table.
@@ -28,6 +29,7 @@ from neurofuse.cli._bench import bench
 from neurofuse.cli._demo import demo
 from neurofuse.cli._errors import DEBUG_ENV, USER_ERRORS, NeurofuseGroup, set_debug
 from neurofuse.cli._eval import eval_
+from neurofuse.cli._federate import federate
 from neurofuse.cli._fuse import fuse
 from neurofuse.cli._listing import archs, datasets, importance, methods
 from neurofuse.cli._train import train
@@ -125,6 +127,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "train": train,
     "eval": eval_,
     "fuse": fuse,
+    "federate": federate,
     "demo": demo,
     "bench": bench,
 }
