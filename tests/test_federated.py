@@ -403,3 +403,29 @@ def test_a_failing_client_is_left_out_and_the_round_goes_on(tmp_path):
     assert len(result.client_accuracies) == 2
     assert result.fused_accuracy > 0.5
     assert "disk full on client 1" in (tmp_path / "report.md").read_text()
+
+
+def test_the_example_flower_app_is_valid_and_its_run_config_is_a_federation():
+    """examples/federated/pyproject.toml (the README's `flwr run` path): Flower accepts it, its
+    components import, and every run-config key reaches FederationConfig."""
+    import dataclasses
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: Flower's own dependency
+        import tomli as tomllib
+
+    from flwr.common.config import validate_config
+
+    path = Path(__file__).parents[1] / "examples" / "federated" / "pyproject.toml"
+    config = tomllib.loads(path.read_text())
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=path.parent)
+    assert ok, errors
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    fields = {f.name for f in dataclasses.fields(FederationConfig)}
+    assert {k.replace("-", "_") for k in run_config} - {"out"} == fields
+    run_config = {k: v for k, v in run_config.items() if k != "out"}
+    federation = FederationConfig.from_record(run_config)
+    assert federation.model_kw == {"hidden": [128, 128]} and federation.min_clients is None
+    assert federation.fusion_data is None and federation.compare_rounds is None

@@ -116,8 +116,8 @@ class FusionStrategy(FedAvg):
                 raise ValueError(f"method {name!r} returns several networks; use a fusion method")
         if not isinstance(template, nn.Module):
             raise TypeError(f"template must be an nn.Module, got {type(template).__name__}")
-        self.template = load_state(template.cpu(), template.state_dict())
-        self.template_state = {k: v.detach().clone() for k, v in template.state_dict().items()}
+        self.template = load_state(template, template.state_dict()).cpu()  # a copy
+        self.template_state = {k: v.detach().cpu().clone() for k, v in template.state_dict().items()}
         self.method = method
         self.options = dict(options or {})
         self.compare = tuple(c for c in compare if c != method)
