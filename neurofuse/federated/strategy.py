@@ -117,7 +117,9 @@ class FusionStrategy(FedAvg):
         if not isinstance(template, nn.Module):
             raise TypeError(f"template must be an nn.Module, got {type(template).__name__}")
         self.template = load_state(template, template.state_dict()).cpu()  # a copy
-        self.template_state = {k: v.detach().cpu().clone() for k, v in template.state_dict().items()}
+        self.template_state = {
+            k: v.detach().cpu().clone() for k, v in template.state_dict().items()
+        }
         self.method = method
         self.options = dict(options or {})
         self.compare = tuple(c for c in compare if c != method)
