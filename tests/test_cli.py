@@ -590,3 +590,23 @@ def test_fuse_reads_a_fusion_set_from_a_pt_file(sharded_run: Path, tmp_path: Pat
         "fuse", sharded_run / "model_0", sharded_run / "model_1", "--data", tmp_path / "bad.pt"
     )
     assert_user_error(result, "bad.pt", "tensor")
+
+
+def test_federate_without_flower_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a)
+    )
+    assert_user_error(invoke("federate", "--clients", "3"), 'pip install "neurofuse[federated]"')
+
+
+def test_federate_refuses_a_bad_federation_before_any_work():
+    pytest.importorskip("flwr")
+    assert_user_error(
+        invoke("federate", "--clients", "3", "--method", "hf_linear"),
+        "hf_linear (Hungarian fusion) fuses exactly two models",
+        "kf_linear",
+    )
+    assert_user_error(invoke("federate", "--fusion-source", "cloud"), "fusion_source must be one of")
