@@ -609,4 +609,6 @@ def test_federate_refuses_a_bad_federation_before_any_work():
         "hf_linear (Hungarian fusion) fuses exactly two models",
         "kf_linear",
     )
-    assert_user_error(invoke("federate", "--fusion-source", "cloud"), "fusion_source must be one of")
+    assert_user_error(
+        invoke("federate", "--fusion-source", "cloud"), "fusion_source must be one of"
+    )
