@@ -429,3 +429,21 @@ def test_the_example_flower_app_is_valid_and_its_run_config_is_a_federation():
     federation = FederationConfig.from_record(run_config)
     assert federation.model_kw == {"hidden": [128, 128]} and federation.min_clients is None
     assert federation.fusion_data is None and federation.compare_rounds is None
+
+
+def test_a_users_model_class_travels_to_the_clients_by_name():
+    from neurofuse.data import load
+    from neurofuse.federated.client import build_model
+    from neurofuse.federated.config import client_settings
+    from neurofuse.federated.server import resolve_model
+
+    config = FederationConfig(
+        model="toys:mlp", model_kw={"d_in": 784, "hidden": [8], "classes": 10}
+    )
+    template, kwargs = resolve_model(config, load("mnist5k", seed=0))
+    record = config.client_record(kwargs)
+    assert "arch" not in record and record["model"] == "toys:mlp"
+    built = build_model(client_settings(record))
+    shapes = {k: v.shape for k, v in built.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in template.state_dict().items()}
+    assert shapes["1.weight"] == (8, 784)
