@@ -1,0 +1,322 @@
+"""How fusion cost grows with width, fusion samples and models (issue 13's ``scale`` suite).
+
+    .venv/bin/python benchmarks/scale.py [--axes width,samples,models]
+        [--methods kf_linear,hf_linear,otfusion,git_rebasin] [--budget 600] [--threads 2]
+        [--out benchmarks/results/scale]
+
+Three sweeps of MLPs 784-W-W-10, each model trained for one epoch on MNIST-5k's 4,000 training
+digits (its own seed; cached under ``benchmarks/.cache/scale``):
+
+- ``width``: W = 256 ... 16384, two models, 400 fusion samples;
+- ``samples``: 100 ... 10,000 fusion samples, W = 512, two models (beyond the 4,000 digits the
+  set is the digits tiled with N(0, 0.1^2) jitter: this sweep measures cost, not accuracy);
+- ``models``: 2 ... 16 models, W = 512, 400 samples (HF Linear takes two models only).
+
+Every point runs in a fresh process (``--point``), on ``--threads`` torch threads, so that its
+peak memory is its own: the process loads the models, times their forward pass on the fusion
+set (median of 3 warm calls), records its resident memory, fuses (median of 3 calls when one
+takes under 2 s, else one), and reports the wall time, the peak resident memory
+(``ru_maxrss``) and the peak above what it held before fusing. A point that runs past
+``--budget`` seconds is stopped and recorded as such, and the larger points of its sweep are
+skipped. Results accumulate in ``scale.json`` (a killed run resumes); ``scale.md`` has the
+tables, the fitted growth exponents (least-squares slope of log time and log extra memory
+against log size) and ``scale.png`` the log-log curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).parent / "results" / "scale"
+CACHE = Path(__file__).parent / ".cache" / "scale"
+METHODS = ("kf_linear", "hf_linear", "otfusion", "git_rebasin")
+SWEEPS: dict[str, list[int]] = {
+    "width": [256, 512, 1024, 2048, 4096, 8192, 16384],
+    "samples": [100, 300, 1000, 3000, 10000],
+    "models": [2, 4, 8, 16],
+}
+FIXED = {"width": 512, "samples": 400, "models": 2}
+
+
+def point_of(axis: str, x: int) -> dict[str, int]:
+    return {**FIXED, axis: x}
+
+
+def _model_path(width: int, k: int) -> Path:
+    return CACHE / f"mlp_w{width}_model{k}.safetensors"
+
+
+def ensure_models(width: int, count: int, threads: int) -> None:
+    """Train (one epoch) and cache the models a point needs, in a child process."""
+    missing = [k for k in range(count) if not _model_path(width, k).exists()]
+    if not missing:
+        return
+    code = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks'); import scale; "
+        f"torch.set_num_threads({threads}); scale._train({width}, {missing})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def _train(width: int, indices: list[int]) -> None:
+    import torch
+
+    from neurofuse.checkpoint import save_checkpoint
+    from neurofuse.data import load
+    from neurofuse.models import build
+    from neurofuse.train import TrainConfig, train_model
+
+    splits = load("mnist5k", seed=0)
+    for k in indices:
+        torch.manual_seed(1000 + k)
+        model = build("mlp", in_features=784, num_classes=10, hidden=(width, width))
+        cfg = TrainConfig(
+            epochs=1,
+            lr=1e-3,
+            batch_size=128,
+            seed=k,
+            val_fraction=0.0,
+            warmup_epochs=0.0,
+            progress=False,
+        )
+        start = time.perf_counter()
+        train_model(model, splits.x_train, splits.y_train, cfg, num_classes=10)
+        save_checkpoint(model, _model_path(width, k).with_suffix(""))
+        print(f"  trained W={width} model {k} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _fusion_inputs(n: int) -> Any:
+    import torch
+
+    from neurofuse.data import load
+
+    x = load("mnist5k", seed=0).x_train
+    if n <= len(x):
+        return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+    reps = math.ceil(n / len(x))
+    tiled = x.repeat(reps, *([1] * (x.ndim - 1)))[:n].clone()
+    jitter = torch.randn(tiled[len(x) :].shape, generator=torch.Generator().manual_seed(0))
+    tiled[len(x) :] += 0.1 * jitter
+    return tiled
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_point(method: str, point: dict[str, int], threads: int) -> dict[str, Any]:
+    """One measurement, in this (fresh) process."""
+    import torch
+
+    import neurofuse as nf
+    from neurofuse.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    models = [
+        load_checkpoint(_model_path(point["width"], k).with_suffix(""))[0].eval()
+        for k in range(point["models"])
+    ]
+    x = _fusion_inputs(point["samples"])
+    forward = []
+    with torch.no_grad():
+        for _ in range(4):
+            start = time.perf_counter()
+            for m in models:
+                m(x)
+            forward.append(time.perf_counter() - start)
+    before = _rss_mib()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the small-fusion-set warning at large widths
+            fused = nf.fuse(models, x, method=method)
+        times.append(time.perf_counter() - start)
+        del fused
+        if times[0] >= 2.0:
+            break
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "seconds": statistics.median(times),
+        "forward_seconds": statistics.median(forward[1:]),
+        "peak_mib": peak,
+        "extra_mib": peak - before,
+        "calls": len(times),
+    }
+
+
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
+
+
+def _key(axis: str, x: int, method: str) -> str:
+    return f"{axis}|{x}|{method}"
+
+
+def report(rows: dict[str, Any], axes: list[str], methods: list[str], args: Any) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "# Scale: fusion cost against width, fusion samples and models (issue 13)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/scale.py --axes {','.join(axes)} --methods "
+        f"{','.join(methods)} --budget {args.budget} --threads {args.threads}`",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
+        "CPU only. MLPs 784-W-W-10 trained one epoch each; every point in a fresh process. "
+        "*× forward*: fusion time over the forward pass of all the base models on the fusion "
+        "set, measured in the same process. *Extra MiB*: peak resident memory above what the "
+        "process held with the models and data loaded.",
+        "",
+    ]
+    fig, grid = plt.subplots(2, len(axes), figsize=(4.6 * len(axes), 7.5), squeeze=False)
+    for col, axis in enumerate(axes):
+        lines += [
+            f"## {axis} (fixed: "
+            + ", ".join(f"{k} {v}" for k, v in FIXED.items() if k != axis)
+            + ")",
+            "",
+            "| method | " + " | ".join(str(x) for x in SWEEPS[axis]) + " | exponent time | "
+            "exponent memory |",
+            "|---|" + "---:|" * (len(SWEEPS[axis]) + 2),
+        ]
+        for method in methods:
+            cells, xs, ts, ms = [], [], [], []
+            for x in SWEEPS[axis]:
+                r = rows.get(_key(axis, x, method))
+                if r is None:
+                    cells.append("")
+                elif "seconds" not in r:
+                    cells.append(r["status"])
+                else:
+                    cells.append(
+                        f"{r['seconds']:.2f} s, {r['seconds'] / r['forward_seconds']:.0f}× fwd, "
+                        f"+{r['extra_mib']:.0f} MiB"
+                    )
+                    xs.append(x)
+                    ts.append(r["seconds"])
+                    ms.append(max(r["extra_mib"], 1.0))
+            if not xs and all(c == "" for c in cells):
+                continue
+            et, em = _slope(xs, ts), _slope(xs, ms)
+            lines.append(
+                f"| {method} | " + " | ".join(cells) + f" | {'-' if et is None else f'{et:.2f}'}"
+                f" | {'-' if em is None else f'{em:.2f}'} |"
+            )
+            if xs:
+                grid[0][col].loglog(xs, ts, marker="o", label=method)
+                grid[1][col].loglog(xs, ms, marker="o", label=method)
+        lines.append("")
+        grid[0][col].set_title(f"time against {axis}", fontsize=10)
+        grid[1][col].set_title(f"extra peak memory against {axis}", fontsize=10)
+        grid[0][col].set_ylabel("seconds")
+        grid[1][col].set_ylabel("MiB")
+        for row in (0, 1):
+            grid[row][col].set_xlabel(axis)
+            grid[row][col].grid(alpha=0.3, which="both")
+            grid[row][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "scale.png", dpi=110)
+    plt.close(fig)
+    lines += ["![log-log growth](scale.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--axes", default="width,samples,models")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--budget", type=int, default=600, help="seconds per point")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--first", type=int, help="only the first N sizes of each sweep (a smoke test)"
+    )
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.point:
+        spec = json.loads(args.point)
+        print(json.dumps(run_point(spec["method"], spec["point"], args.threads)))
+        return
+
+    from neurofuse.utils import atomic_write_text
+
+    axes = args.axes.split(",")
+    methods = args.methods.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "scale.json"
+    rows: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
+    for axis in axes:
+        for method in methods:
+            over = False
+            for x in SWEEPS[axis][: args.first]:
+                key = _key(axis, x, method)
+                point = point_of(axis, x)
+                if method == "hf_linear" and point["models"] != 2:
+                    continue
+                if key in rows and "seconds" in rows[key]:
+                    over = rows[key]["seconds"] > args.budget
+                    continue
+                if over:
+                    rows[key] = {"status": "skipped"}
+                    continue
+                ensure_models(point["width"], point["models"], args.threads)
+                spec = json.dumps({"method": method, "point": point})
+                print(f"[{axis}={x}] {method} ...", flush=True)
+                try:
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--point", spec, "--threads", str(args.threads)],
+                        capture_output=True,
+                        text=True,
+                        timeout=args.budget,
+                        check=True,
+                    )
+                    rows[key] = json.loads(done.stdout.strip().splitlines()[-1])
+                    r = rows[key]
+                    print(
+                        f"  {r['seconds']:.2f} s ({r['seconds'] / r['forward_seconds']:.1f}x the "
+                        f"forward pass), peak {r['peak_mib']:.0f} MiB (+{r['extra_mib']:.0f})",
+                        flush=True,
+                    )
+                except subprocess.TimeoutExpired:
+                    rows[key] = {"status": f"> {args.budget} s"}
+                    over = True
+                    print(f"  over the budget of {args.budget} s", flush=True)
+                except subprocess.CalledProcessError as err:
+                    reason = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
+                    rows[key] = {"status": f"failed: {reason[0][:80]}"}
+                    over = True  # out of memory (killed) or an error: larger points fail too
+                    print(f"  failed: {reason[0]}", flush=True)
+                atomic_write_text(store, json.dumps(rows, indent=1))
+    text = report(rows, axes, methods, args)
+    atomic_write_text(args.out / "scale.md", text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
