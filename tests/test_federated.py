@@ -308,23 +308,6 @@ def test_the_client_trains_its_partition_and_sends_counts_importance_and_the_fus
     assert any(not torch.equal(sent[k], v) for k, v in model.state_dict().items())  # trained
 
 
-def _simulate(tmp_path, **changes):
-    from neurofuse.federated import simulate
-
-    config = FederationConfig(
-        **{
-            "arch": "mlp",
-            "model_kw": {"hidden": [32, 32]},
-            "clients": 3,
-            "partition": "sharded",
-            "local_epochs": 5,
-            "lr": 3e-3,
-            **changes,
-        }
-    )
-    return simulate(config, tmp_path, progress=False)
-
-
 @pytest.mark.slow
 def test_federate_command_one_round_beats_fedavg_on_a_sharded_split(tmp_path):
     from typer.testing import CliRunner

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
@@ -124,7 +124,7 @@ def train_client(message: Message, context: Context) -> Message:
     counts = torch.bincount(y, minlength=num_classes)
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.state_dict()),
+            ARRAYS: to_arrays(model.state_dict()),
             METRICS: MetricRecord(
                 {
                     "num-examples": len(y),

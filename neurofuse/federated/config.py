@@ -151,6 +151,15 @@ class FederationConfig:
     def required_clients(self) -> int:
         return self.clients if self.min_clients is None else self.min_clients
 
+    def model_spec(self, model_kw: dict[str, Any] | None = None) -> Any:
+        """The :class:`neurofuse.sources.ModelSpec` of the federation's model: ``model`` when
+        given, else ``arch``; ``model_kw`` replaces the configured keyword arguments (the
+        server's resolved ones)."""
+        from neurofuse.sources import ModelSpec
+
+        kwargs = self.model_kw if model_kw is None else model_kw
+        return ModelSpec(target=self.model, arch=None if self.model else self.arch, kwargs=kwargs)
+
     def client_record(self, model_kw: dict[str, Any] | None = None) -> dict[str, Any]:
         """The flat configuration every client receives with its training message;
         ``model_kw``: the model's keyword arguments as the server resolved them (a zoo

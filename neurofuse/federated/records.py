@@ -17,9 +17,7 @@ the server's work on them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -160,24 +158,3 @@ def load_state(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(dict(state))
     return model.eval()
-
-
-def state_bytes(state: Mapping[str, Tensor]) -> int:
-    return sum(int(v.numel()) * v.element_size() for v in state.values())
-
-
-def finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def metric(value: Any) -> Any:
-    """A value a Flower ``MetricRecord`` accepts (int, float or a list of one of them)."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, list | tuple):
-        return (
-            [float(v) for v in value] if any(isinstance(v, float) for v in value) else list(value)
-        )
-    raise TypeError(f"{value!r} cannot go in a MetricRecord")

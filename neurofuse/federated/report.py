@@ -139,9 +139,6 @@ def markdown(result: Any) -> str:
 def write_outputs(result: Any, out: Path) -> Path:
     """Write the result's files into ``out`` (created) and return it."""
     from neurofuse.checkpoint import save_checkpoint
-    from neurofuse.data import load
-    from neurofuse.federated.records import load_state
-    from neurofuse.federated.server import resolve_model
 
     out.mkdir(parents=True, exist_ok=True)
     record = to_jsonable(result.to_dict())
@@ -150,9 +147,10 @@ def write_outputs(result: Any, out: Path) -> Path:
     title = f"{c.method}, {c.dataset}, {c.clients} clients ({c.partition}), {c.rounds} round(s)"
     plot(result.history, c.method, out / PLOT, title)
     atomic_write_text(out / REPORT, markdown(result))
-    template, _ = resolve_model(c, load(c.dataset, seed=0))
+    model = c.model_spec(result.model_kw).build()
+    model.load_state_dict(result.state)
     save_checkpoint(
-        load_state(template, result.state),
+        model.eval(),
         out / MODEL,
         metadata={"federation": c.to_dict(), "test_accuracy": result.fused_accuracy},
     )

@@ -53,8 +53,6 @@ class ServerOutcome:
 
 def resolve_model(config: FederationConfig, splits: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The federation's initial model (seeded) and its resolved keyword arguments."""
-    from neurofuse.sources import ModelSpec
-
     kwargs = dict(config.model_kw)
     if config.model is None:
         from neurofuse.cli._common import architecture_kwargs
@@ -62,8 +60,7 @@ def resolve_model(config: FederationConfig, splits: Any) -> tuple[nn.Module, dic
         assert config.arch is not None
         kwargs = architecture_kwargs(config.arch, kwargs, splits)
     torch.manual_seed(config.seed)
-    spec = ModelSpec(target=config.model, arch=None if config.model else config.arch, kwargs=kwargs)
-    return spec.build().eval(), kwargs
+    return config.model_spec(kwargs).build().eval(), kwargs
 
 
 def server_fusion_set(config: FederationConfig, splits: Any) -> tuple[Any, str] | None:
@@ -167,41 +164,37 @@ def serve(grid: Grid, config: FederationConfig, progress: bool = False) -> Serve
             "round": server_round,
             "accuracy": accuracy(load_state(template, from_arrays(arrays))),
         }
-        latest = strategy.latest
-        if server_round > 0 and latest is not None and latest.round == server_round:
-            record = strategy.rounds[-1]
-            row.update(
-                client_accuracies=[accuracy(m) for m in latest.clients],
-                ensemble_accuracy=evaluate_ensemble(latest.clients, x_test, y_test).accuracy,
-                compared={name: accuracy(m) for name, m in latest.compared.items()},
-                compare_errors=dict(record.compare_errors),
-                used=record.used,
-                left_out=[{"node": n, "reason": r} for n, r in record.left_out],
-                class_counts=record.class_counts,
-                bytes_down=record.bytes_down,
-                bytes_up=record.bytes_up,
-                aggregation_seconds=record.seconds,
-            )
-        elif server_round > 0:
+        if server_round > 0:
             record = strategy.rounds[-1]
             row.update(
                 used=record.used,
                 left_out=[{"node": n, "reason": r} for n, r in record.left_out],
                 bytes_down=record.bytes_down,
                 bytes_up=record.bytes_up,
-                skipped=True,
             )
+            latest = strategy.latest
+            if latest is not None and latest.round == server_round:
+                row.update(
+                    client_accuracies=[accuracy(m) for m in latest.clients],
+                    ensemble_accuracy=evaluate_ensemble(latest.clients, x_test, y_test).accuracy,
+                    compared={name: accuracy(m) for name, m in latest.compared.items()},
+                    compare_errors=dict(record.compare_errors),
+                    class_counts=record.class_counts,
+                    aggregation_seconds=record.seconds,
+                )
+            else:
+                row["skipped"] = True
         row["seconds"] = time.perf_counter() - start
         history.append(row)
         return MetricRecord({"accuracy": row["accuracy"]})
 
-    client_record = ConfigRecord(config.client_record(model_kw))
-    result = strategy.start(
+    client_record = config.client_record(model_kw)
+    result = strategy.start(  # Flower writes server-round into each: two records
         grid=ProgressGrid(grid, progress),
         initial_arrays=to_arrays(template.state_dict()),
         num_rounds=config.rounds,
-        train_config=client_record,
-        evaluate_config=ConfigRecord(config.client_record(model_kw)),
+        train_config=ConfigRecord(client_record),
+        evaluate_config=ConfigRecord(client_record),
         evaluate_fn=evaluate_round,
     )
     final = result.arrays if len(result.arrays) else to_arrays(template.state_dict())

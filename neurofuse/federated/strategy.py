@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
@@ -264,6 +264,3 @@ class FusionStrategy(FedAvg):
 
 def _as_template_dtypes(state: dict[str, Tensor], template: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().to(template[k].dtype) for k, v in state.items()}
-
-
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
