@@ -516,7 +516,7 @@ def test_methods_options_shows_descriptions_users_and_json():
     output = ok("methods", "--options", "hf_linear").output
     assert "ridge" in output and "n_init" not in output and "relative ridge" in output
     listing = json.loads(ok("methods", "--options", "kf_linear", "--json").stdout)
-    assert listing["n_init"]["default"] == 4 and "k-means" in listing["n_init"]["description"]
+    assert listing["n_init"]["default"] == "auto" and "k-means" in listing["n_init"]["description"]
     assert "kf_linear" in listing["n_init"]["used_by"]
     assert "hf_linear" not in listing["n_init"]["used_by"]
     methods = json.loads(ok("methods", "--json").stdout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,117 @@ def test_float32_products_on_shifted_rows_stay_accurate_for_large_means():
     fast.add(x, y)
     torch.testing.assert_close(fast.gram, exact.gram, rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(fast.solve(0.0), exact.solve(0.0), rtol=1e-3, atol=1e-3)
+
+
+def _problem(n, p, d, seed=0, offset=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64).relu() + offset * torch.rand(
+        p, generator=g, dtype=torch.float64
+    )
+    y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _pair(x, y, bias=True, targets=True, chunk=None):
+    """The same problem in the dual form (rows held) and in the primal form."""
+    out = []
+    for dual in (True, False):
+        ls = LeastSquares.empty(
+            x.shape[1], y.shape[1], bias, x.device, torch.float64, targets=targets, dual=dual
+        )
+        for lo in range(0, x.shape[0], chunk or x.shape[0]):
+            ls.add(x[lo : lo + (chunk or x.shape[0])], y[lo : lo + (chunk or x.shape[0])])
+        out.append(ls)
+    return out
+
+
+def _assignment(labels, k, g):
+    a = torch.zeros(k, labels.numel(), dtype=torch.float64)
+    w = torch.rand(labels.numel(), generator=g, dtype=torch.float64) + 0.1
+    a[labels, torch.arange(labels.numel())] = w
+    return a / a.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dual_form_equals_primal_form_with_fewer_rows_than_unknowns(bias):
+    x, y = _problem(12, 30, 8)
+    dual, primal = _pair(x, y, bias, chunk=5)
+    assert dual.dual and not primal.dual
+    torch.testing.assert_close(dual.gram, primal.gram)
+    torch.testing.assert_close(dual.cross, primal.cross)
+    torch.testing.assert_close(dual.solve(1e-6), primal.solve(1e-6), rtol=1e-6, atol=1e-8)
+    fd, fp = dual.factor(1e-6), primal.factor(1e-6)
+    cd, cp = dual.coordinates(fd), primal.coordinates(fp)
+    assert cd.shape[0] <= 12 < cp.shape[0]  # N-dimensional coordinates instead of q
+    # the same geometry of the projected target columns, and the same weights from it
+    torch.testing.assert_close(
+        torch.cdist(cd.T, cd.T), torch.cdist(cp.T, cp.T), rtol=1e-6, atol=1e-8
+    )
+    a = _assignment(torch.tensor([0, 1, 2, 0, 1, 2, 3, 3]), 4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fd.weights(cd @ a.T), fp.weights(cp @ a.T), rtol=1e-6, atol=1e-8)
+
+
+def test_dual_prior_centred_solve_equals_primal():
+    x, y = _problem(15, 40, 6, seed=4)
+    dual, primal = _pair(x, y)
+    g = torch.Generator().manual_seed(5)
+    a = _assignment(torch.tensor([0, 1, 2, 0, 1, 2]), 3, g)
+    w0 = torch.randn(41, 3, generator=g, dtype=torch.float64)
+    wd, lam_d = dual.solve_prior(w0, 1e-3, a)
+    wp, lam_p = primal.solve_prior(w0, 1e-3, a)
+    assert lam_d == lam_p == pytest.approx(1e-3)
+    torch.testing.assert_close(wd, wp, rtol=1e-6, atol=1e-7)
+    # off the rows' span the answer keeps the prior (the span of X^T)
+    x1 = torch.cat([x, torch.ones(15, 1, dtype=x.dtype)], 1)
+    null = torch.linalg.svd(x1, full_matrices=True).Vh[15:]  # (q - N, q)
+    torch.testing.assert_close(null @ wd, null @ w0, rtol=1e-6, atol=1e-7)
+
+
+def test_dual_gcv_choice_is_the_minimum_of_the_explicit_criterion():
+    """With fewer rows than unknowns the residual vanishes as lam -> 0; the criterion, in the
+    kernel's terms ``RSS = ||lam (K + lam)^{-1} r0||^2``, ``1 - df/n = lam tr((K + lam)^{-1}) / n``
+    (no cancellation), must still be minimised on the grid."""
+    x, y = _problem(15, 40, 6, seed=9)
+    dual, _ = _pair(x, y)
+    g = torch.Generator().manual_seed(10)
+    a = _assignment(torch.tensor([0, 1, 2, 0, 1, 2]), 3, g)
+    w0 = 0.05 * torch.randn(41, 3, generator=g, dtype=torch.float64)
+    _, chosen = dual.solve_prior(w0, None, a, ridge=1e-9)
+    x1 = torch.cat([x, torch.ones(15, 1, dtype=x.dtype)], 1)
+    k = x1 @ x1.T
+    scale = float(torch.trace(k)) / 41
+    r0 = y @ a.T - x1 @ w0
+    best, best_rel = math.inf, None
+    for rel in torch.logspace(-9, 4, 41, dtype=torch.float64).tolist():
+        lam = rel * scale
+        m = k + lam * torch.eye(15, dtype=x.dtype)
+        rss = float((lam * torch.linalg.solve(m, r0)).square().sum())
+        slack = lam * float(torch.trace(torch.linalg.inv(m))) / 15
+        gcv = rss / slack**2
+        if gcv < best * (1 - 1e-9):
+            best, best_rel = gcv, rel
+    assert chosen == pytest.approx(best_rel, rel=1e-6)
+
+
+def test_rows_beyond_the_unknowns_switch_to_the_primal_form_losslessly():
+    x, y = _problem(40, 10, 3, seed=6)
+    held = LeastSquares.empty(10, 3, True, x.device, torch.float64, targets=True)
+    held.add(x[:8], y[:8])
+    assert held.dual
+    held.add(x[8:], y[8:])  # 40 rows > 11 unknowns: the held rows join the normal equations
+    assert not held.dual
+    _, primal = _pair(x, y)
+    torch.testing.assert_close(held.gram, primal.gram)
+    torch.testing.assert_close(held.target_gram, primal.target_gram)
+    torch.testing.assert_close(held.solve(1e-8), primal.solve(1e-8))
+
+
+def test_target_energy_is_the_norm_of_the_projected_targets():
+    x, y = _problem(50, 6, 9, seed=7)
+    _, primal = _pair(x, y)
+    g = torch.Generator().manual_seed(8)
+    sparse = _assignment(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3]), 4, g)
+    dense = torch.rand(4, 9, generator=g, dtype=torch.float64)
+    for p in (None, sparse, dense):
+        t = y if p is None else y @ p.T
+        assert primal._target_energy(p) == pytest.approx(float(t.square().sum()), rel=1e-10)

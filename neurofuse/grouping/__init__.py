@@ -31,9 +31,12 @@ import torch
 from torch import Tensor
 
 from neurofuse.grouping._base import (
+    AUTO_RESTARTS,
+    AUTO_RESTARTS_K,
     Grouping,
     _check_points,
     kmeans_cost,
+    restarts,
     weighted_centroids,
 )
 from neurofuse.grouping.hungarian import (
@@ -153,6 +156,8 @@ def group(
 
 
 __all__ = [
+    "AUTO_RESTARTS",
+    "AUTO_RESTARTS_K",
     "GROUPING_METHODS",
     "Grouping",
     "group",
@@ -160,6 +165,7 @@ __all__ = [
     "kmeans_cost",
     "local_search_kmeans",
     "matching_labels",
+    "restarts",
     "weighted_centroids",
     "weighted_kmeans",
 ]

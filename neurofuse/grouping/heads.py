@@ -31,6 +31,7 @@ from neurofuse.grouping._base import (
     _check_points,
     _check_weights,
     _make_generator,
+    restarts,
 )
 from neurofuse.grouping.hungarian import _pairwise_sq_dists
 
@@ -118,7 +119,7 @@ def kmeans_heads(
     head_dim: int,
     k_heads: int,
     *,
-    n_init: int = 4,
+    n_init: int | str = "auto",
     max_iter: int = 50,
     seed: int = 0,
     first_centres: Sequence[int] | None = None,
@@ -159,7 +160,7 @@ def kmeans_heads(
     heads_z = z.reshape(n_heads, head_dim, -1)
     heads_w = w.reshape(n_heads, head_dim)
     best: tuple[float, Tensor] | None = None
-    for run in range(int(n_init)):
+    for run in range(restarts(n_init, k_heads)):
         start = list(first_centres)[:k_heads] if run == 0 and first_centres is not None else []
         centres = _seed(heads_z, heads_w, k_heads, gen, start)
         cost, labels = _lloyd(heads_z, heads_w, centres, int(max_iter))

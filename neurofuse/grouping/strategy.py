@@ -33,7 +33,7 @@ class NeuronGrouping:
     kind: GroupingKind
     variant: str = "linear"
     seed: int = 0
-    n_init: int = 4
+    n_init: int | Literal["auto"] = "auto"
     max_iter: int = 100
     local_search: bool = False
     seeding: str = "k-means++"

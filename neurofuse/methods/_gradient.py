@@ -124,7 +124,8 @@ class GradientOptions:
             ``None`` to start from the template's own weights (``nf.fuse(..., target=...)``;
             e.g. compressing a large model into a trained small one, paper section 5.5.2). A
             base level whose shapes differ from the template's also leaves the template's.
-        n_init, max_iter: k-means restarts and iterations (KF only).
+        n_init, max_iter: k-means restarts (``"auto"``: 4 up to 512 fused neurons per space,
+            fewer beyond) and iterations (KF only).
         kmeans_seeding: how k-means starts (KF only): ``"k-means++"`` (default, ``n_init``
             restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
             models: faster on wide layers, a higher grouping error on trained ones) or
@@ -147,7 +148,7 @@ class GradientOptions:
     head_loss: Literal["mse", "kl"] = "mse"
     temperature: float = 1.0
     init_model: int | None = 0
-    n_init: int = 4
+    n_init: int | Literal["auto"] = "auto"
     max_iter: int = 100
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
 

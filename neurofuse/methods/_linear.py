@@ -5,8 +5,10 @@ affine and is folded into the fit) is fitted in forward order, each from the inp
 *already fused* network gives it (paper section 4, appendix A/B):
 
 1. the base models' unit outputs ``Y`` (one column per base neuron) are projected onto the
-   column space of the fused input ``X``; the projection is represented by its coordinates
-   ``L^{-1} X^T Y`` in p dimensions (:class:`neurofuse.fitting.LeastSquares`);
+   column space of the fused input ``X``; the projection is represented by its coordinates in
+   an orthonormal basis, in ``min(p, N)`` dimensions (:class:`neurofuse.closed_form.LeastSquares`:
+   ``L^{-1} X^T Y`` from the Gram matrix, or from the N x N kernel when a layer has fewer
+   fusion rows ``N`` than inputs ``p``);
 2. the projected neurons are grouped (Hungarian matching or importance-weighted k-means);
 3. the weights whose outputs are the importance-weighted group centroids are solved in closed
    form: ``W = (X^T X)^{-1} X^T T``.
@@ -41,7 +43,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from neurofuse.fitting import LeastSquares, affine_inputs, affine_output_rows
+from neurofuse.fitting import Factor, LeastSquares, affine_inputs, affine_output_rows
 from neurofuse.graph import (
     ADD_FUNCTIONS,
     AFFINE_TYPES,
@@ -318,7 +320,7 @@ class _LinearFusion:
         units: list[fx.Node],
         space: int,
         project: Tensor | None = None,
-        chol: Tensor | None = None,
+        factor: Factor | None = None,
         coords: Tensor | None = None,
     ) -> Tensor:
         """The units' weights fitted to ``T = Y project^T`` (or ``Y``), regularised towards
@@ -330,10 +332,10 @@ class _LinearFusion:
             return w
         if project is None:
             return ls.solve(self.opt.ridge)
-        if chol is None or coords is None:
-            chol = ls.factor(self.opt.ridge)
-            coords = ls.coordinates(chol)
-        return LeastSquares.weights_from_coordinates(chol, coords @ project.T)
+        if factor is None or coords is None:
+            factor = ls.factor(self.opt.ridge)
+            coords = ls.coordinates(factor)
+        return factor.weights(coords @ project.T)
 
     # ------------------------------------------------------------------ the kinds of unit
     def fit_unit(self, u: fx.Node, space: int) -> None:
@@ -344,8 +346,8 @@ class _LinearFusion:
         x = self.fused_value(u.args[0])  # type: ignore[arg-type]
 
         ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi])  # type: ignore[list-item]
-        chol = ls.factor(self.opt.ridge)
-        coords = ls.coordinates(chol)  # (q, d_M)
+        factor = ls.factor(self.opt.ridge)
+        coords = ls.coordinates(factor)  # (q, d_M)
         parts = self.parts(u)
         if not self.ready(space):
             if parts != 1:
@@ -360,7 +362,7 @@ class _LinearFusion:
                 points = self.stream_points(space)
             self.groupings[space] = self.group(points, s, k, widths, self.plan.spaces[space].name)
         a = expand_parts(self.grouping(space)[0], parts, self.sizes(space))
-        self.write([u], ls, self.solve(ls, [u], space, a, chol, coords))
+        self.write([u], ls, self.solve(ls, [u], space, a, factor, coords))
 
     def fit_heads(self, space: int, done: set[fx.Node]) -> list[fx.Node]:
         """The query/key/value units of an attention space: heads grouped as units on the
@@ -383,10 +385,10 @@ class _LinearFusion:
             y, widths, ys = self.base_rows(end, layer)
             x = self.fused_value(u.args[0])  # type: ignore[arg-type]
             ls = self.accumulate([layer], [x], self.can_carry_bias(u), _row_slicer(y))
-            chol = ls.factor(self.opt.ridge)
-            coords = ls.coordinates(chol)
+            factor = ls.factor(self.opt.ridge)
+            coords = ls.coordinates(factor)
             parts = self.parts(u)
-            fits.append((u, ls, chol, coords, parts))
+            fits.append((u, ls, factor, coords, parts))
             s = self.scores(end, ys, widths)
             per_model, lo = [], 0
             w_model = []
@@ -405,9 +407,9 @@ class _LinearFusion:
             )
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
         self.groupings[space] = g.assignment_matrix().to(torch.float64)
-        for u, ls, chol, coords, parts in fits:
+        for u, ls, factor, coords, parts in fits:
             a = expand_parts(self.groupings[space], parts, sizes)
-            self.write([u], ls, self.solve(ls, [u], space, a, chol, coords))
+            self.write([u], ls, self.solve(ls, [u], space, a, factor, coords))
         return units
 
     def sum_operands(self, add: fx.Node, done: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -459,12 +461,12 @@ class _LinearFusion:
         else:
             k = self.plan.spaces[space].size
             ls = self.accumulate(layers, xs, bias, _row_slicer(y))
-            chol = ls.factor(self.opt.ridge)
-            coords = ls.coordinates(chol)
+            factor = ls.factor(self.opt.ridge)
+            coords = ls.coordinates(factor)
             self.groupings[space] = a = self.group(
                 coords.T.contiguous(), self.scores(add, ys, widths), k, widths, add.name
             )
-            w = self.solve(ls, units, space, a, chol, coords)
+            w = self.solve(ls, units, space, a, factor, coords)
         self.write(units, ls, w)
         return units
 

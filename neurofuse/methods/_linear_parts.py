@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
+from neurofuse.grouping import restarts
 from neurofuse.utils import optional_tensor_attr, tensor_attr
 
 
@@ -26,7 +27,8 @@ class LinearOptions:
         ridge: relative ridge added to ``X^T X`` (times its mean diagonal) for rank-deficient
             inputs.
         chunk_size: samples per chunk when accumulating Gram matrices.
-        n_init: k-means restarts (KF only).
+        n_init: k-means restarts (KF only); ``"auto"`` (default): 4 up to 512 fused neurons
+            per space, fewer beyond (:data:`neurofuse.grouping.AUTO_RESTARTS_K`).
         max_iter: Lloyd iterations per restart (KF only).
         local_search: refine k-means with Kanungo et al.'s swap local search (KF only).
         kmeans_seeding: how k-means starts (KF only): ``"k-means++"`` (default, ``n_init``
@@ -60,7 +62,7 @@ class LinearOptions:
 
     ridge: float = 1e-9
     chunk_size: int = 128
-    n_init: int = 4
+    n_init: int | Literal["auto"] = "auto"
     max_iter: int = 100
     local_search: bool = False
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
@@ -83,8 +85,12 @@ class LinearOptions:
             )
         if self.precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
-        if self.ridge < 0 or self.chunk_size < 1 or self.n_init < 1 or self.max_iter < 1:
-            raise ValueError("ridge must be >= 0 and chunk_size, n_init, max_iter positive")
+        if restarts(self.n_init, 1) < 1:
+            raise ValueError(
+                f"n_init must be a positive number of restarts or 'auto'; got {self.n_init!r}"
+            )
+        if self.ridge < 0 or self.chunk_size < 1 or self.max_iter < 1:
+            raise ValueError("ridge must be >= 0 and chunk_size, max_iter positive")
 
 
 def check_batchnorms(fgm: fx.GraphModule) -> None:
