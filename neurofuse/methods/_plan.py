@@ -191,7 +191,10 @@ def map_axis(t: Tensor, axis: int, m: Tensor, member: Member, size: int) -> Tens
         # size x rest (the dense form was a third of KF Linear's time at width 2048)
         p, _, r, x = blocks.shape
         flat = blocks.permute(1, 0, 2, 3).reshape(size, p * r * x)
-        mapped = torch.sparse.mm(m.to_sparse(), flat).reshape(-1, p, r, x).permute(1, 0, 2, 3)
+        rows, cols = m.nonzero(as_tuple=True)
+        mapped = flat.new_zeros(m.shape[0], p * r * x)
+        mapped.index_add_(0, rows, flat[cols] * m[rows, cols].unsqueeze(1))
+        mapped = mapped.reshape(-1, p, r, x).permute(1, 0, 2, 3)
     else:
         mapped = torch.einsum("ij,pjrx->pirx", m, blocks)
     return mapped.reshape(member.parts * m.shape[0] * member.repeat, *rest).movedim(0, axis)
