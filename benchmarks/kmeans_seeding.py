@@ -1,14 +1,15 @@
-"""K-means seeding at width (issue 13): exact k-means++, k-means++ on principal coordinates,
-and one Hungarian matching.
+"""K-means seeding and restarts at width (issue 13): exact k-means++, k-means++ on principal
+coordinates with four restarts or with ``n_init="auto"``, and one Hungarian matching.
 
     .venv/bin/python benchmarks/kmeans_seeding.py [--widths 256,512,1024,2048] [--seeds 0]
 
 Two MLPs 784-W-W-10 are trained briefly (4 epochs) on a 2-way split of MNIST-5k (non-IID
 Dirichlet and sharded), then fused by KF Linear on 400 samples of model 0's data with the
-k-means started three ways: ``exact`` (4 k-means++ restarts with distances in the full working
-coordinates in float64: the grouping before issue 13), ``k-means++`` (the same restarts with
-the seeding's distances on 64 principal coordinates in float32: the default now) and
-``matching`` (one start from a Hungarian matching of the two models, ``kmeans_seeding=
+k-means started four ways: ``exact`` (4 k-means++ restarts with distances in the full working
+coordinates in float64: the grouping before issue 13), ``k-means++`` (the same 4 restarts with
+the seeding's distances on 64 principal coordinates in float32), ``auto`` (the same seeding
+with ``n_init="auto"``: 4 restarts up to 512 groups, 2 at 1024, 1 from 2048; the default now)
+and ``matching`` (one start from a Hungarian matching of the two models, ``kmeans_seeding=
 "matching"``). Printed and written to ``benchmarks/results/kmeans_seeding.md`` with a log-log
 plot: grouping time, total fusion time, the grouping error (k-means cost summed over levels) and
 test accuracy, with the ratios to ``exact`` measured in the same run. Finished rows are kept in
@@ -34,7 +35,7 @@ from neurofuse.train import TrainConfig, train_model
 from neurofuse.utils import atomic_write_text
 
 OUT = Path(__file__).parent / "results"
-SEEDINGS = ("exact", "k-means++", "matching")
+SEEDINGS = ("exact", "k-means++", "auto", "matching")
 REFERENCE = "exact"
 SPLITS = ("dirichlet", "sharded")
 
@@ -65,7 +66,8 @@ def _row(models, fusion, seeding: str, splits: data.DataSplits) -> dict:
                 models,
                 fusion,
                 method="kf_linear",
-                kmeans_seeding="k-means++" if seeding == "exact" else seeding,
+                kmeans_seeding="matching" if seeding == "matching" else "k-means++",
+                n_init="auto" if seeding == "auto" else 4,
             )
     finally:
         kmeans.SEED_DIMS = dims
@@ -121,7 +123,7 @@ def _report(rows: dict, widths: list[int], seeds: list[int], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     lines = [
-        "# K-means seeding at width (issue 13)",
+        "# K-means seeding and restarts at width (issue 13)",
         "",
         "Command: `.venv/bin/python benchmarks/kmeans_seeding.py "
         f"--widths {','.join(map(str, widths))} --seeds {','.join(map(str, seeds))}`",

@@ -279,8 +279,9 @@ def main() -> None:
                 point = point_of(axis, x)
                 if method == "hf_linear" and point["models"] != 2:
                     continue
-                if key in rows and "seconds" in rows[key]:
-                    over = rows[key]["seconds"] > args.budget
+                if key in rows and rows[key].get("status") != "skipped":
+                    # measured, or over the budget / failed before: resume after it
+                    over = rows[key].get("seconds", math.inf) > args.budget
                     continue
                 if over:
                     rows[key] = {"status": "skipped"}

@@ -381,7 +381,8 @@ class LeastSquares:
             lam = _gcv_choice(
                 s, (z * z).sum(1), rss0, energy, self.rows, scale, ridge, primal=False
             )
-        return w0 + x.T @ (u @ (z / (s + lam).unsqueeze(1))), lam / scale
+        w = x.T @ (u @ (z / (s + lam).unsqueeze(1)))
+        return w.add_(w0), lam / scale
 
 
 def _gcv_choice(

@@ -265,3 +265,28 @@ def test_target_energy_is_the_norm_of_the_projected_targets():
     for p in (None, sparse, dense):
         t = y if p is None else y @ p.T
         assert primal._target_energy(p) == pytest.approx(float(t.square().sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("parts,repeat", [(1, 1), (3, 1), (2, 4)])
+@pytest.mark.parametrize("kind", ["grouping", "shared", "dense"])
+def test_map_axis_sparse_paths_equal_the_dense_product(parts, repeat, kind):
+    """A grouping (one non-zero per old neuron), a plan whose neurons split between groups,
+    and a dense map must all give ``t'[.., i, ..] = sum_j m[i, j] t[.., j, ..]``."""
+    from neurofuse.alignment.space import Member
+    from neurofuse.methods._plan import map_axis
+
+    g = torch.Generator().manual_seed(11)
+    size, k = 12, 5
+    t = torch.randn(7, parts * size * repeat, 3, generator=g, dtype=torch.float64)
+    if kind == "dense":
+        m = torch.rand(k, size, generator=g, dtype=torch.float64)
+    else:
+        m = torch.zeros(k, size, dtype=torch.float64)
+        labels = torch.arange(size) % k
+        m[labels, torch.arange(size)] = torch.rand(size, generator=g, dtype=torch.float64) + 0.1
+        if kind == "shared":  # one neuron split between two groups (a transport plan)
+            m[(labels[0] + 1) % k, 0] = 0.5
+    member = Member("w", 1, repeat, parts)
+    blocks = t.reshape(7, parts, size, repeat, 3)
+    ref = torch.einsum("ij,npjrx->npirx", m, blocks).reshape(7, parts * k * repeat, 3)
+    torch.testing.assert_close(map_axis(t, 1, m, member, size), ref)

@@ -557,3 +557,21 @@ def test_kf_linear_with_a_matching_seed_recovers_a_permuted_copy():
     fused = nf.fuse([model, twin], x, method="kf_linear", kmeans_seeding="matching")
     torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
     assert set(fused.neurofuse_report["kmeans_seeding"].values()) == {"matching"}
+
+
+def test_auto_restarts_fall_with_the_number_of_groups():
+    from neurofuse.grouping import AUTO_RESTARTS, AUTO_RESTARTS_K, restarts
+
+    assert restarts("auto", 10) == restarts("auto", AUTO_RESTARTS_K) == AUTO_RESTARTS
+    assert restarts("auto", 2 * AUTO_RESTARTS_K) == AUTO_RESTARTS // 2
+    assert restarts("auto", 4 * AUTO_RESTARTS_K) == restarts("auto", 10**6) == 1
+    assert restarts(3, 10**6) == 3  # an explicit count is kept
+    for bad in ("many", 2.5, True):
+        with pytest.raises(ValueError, match="n_init"):
+            restarts(bad, 10)
+    # "auto" runs the restarts it names: the same answer as asking for them
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 5, generator=g)
+    auto = weighted_kmeans(points, None, 20, seed=3)
+    explicit = weighted_kmeans(points, None, 20, seed=3, n_init=restarts("auto", 20))
+    assert torch.equal(auto.labels, explicit.labels)

@@ -23,10 +23,11 @@ _DEFAULT_CANDIDATES = 512
 #: ``n_init="auto"``: this many k-means++ restarts for up to :data:`AUTO_RESTARTS_K` groups,
 #: then ``ceil(AUTO_RESTARTS * AUTO_RESTARTS_K / k)`` (2 at 1024 groups, 1 from 2048). With many
 #: groups the best of several seedings differs little from one (the seedings' randomness
-#: averages out over the groups): two MLPs 784-W-W-10, 400 samples, 3 seeds, one restart
-#: against four cost +0.3% grouping error and -0.1 to -0.2 points at W = 1024 and 2048, for half
-#: the grouping time (``benchmarks/kmeans_seeding.py --restarts``). Every committed suite
-#: groups at most 512 neurons per space, so its results are those of four restarts.
+#: averages out over the groups): two trained MLPs 784-W-W-10, 400 samples, 3 seeds, non-IID
+#: and sharded splits, against the exact four-restart grouping: at most +0.3% grouping error
+#: and -0.2 to +0.0 points at W = 1024 and 2048, for 0.18-0.34x the grouping time
+#: (``benchmarks/results/kmeans_seeding.md``). Every committed suite groups at most 512
+#: neurons per space, so its results are those of four restarts.
 AUTO_RESTARTS = 4
 AUTO_RESTARTS_K = 512
 

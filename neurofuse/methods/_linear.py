@@ -309,10 +309,9 @@ class _LinearFusion:
             blocks.append(weight_rows(aligned_average(self.fgm, key, ws, axes, self.grouping)))
             b = a @ torch.cat(bs).to(a)
             intercept = b if intercept is None else intercept + b
-        rows = torch.cat(blocks)
         if bias:
-            rows = torch.cat([rows, intercept.unsqueeze(0).to(rows)])  # type: ignore[union-attr]
-        return rows
+            blocks.append(intercept.unsqueeze(0).to(blocks[0]))  # type: ignore[union-attr]
+        return torch.cat(blocks)
 
     def solve(
         self,
