@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from neurofuse._sparse import entries, matmul, matmul_t
+
 BLOCK_ROWS = 16384
 #: The dual form drops eigenvalues of ``K`` below this fraction of the largest (exact zeros up
 #: to rounding: their eigenvectors are orthogonal to every column of ``X``).
@@ -251,13 +253,13 @@ class LeastSquares:
         n = self.rows
         if project is None:
             return float(torch.trace(self.syy) + 2 * sy @ c + n * c @ c)
-        pr = project.to(self.syy)
-        pc, psy = pr @ c, pr @ sy
-        if int(torch.count_nonzero(pr)) <= _SPARSE_FRACTION * pr.numel():
-            ps = torch.sparse.mm(pr.to_sparse(), self.syy)
-        else:
-            ps = pr @ self.syy
-        return float((ps * pr).sum() + 2 * psy @ pc + n * pc @ pc)
+        pr = project.to(self.syy.dtype)
+        pc, psy = matmul(pr, c), matmul(pr, sy)
+        if not pr.is_sparse and int(torch.count_nonzero(pr)) <= _SPARSE_FRACTION * pr.numel():
+            pr = pr.to_sparse()
+        ps = matmul(pr, self.syy)  # (k, d)
+        rows, cols, vals = entries(pr)
+        return float((ps[rows, cols] * vals).sum() + 2 * psy @ pc + n * pc @ pc)
 
     # ------------------------------------------------------------------ solving
     def factor(self, ridge: float = 1e-6) -> Factor:
@@ -341,7 +343,7 @@ class LeastSquares:
         if self.dual:
             return self._solve_prior_dual(prior, strength, project, ridge)
         g = self.gram
-        c = self.cross if project is None else self.cross @ project.T.to(self.dtype)
+        c = self.cross if project is None else matmul_t(self.cross, project.to(self.dtype))
         w0 = prior.to(g)
         if w0.shape != c.shape:
             raise ValueError(f"prior has shape {tuple(w0.shape)}, the weights {tuple(c.shape)}")
@@ -364,7 +366,7 @@ class LeastSquares:
     ) -> tuple[Tensor, float]:
         x, s, u, scale = self._kernel()
         y = self._y()
-        t = y if project is None else y @ project.T.to(self.dtype)
+        t = y if project is None else matmul_t(y, project.to(self.dtype))
         w0 = prior.to(x)
         if w0.shape != (x.shape[1], t.shape[1]):
             raise ValueError(

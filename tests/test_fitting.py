@@ -290,3 +290,18 @@ def test_map_axis_sparse_paths_equal_the_dense_product(parts, repeat, kind):
     blocks = t.reshape(7, parts, size, repeat, 3)
     ref = torch.einsum("ij,npjrx->npirx", m, blocks).reshape(7, parts * k * repeat, 3)
     torch.testing.assert_close(map_axis(t, 1, m, member, size), ref)
+
+
+def test_expand_parts_of_a_sparse_grouping_equals_the_dense_one():
+    from neurofuse.grouping import weighted_kmeans
+    from neurofuse.methods._linear_parts import expand_parts
+
+    g = torch.Generator().manual_seed(12)
+    sizes = [6, 4, 5]
+    grouping = weighted_kmeans(torch.randn(15, 3, generator=g), torch.rand(15, generator=g), 4)
+    dense, sparse = grouping.assignment_matrix(), grouping.assignment_matrix(sparse=True)
+    torch.testing.assert_close(sparse.to_dense(), dense)
+    for parts in (1, 3):
+        got = expand_parts(sparse, parts, sizes)
+        assert got.is_sparse
+        torch.testing.assert_close(got.to_dense(), expand_parts(dense, parts, sizes))

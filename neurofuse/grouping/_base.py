@@ -77,13 +77,14 @@ class Grouping:
             raise IndexError(f"group index {i} out of range; valid groups are 0..{self.k - 1}")
         return torch.nonzero(self.labels == int(i)).flatten()
 
-    def assignment_matrix(self, weights: Tensor | None = None) -> Tensor:
+    def assignment_matrix(self, weights: Tensor | None = None, sparse: bool = False) -> Tensor:
         """The ``(k, d_M)`` matrix ``A`` with ``A @ Z = T`` (targets from base outputs).
 
         ``A[i, j] = s_j / sum_{l in R_i} s_l`` when ``labels_j = i`` and 0 otherwise, so each
         row is a convex combination of its group's members. A group whose members all have
         zero weight gets uniform coefficients ``1 / |R_i|``. ``weights`` defaults to the
-        grouping's own weights (uniform when it has none). Dtype and device of ``centroids``.
+        grouping's own weights (uniform when it has none). Dtype and device of ``centroids``;
+        ``sparse=True``: a coalesced sparse COO tensor with one entry per base neuron.
         """
         n = self.labels.shape[0]
         device = self.labels.device
@@ -91,6 +92,10 @@ class Grouping:
             weights = self.weights
         w = _check_weights(weights, n, device)
         coef = _member_coefficients(w, self.labels, self.k)
+        if sparse:
+            index = torch.stack([self.labels, torch.arange(n, device=device)])
+            values = coef.to(self.centroids.dtype)
+            return torch.sparse_coo_tensor(index, values, (self.k, n)).coalesce()
         a = torch.zeros(self.k, n, dtype=self.centroids.dtype, device=device)
         a[self.labels, torch.arange(n, device=device)] = coef.to(a.dtype)
         return a

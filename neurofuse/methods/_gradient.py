@@ -29,6 +29,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from neurofuse._sparse import matmul
 from neurofuse.fitting import GradientConfig, fit_gradient, perturb_
 from neurofuse.graph import (
     from_neurons,
@@ -325,12 +326,12 @@ def _linear_target(engine: _LinearFusion, cut: str, b_out: list[Tensor]) -> Tens
     if where is None or not engine.ready(where.index):
         return None
     a, sizes = engine.grouping(where.index)
-    a = expand_parts(a, where.parts, sizes).to(b_out[0])
+    a = expand_parts(a, where.parts, sizes).to(b_out[0].dtype)
     axis = where.axis
     points = torch.cat([to_neurons(o, axis) for o in b_out])
     if points.shape[0] != a.shape[1]:
         return None
-    return from_neurons(a @ points, b_out[0], axis)
+    return from_neurons(matmul(a, points), b_out[0], axis)
 
 
 def _group_level(

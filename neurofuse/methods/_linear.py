@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse._sparse import matmul, matmul_t
 from neurofuse.fitting import Factor, LeastSquares, affine_inputs, affine_output_rows
 from neurofuse.graph import (
     ADD_FUNCTIONS,
@@ -65,9 +66,10 @@ from neurofuse.methods._linear_parts import (
     set_unit,
     weight_rows,
 )
-from neurofuse.methods._plan import FusionPlan, aligned_average
+from neurofuse.methods._plan import FusionPlan, LazySequence, aligned_average
 from neurofuse.methods.registry import FusionContext
 from neurofuse.progress import progress_bar
+from neurofuse.utils import tensor_attr
 
 
 def _units_upstream(node: fx.Node, plan: FusionPlan) -> list[fx.Node]:
@@ -133,7 +135,8 @@ class _LinearFusion:
         self.bnode = [{n.name: n for n in g.graph.nodes} for g in self.bgms]
         self.frun = GraphRunner(self.fgm, ctx.inputs)
         self.bruns = [GraphRunner(g, ctx.inputs) for g in self.bgms]
-        self.groupings: dict[int, Tensor] = {}  # space index -> (k, d_M) averaging matrix
+        # space index -> (k, d_M) averaging matrix, sparse (neurofuse._sparse)
+        self.groupings: dict[int, Tensor] = {}
         for name in self.plan.folded:
             identity_norm(self.fgm.get_submodule(name))
         self.pending = self.plan.settled_keys()
@@ -200,7 +203,7 @@ class _LinearFusion:
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
         if g.seeding:
             self.ctx.report.setdefault("kmeans_seeding", {})[where] = g.seeding
-        return g.assignment_matrix().to(torch.float64)
+        return g.assignment_matrix(sparse=True).to(torch.float64)
 
     def grouping(self, space: int) -> tuple[Tensor, list[int]]:
         """The grouping of a space (found earlier; for a space that cannot be permuted, each
@@ -234,9 +237,8 @@ class _LinearFusion:
                 ]
             )
         scores = scores / scores.sum(0, keepdim=True)  # per neuron, a convex combination
-        return torch.cat([torch.diag(scores[i]) for i in range(len(sizes))], dim=1).to(
-            self.ctx.inputs.device
-        )
+        a = torch.cat([torch.diag(scores[i]) for i in range(len(sizes))], dim=1)
+        return a.to(self.ctx.inputs.device).to_sparse().coalesce()
 
     def ready(self, space: int) -> bool:
         return space in self.groupings or self.plan.spaces[space].fixed
@@ -294,24 +296,35 @@ class _LinearFusion:
         for u in units:
             a = expand_parts(a_space, self.parts(u), sizes)
             end = unit_end(self.fgm, u)
-            before = self.plan.folded_before(u)
-            ws, bs = [], []
-            for m in self.ctx.models:
-                w, b = effective_unit(
-                    m.get_submodule(str(u.target)),
-                    m.get_submodule(before) if before is not None else None,
-                    m.get_submodule(str(end.target)) if end is not u else None,
-                )
-                ws.append(w)
-                bs.append(b)
+            bs: list[Tensor] = [torch.empty(0)] * len(self.ctx.models)
             key = f"{u.target}.weight"
-            axes = self.plan.spaces_of_key(key, ws[0].dim())
+            dim = tensor_attr(self.ctx.models[0].get_submodule(str(u.target)), "weight").dim()
+            axes = self.plan.spaces_of_key(key, dim)
+            ws = self._effective_weights(u, end, self.plan.folded_before(u), bs)
             blocks.append(weight_rows(aligned_average(self.fgm, key, ws, axes, self.grouping)))
-            b = a @ torch.cat(bs).to(a)
+            b = matmul(a, torch.cat(bs).to(a.dtype))
             intercept = b if intercept is None else intercept + b
         if bias:
             blocks.append(intercept.unsqueeze(0).to(blocks[0]))  # type: ignore[union-attr]
         return torch.cat(blocks)
+
+    def _effective_weights(
+        self, u: fx.Node, end: fx.Node, before: str | None, bs: list[Tensor]
+    ) -> LazySequence:
+        """The base models' effective weights of unit ``u`` (float64), made one at a time as
+        :func:`aligned_average` walks them (one W x W float64 copy alive instead of one per
+        model); each model's effective bias is stored into ``bs``."""
+
+        def make(i: int) -> Tensor:
+            m = self.ctx.models[i]
+            w, bs[i] = effective_unit(
+                m.get_submodule(str(u.target)),
+                m.get_submodule(before) if before is not None else None,
+                m.get_submodule(str(end.target)) if end is not u else None,
+            )
+            return w
+
+        return LazySequence(len(self.ctx.models), make)
 
     def solve(
         self,
@@ -334,7 +347,7 @@ class _LinearFusion:
         if factor is None or coords is None:
             factor = ls.factor(self.opt.ridge)
             coords = ls.coordinates(factor)
-        return factor.weights(coords @ project.T)
+        return factor.weights(matmul_t(coords, project))
 
     # ------------------------------------------------------------------ the kinds of unit
     def fit_unit(self, u: fx.Node, space: int) -> None:
@@ -405,7 +418,7 @@ class _LinearFusion:
                 points, w, sizes, sp.heads, sp.head_dim, f"attention space {sp.name!r}"
             )
         self.stats["grouping_cost"] = self.stats.get("grouping_cost", 0.0) + float(g.cost)
-        self.groupings[space] = g.assignment_matrix().to(torch.float64)
+        self.groupings[space] = g.assignment_matrix(sparse=True).to(torch.float64)
         for u, ls, factor, coords, parts in fits:
             a = expand_parts(self.groupings[space], parts, sizes)
             self.write([u], ls, self.solve(ls, [u], space, a, factor, coords))
@@ -449,7 +462,9 @@ class _LinearFusion:
                 layers,
                 xs,
                 bias,
-                lambda lo, hi: y[lo:hi].to(a) @ a.T - (skip[lo:hi] if skip.dim() else 0.0),
+                lambda lo, hi: (
+                    matmul_t(y[lo:hi].to(a.dtype), a) - (skip[lo:hi] if skip.dim() else 0.0)
+                ),
             )
             w = self.solve(ls, units, space)
         elif fixed:

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse._sparse import entries
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
 from neurofuse.grouping import restarts
@@ -200,6 +201,8 @@ def expand_parts(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
     if parts == 1:
         return a
     k = a.shape[0]
+    if a.is_sparse:
+        return _expand_sparse(a, parts, sizes)
     out = a.new_zeros(parts * k, parts * sum(sizes))
     lo = 0
     for c in sizes:
@@ -209,6 +212,25 @@ def expand_parts(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
             ]
         lo += c
     return out
+
+
+def _expand_sparse(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
+    """:func:`expand_parts` of a sparse grouping: entry ``(i, j)`` with ``j`` in model block
+    ``[start, start + c)`` goes to ``(q k + i, parts start + q c + j - start)`` for each part q."""
+    k = a.shape[0]
+    rows, cols, vals = entries(a)
+    edges = torch.tensor([0, *sizes], device=cols.device).cumsum(0)
+    model = torch.bucketize(cols, edges[1:], right=True)
+    start, width = edges[model], torch.tensor(sizes, device=cols.device)[model]
+    q = torch.arange(parts, device=cols.device).repeat_interleave(rows.numel())
+    index = torch.stack(
+        [
+            q * k + rows.repeat(parts),
+            parts * start.repeat(parts) + q * width.repeat(parts) + (cols - start).repeat(parts),
+        ]
+    )
+    shape = (parts * k, parts * sum(sizes))
+    return torch.sparse_coo_tensor(index, vals.repeat(parts), shape).coalesce()
 
 
 def normal_equations(

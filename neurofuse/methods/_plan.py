@@ -11,13 +11,14 @@ models' neurons stacked model after model).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse._sparse import columns, entries, positive
 from neurofuse.alignment import Space, permutation_spaces
 from neurofuse.alignment.space import Member
 from neurofuse.graph import AFFINE_TYPES, module_of, unit_end
@@ -177,33 +178,91 @@ def is_incoming(gm: fx.GraphModule, key: str, axis: int) -> bool:
 
 #: A mapping with at most this fraction of non-zeros is applied as a sparse matrix.
 _SPARSE_FRACTION = 0.25
+#: ... in column chunks whose temporaries hold at most this many elements (32 MiB in float64).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def map_axis(t: Tensor, axis: int, m: Tensor, member: Member, size: int) -> Tensor:
     """``t`` with the ``size`` neurons on ``axis`` (``parts`` x ``repeat`` layout of ``member``)
     mapped through ``m`` (``(k, size)``): new neuron ``i`` is ``sum_j m[i, j]`` old ``j``."""
+    if (
+        member.parts == 1
+        and member.repeat == 1
+        and (m.is_sparse or int(torch.count_nonzero(m)) <= _SPARSE_FRACTION * m.numel())
+    ):
+        return _map_sparse(t, axis, m.to(t.dtype))
     moved = t.movedim(axis, 0)
     rest = moved.shape[1:]
     blocks = moved.reshape(member.parts, size, member.repeat, -1)
-    m = m.to(blocks)
-    if m.dim() == 2 and int(torch.count_nonzero(m)) <= _SPARSE_FRACTION * m.numel():
+    m = m.to(blocks.dtype)
+    if m.is_sparse or int(torch.count_nonzero(m)) <= _SPARSE_FRACTION * m.numel():
         # a grouping (one non-zero per column): a sparse product costs size x rest, not k x
         # size x rest (the dense form was a third of KF Linear's time at width 2048)
         p, _, r, x = blocks.shape
         flat = blocks.permute(1, 0, 2, 3).reshape(size, p * r * x)
         mapped = flat.new_zeros(m.shape[0], p * r * x)
-        nonzero = m != 0
-        if bool((nonzero.sum(0) == 1).all()):  # one group per old neuron: no gather needed
-            rows = nonzero.to(torch.int8).argmax(0)
-            cols = torch.arange(size, device=m.device)
-            mapped.index_add_(0, rows, flat * m[rows, cols].unsqueeze(1))
-        else:
-            rows, cols = nonzero.nonzero(as_tuple=True)
-            mapped.index_add_(0, rows, flat[cols] * m[rows, cols].unsqueeze(1))
+        rows, cols, vals = entries(m)
+        gather: Tensor | None = cols
+        if cols.numel() == size and bool((torch.bincount(cols, minlength=size) == 1).all()):
+            order = torch.argsort(cols)  # one entry per old neuron: no gather needed
+            rows, gather, vals = rows[order], None, vals[order]
+        step = max(1, _CHUNK_ELEMENTS // max(1, rows.numel()))  # bounded temporaries
+        for lo in range(0, flat.shape[1], step):
+            part = flat[:, lo : lo + step] if gather is None else flat[gather, lo : lo + step]
+            mapped[:, lo : lo + step].index_add_(0, rows, part * vals.unsqueeze(1))
         mapped = mapped.reshape(-1, p, r, x).permute(1, 0, 2, 3)
     else:
         mapped = torch.einsum("ij,pjrx->pirx", m, blocks)
     return mapped.reshape(member.parts * m.shape[0] * member.repeat, *rest).movedim(0, axis)
+
+
+def _map_sparse(t: Tensor, axis: int, m: Tensor) -> Tensor:
+    """:func:`map_axis` of a plain axis (one part, no repeat) through a sparse ``m``, in
+    place along ``axis``: no moved copies, temporaries of one chunk (wide layers' memory)."""
+    rows, cols, vals = entries(m)
+    shape = list(t.shape)
+    shape[axis] = m.shape[0]
+    mapped = t.new_zeros(shape)
+    if cols.numel() == t.shape[axis] and bool(
+        (torch.bincount(cols, minlength=t.shape[axis]) == 1).all()
+    ):
+        order = torch.argsort(cols)  # one entry per old neuron: no gather needed
+        rows, vals = rows[order], vals[order]
+        source = t
+    else:
+        source = t.index_select(axis, cols)
+    view = [1] * t.dim()
+    view[axis] = -1
+    scale = vals.view(view)
+    other = 1 if axis == 0 and t.dim() > 1 else 0
+    if other == axis:  # a vector
+        return mapped.index_add_(axis, rows, source * scale)
+    step = max(1, _CHUNK_ELEMENTS * source.shape[other] // max(1, source.numel()))
+    for lo in range(0, source.shape[other], step):
+        n = min(step, source.shape[other] - lo)
+        chunk = source.narrow(other, lo, n) * scale
+        mapped.narrow(other, lo, n).index_add_(axis, rows, chunk)
+    return mapped
+
+
+class LazySequence(Sequence[Tensor]):
+    """``n`` tensors made on demand by ``make(i)``: a caller that walks them in order holds
+    one at a time (:func:`aligned_average` of wide layers)."""
+
+    def __init__(self, n: int, make: Callable[[int], Tensor]) -> None:
+        self._n, self._make = n, make
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in range(self._n):
+            yield self._make(i)  # not bound to a local: the caller's reference is the only one
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._make(i % self._n)
 
 
 def aligned_average(
@@ -227,18 +286,18 @@ def aligned_average(
     out = None
     n = len(tensors)
     writes = any(not is_incoming(gm, key, axis) for axis, _, _ in axes)
-    for k, t in enumerate(tensors):
-        t = t.detach().to(torch.float64)
+    for k in range(n):  # (not enumerate: its cached result tuple keeps the last tensor alive)
+        t = tensors[k].detach().to(torch.float64)
         for axis, space, member in axes:
             a, sizes = grouping(space)
             lo = sum(sizes[:k])
-            block = a[:, lo : lo + sizes[k]]
+            block = columns(a, lo, sizes[k])
             if is_incoming(gm, key, axis):
-                block = (block > 0).to(block)
+                block = positive(block)
             t = map_axis(t, axis, block, member, sizes[k])
         scale = 1.0 if writes else 1.0 / n
-        if out is None:
-            out = t * scale  # a new tensor: never the caller's
+        if out is None:  # mapped along an axis, t is a new tensor; otherwise it may be the caller's
+            out = t.mul_(scale) if axes else t * scale
         else:
             out.add_(t, alpha=scale)
         del t

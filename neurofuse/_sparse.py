@@ -1,0 +1,63 @@
+"""Products with a grouping's averaging matrix ``A`` (``k x d_M``), dense or sparse.
+
+A grouping has one non-zero per base neuron, so the Linear variants keep ``A`` as a sparse COO
+tensor: dense it costs ``k x d_M`` float64 (1 GiB per space for two width-8192 models, kept for
+the whole fusion), sparse ``d_M`` entries. These helpers take either form, so code that
+receives ``A`` from elsewhere (ZipIt!, CCA Merge: dense) works unchanged. (``torch.sparse``
+has the products but not column slicing or ``x @ A^T`` for every layout; hence the helpers.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def matmul(a: Tensor, x: Tensor) -> Tensor:
+    """``a @ x`` for a dense or sparse ``a`` and a dense ``x`` (1-D or 2-D)."""
+    if not a.is_sparse:
+        return a @ x
+    if x.dim() == 1:
+        return torch.sparse.mm(a, x.unsqueeze(1)).squeeze(1)
+    return torch.sparse.mm(a, x)
+
+
+def matmul_t(x: Tensor, a: Tensor) -> Tensor:
+    """``x @ a^T`` for a dense ``x`` and a dense or sparse ``a``."""
+    if not a.is_sparse:
+        return x @ a.T
+    return torch.sparse.mm(a, x.T).T
+
+
+def entries(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row indices, column indices and values of the stored entries of ``a`` (a dense ``a``:
+    its non-zeros)."""
+    if a.is_sparse:
+        a = a.coalesce()
+        rows, cols = a.indices()
+        return rows, cols, a.values()
+    rows, cols = a.nonzero(as_tuple=True)
+    return rows, cols, a[rows, cols]
+
+
+def columns(a: Tensor, lo: int, size: int) -> Tensor:
+    """Columns ``lo .. lo + size - 1`` of ``a``, in ``a``'s layout."""
+    if not a.is_sparse:
+        return a[:, lo : lo + size]
+    rows, cols, vals = entries(a)
+    keep = (cols >= lo) & (cols < lo + size)
+    index = torch.stack([rows[keep], cols[keep] - lo])
+    return torch.sparse_coo_tensor(index, vals[keep], (a.shape[0], size)).coalesce()
+
+
+def positive(a: Tensor) -> Tensor:
+    """``(a > 0)`` as ``a``'s dtype, in ``a``'s layout."""
+    if not a.is_sparse:
+        return (a > 0).to(a)
+    rows, cols, vals = entries(a)
+    index = torch.stack([rows, cols])
+    return torch.sparse_coo_tensor(index, (vals > 0).to(vals), a.shape).coalesce()
+
+
+def dense(a: Tensor) -> Tensor:
+    return a.to_dense() if a.is_sparse else a
