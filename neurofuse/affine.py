@@ -95,9 +95,9 @@ def set_affine_weights(layer: nn.Module, w: Tensor, bias: Tensor | None) -> None
     weight, layer_bias = tensor_attr(layer, "weight"), optional_tensor_attr(layer, "bias")
     with torch.no_grad():
         if isinstance(layer, nn.Linear):
-            weight.copy_(w.T.to(weight))
+            weight.copy_(w.T)  # (copy_ casts: no converted temporary)
         else:
-            weight.copy_(w.T.reshape(weight.shape).to(weight))
+            weight.copy_(w.T.reshape(weight.shape))
         if bias is not None:
             if layer_bias is None:
                 raise ValueError("cannot set a bias on a layer without one")

@@ -100,11 +100,36 @@ def _check_models(models: Any, info: MethodInfo, has_target: bool) -> list[nn.Mo
     return models
 
 
-def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    clone = copy.deepcopy(model).to(device).eval()
+def _private_copy(model: nn.Module, device: torch.device, share: bool = False) -> nn.Module:
+    """The model as fusion uses it: its own modules (mode, hooks and buffers private), in eval
+    mode on ``device``, parameters frozen. ``share=True`` (the base models, which methods only
+    read): parameters already on ``device`` keep their storage, in new frozen ``Parameter``
+    objects, instead of a copy (two width-16384 MLPs: 2.2 GB). The template, which methods
+    write into, is always a full copy; ``tests/test_contract.py`` checks that no method
+    changes a base model."""
+    memo: dict[int, Any] = {}
+    if share:
+        for p in model.parameters():
+            if p.device == device:
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+    clone = copy.deepcopy(model, memo).to(device).eval()
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
+
+
+def _unshare(fused: nn.Module, models: Sequence[nn.Module]) -> None:
+    """Give the fused model its own copy of any parameter that still holds a base model's
+    storage (an ensemble's members are the shared private copies): the result never aliases
+    the caller's models."""
+    theirs = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
+    fresh: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    for module in fused.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.untyped_storage().data_ptr() in theirs:
+                if id(p) not in fresh:
+                    fresh[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[name] = fresh[id(p)]
 
 
 def _models_dtype(models: Sequence[nn.Module]) -> torch.dtype:
@@ -368,7 +393,7 @@ def fuse(
     x = x.to(_models_dtype(models))
     dev = torch.device(device) if device is not None else x.device
     x = x.to(dev)
-    copies = [_private_copy(m, dev) for m in models]
+    copies = [_private_copy(m, dev, share=True) for m in models]
     template = _private_copy(target if target is not None else models[0], dev)
     widths = _forward_outputs(copies, x, template)
     if len(set(widths)) != 1:
@@ -404,6 +429,7 @@ def fuse(
         target_given=target is not None,
     )
     fused = info.fn(ctx)
+    _unshare(fused, models)
     _keep_flags(fused, target if target is not None else models[0], models)
     # torch's stub of Module.__setattr__ admits only a Tensor or a Module; any value is stored
     fused.neurofuse_report = {  # type: ignore[assignment]

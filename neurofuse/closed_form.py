@@ -367,12 +367,14 @@ class LeastSquares:
         x, s, u, scale = self._kernel()
         y = self._y()
         t = y if project is None else matmul_t(y, project.to(self.dtype))
-        w0 = prior.to(x)
+        w0 = prior.to(x.device)  # its own dtype: a float32 prior is not copied to float64 whole
         if w0.shape != (x.shape[1], t.shape[1]):
             raise ValueError(
                 f"prior has shape {tuple(w0.shape)}, the weights {(x.shape[1], t.shape[1])}"
             )
-        r0 = t - x @ w0  # the prior's residual
+        r0 = t.clone()  # the prior's residual t - x w0, by column blocks
+        for c in _column_blocks(w0.shape[1], w0.shape[0]):
+            r0[:, c] -= x @ w0[:, c].to(x.dtype)
         z = u.T @ r0
         if strength is not None:
             lam = max(strength, ridge) * scale
@@ -383,8 +385,17 @@ class LeastSquares:
             lam = _gcv_choice(
                 s, (z * z).sum(1), rss0, energy, self.rows, scale, ridge, primal=False
             )
-        w = x.T @ (u @ (z / (s + lam).unsqueeze(1)))
-        return w.add_(w0), lam / scale
+        coef = u @ (z / (s + lam).unsqueeze(1))  # (N, k)
+        w = w0.clone()
+        for c in _column_blocks(w.shape[1], w.shape[0]):
+            w[:, c] += (x.T @ coef[:, c]).to(w.dtype)
+        return w, lam / scale
+
+
+def _column_blocks(k: int, rows: int, elements: int = 1 << 22) -> list[slice]:
+    """Column slices of a ``(rows, k)`` matrix with at most ``elements`` entries each."""
+    step = max(1, elements // max(1, rows))
+    return [slice(lo, min(lo + step, k)) for lo in range(0, k, step)]
 
 
 def _gcv_choice(

@@ -172,6 +172,10 @@ def test_contract(method: str, arch: str) -> None:
         return
     fused = nf.fuse(models, x, method=method, seed=3, **options)
     _assert_untouched(models, before)
+    theirs = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in theirs for p in fused.parameters()), (
+        "the result shares a parameter's storage with a base model"
+    )
     assert not any(m.training for m in fused.modules()), "the result must be in eval mode"
     with torch.no_grad():
         out, ref = fused(x), models[0].eval()(x)

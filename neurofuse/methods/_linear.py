@@ -71,6 +71,12 @@ from neurofuse.methods.registry import FusionContext
 from neurofuse.progress import progress_bar
 from neurofuse.utils import tensor_attr
 
+#: The aligned prior of a layer with more weights than this is averaged in float32 (its
+#: temporaries are the largest memory of wide fusions: 2 GiB per float64 copy of a
+#: 16384 x 16384 layer); smaller ones in float64. A prior is only the centre of the fit: the
+#: fit corrects it on the rows it sees, and float32 keeps it to 1e-7 relative elsewhere.
+FLOAT64_PRIOR_MAX = 1 << 25
+
 
 def _units_upstream(node: fx.Node, plan: FusionPlan) -> list[fx.Node]:
     """The affine units (and embeddings) that ``node``'s value depends on."""
@@ -298,22 +304,24 @@ class _LinearFusion:
             end = unit_end(self.fgm, u)
             bs: list[Tensor] = [torch.empty(0)] * len(self.ctx.models)
             key = f"{u.target}.weight"
-            dim = tensor_attr(self.ctx.models[0].get_submodule(str(u.target)), "weight").dim()
-            axes = self.plan.spaces_of_key(key, dim)
-            ws = self._effective_weights(u, end, self.plan.folded_before(u), bs)
-            blocks.append(weight_rows(aligned_average(self.fgm, key, ws, axes, self.grouping)))
+            weight = tensor_attr(self.ctx.models[0].get_submodule(str(u.target)), "weight")
+            axes = self.plan.spaces_of_key(key, weight.dim())
+            dtype = torch.float64 if weight.numel() <= FLOAT64_PRIOR_MAX else torch.float32
+            ws = self._effective_weights(u, end, self.plan.folded_before(u), bs, dtype)
+            prior = aligned_average(self.fgm, key, ws, axes, self.grouping, dtype)
+            blocks.append(weight_rows(prior))
             b = matmul(a, torch.cat(bs).to(a.dtype))
             intercept = b if intercept is None else intercept + b
         if bias:
-            blocks.append(intercept.unsqueeze(0).to(blocks[0]))  # type: ignore[union-attr]
+            blocks.append(intercept.unsqueeze(0).to(blocks[0].dtype))  # type: ignore[union-attr]
         return torch.cat(blocks)
 
     def _effective_weights(
-        self, u: fx.Node, end: fx.Node, before: str | None, bs: list[Tensor]
+        self, u: fx.Node, end: fx.Node, before: str | None, bs: list[Tensor], dtype: torch.dtype
     ) -> LazySequence:
-        """The base models' effective weights of unit ``u`` (float64), made one at a time as
-        :func:`aligned_average` walks them (one W x W float64 copy alive instead of one per
-        model); each model's effective bias is stored into ``bs``."""
+        """The base models' effective weights of unit ``u`` in ``dtype``, made one at a time as
+        :func:`aligned_average` walks them (one copy alive instead of one per model); each
+        model's effective bias is stored into ``bs``."""
 
         def make(i: int) -> Tensor:
             m = self.ctx.models[i]
@@ -321,6 +329,7 @@ class _LinearFusion:
                 m.get_submodule(str(u.target)),
                 m.get_submodule(before) if before is not None else None,
                 m.get_submodule(str(end.target)) if end is not u else None,
+                dtype,
             )
             return w
 

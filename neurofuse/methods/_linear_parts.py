@@ -153,14 +153,17 @@ def _eps(norm: nn.Module) -> float:
 
 
 def effective_unit(
-    layer: nn.Module, before: nn.Module | None, after: nn.Module | None
+    layer: nn.Module,
+    before: nn.Module | None,
+    after: nn.Module | None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
     """What a base model's unit computes from the input the fused unit sees, as one affine map
-    ``(weight in the layer's shape, bias)`` in float64: a normalisation ``before`` it that the
+    ``(weight in the layer's shape, bias)`` in ``dtype``: a normalisation ``before`` it that the
     fused model folds (sets to the identity) restored, a BatchNorm ``after`` it folded in. For a
     convolution the shift of a folded normalisation is taken as constant over the kernel (exact
     away from the zero-padded border): this map is only the prior of a fit."""
-    w = tensor_attr(layer, "weight").detach().to(torch.float64)
+    w = tensor_attr(layer, "weight").detach().to(dtype)
     bias = optional_tensor_attr(layer, "bias")
     b = torch.zeros(w.shape[0], dtype=w.dtype) if bias is None else bias.detach().to(w)
     b = b.to(w.device)

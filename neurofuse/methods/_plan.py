@@ -271,8 +271,9 @@ def aligned_average(
     tensors: Sequence[Tensor],
     axes: Sequence[tuple[int, int, Member]],
     grouping: Callable[[int], tuple[Tensor, list[int]]],
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """The fused value of parameter ``key`` from the base models' ``tensors``.
+    """The fused value of parameter ``key`` from the base models' ``tensors``, in ``dtype``.
 
     Along an axis that writes or describes neurons (a normalisation's scale, a class token),
     fused neuron ``i`` takes ``sum_j A[i, j] t_j`` over its group (``A`` already averages
@@ -287,7 +288,7 @@ def aligned_average(
     n = len(tensors)
     writes = any(not is_incoming(gm, key, axis) for axis, _, _ in axes)
     for k in range(n):  # (not enumerate: its cached result tuple keeps the last tensor alive)
-        t = tensors[k].detach().to(torch.float64)
+        t = tensors[k].detach().to(dtype)
         for axis, space, member in axes:
             a, sizes = grouping(space)
             lo = sum(sizes[:k])
