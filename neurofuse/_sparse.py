@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 
+def sparse_matrix(index: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A coalesced sparse COO matrix from ``(2, nnz)`` indices built by our own code (in range
+    by construction: torch's invariant checks are skipped, explicitly, which also keeps torch
+    from warning that they are off)."""
+    return torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
+
+
 def matmul(a: Tensor, x: Tensor) -> Tensor:
     """``a @ x`` for a dense or sparse ``a`` and a dense ``x`` (1-D or 2-D)."""
     if not a.is_sparse:
@@ -47,7 +54,7 @@ def columns(a: Tensor, lo: int, size: int) -> Tensor:
     rows, cols, vals = entries(a)
     keep = (cols >= lo) & (cols < lo + size)
     index = torch.stack([rows[keep], cols[keep] - lo])
-    return torch.sparse_coo_tensor(index, vals[keep], (a.shape[0], size)).coalesce()
+    return sparse_matrix(index, vals[keep], (a.shape[0], size))
 
 
 def positive(a: Tensor) -> Tensor:
@@ -56,7 +63,7 @@ def positive(a: Tensor) -> Tensor:
         return (a > 0).to(a)
     rows, cols, vals = entries(a)
     index = torch.stack([rows, cols])
-    return torch.sparse_coo_tensor(index, (vals > 0).to(vals), a.shape).coalesce()
+    return sparse_matrix(index, (vals > 0).to(vals), (a.shape[0], a.shape[1]))
 
 
 def dense(a: Tensor) -> Tensor:

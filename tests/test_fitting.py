@@ -305,3 +305,17 @@ def test_expand_parts_of_a_sparse_grouping_equals_the_dense_one():
         got = expand_parts(sparse, parts, sizes)
         assert got.is_sparse
         torch.testing.assert_close(got.to_dense(), expand_parts(dense, parts, sizes))
+
+
+def test_linear_fusion_raises_no_warning_of_its_own():
+    """The sparse groupings must not make torch warn (about invariant checks) on every fusion."""
+    import warnings
+
+    import neurofuse as nf
+
+    torch.manual_seed(13)
+    models = [nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval() for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("kf_linear", "hf_linear"):
+            nf.fuse(models, torch.randn(64, 6), method=method)

@@ -252,6 +252,23 @@ def test_baseline_is_configurable():
         cond(baseline="median")
 
 
+def test_conductance_does_not_depend_on_its_chunk_size():
+    """Chunks of path points only bound memory: one sample at a time, the default and one
+    chunk for everything give the same scores."""
+    torch.manual_seed(7)
+    model = mlp().eval()
+    x, y = torch.randn(30, 10), torch.randint(0, 3, (30,))
+
+    def cond(size):
+        spec = ("conductance", {"n_steps": 4, "internal_batch_size": size})
+        return compute_importance(model, (x, y), spec)[0]
+
+    one, default, whole = cond(5), cond(256), cond(10_000)
+    for name in whole:
+        torch.testing.assert_close(one[name], whole[name])
+        torch.testing.assert_close(default[name], whole[name])
+
+
 # ----------------------------------------------------------------------------- the provider
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from neurofuse._sparse import sparse_matrix
+
 _BLOCK_ELEMENTS = 1 << 18  # elementwise temporaries: 2 MiB in float64, cache-friendly
 _MATMUL_ELEMENTS = 1 << 22  # operands/results of blocked matmuls
 _FLOAT64_COORDS_MAX = 1 << 25  # keep working coordinates in float64 up to this many elements
@@ -95,7 +97,7 @@ class Grouping:
         if sparse:
             index = torch.stack([self.labels, torch.arange(n, device=device)])
             values = coef.to(self.centroids.dtype)
-            return torch.sparse_coo_tensor(index, values, (self.k, n)).coalesce()
+            return sparse_matrix(index, values, (self.k, n))
         a = torch.zeros(self.k, n, dtype=self.centroids.dtype, device=device)
         a[self.labels, torch.arange(n, device=device)] = coef.to(a.dtype)
         return a

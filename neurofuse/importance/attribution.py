@@ -239,7 +239,7 @@ def conductance(
     names: Sequence[str],
     n_steps: int = 10,
     method: str = "gausslegendre",
-    internal_batch_size: int = 2048,
+    internal_batch_size: int = 256,
 ) -> dict[str, Tensor]:
     """Mean absolute layer conductance of every node in ``names``, all in one pass per chunk.
 

@@ -61,7 +61,7 @@ def captum_conductance(
     names: Sequence[str],
     n_steps: int = 10,
     method: str = "gausslegendre",
-    internal_batch_size: int = 2048,
+    internal_batch_size: int = 256,
 ) -> dict[str, Tensor]:
     """:func:`~neurofuse.importance.attribution.conductance` by one Captum ``LayerConductance``
     call per node (slower by about the number of nodes)."""

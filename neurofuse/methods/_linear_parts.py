@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from neurofuse._sparse import entries
+from neurofuse._sparse import entries, sparse_matrix
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
 from neurofuse.grouping import restarts
@@ -233,7 +233,7 @@ def _expand_sparse(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
         ]
     )
     shape = (parts * k, parts * sum(sizes))
-    return torch.sparse_coo_tensor(index, vals.repeat(parts), shape).coalesce()
+    return sparse_matrix(index, vals.repeat(parts), shape)
 
 
 def normal_equations(
