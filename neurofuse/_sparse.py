@@ -12,6 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: A dense matrix with at most this fraction of non-zeros is treated as sparse.
+SPARSE_FRACTION = 0.25
+
+
+def mostly_zero(a: Tensor) -> bool:
+    """Whether ``a`` is sparse, or dense with at most :data:`SPARSE_FRACTION` non-zeros."""
+    return a.is_sparse or int(torch.count_nonzero(a)) <= SPARSE_FRACTION * a.numel()
+
 
 def sparse_matrix(index: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     """A coalesced sparse COO matrix from ``(2, nnz)`` indices built by our own code (in range
@@ -66,5 +74,13 @@ def positive(a: Tensor) -> Tensor:
     return sparse_matrix(index, (vals > 0).to(vals), (a.shape[0], a.shape[1]))
 
 
-def dense(a: Tensor) -> Tensor:
-    return a.to_dense() if a.is_sparse else a
+def by_column(
+    rows: Tensor, cols: Tensor, vals: Tensor, size: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Entries of a ``(k, size)`` map with one entry per column (a grouping) reordered by
+    column, with ``None`` for the columns: old neuron ``j`` goes to ``rows[j]`` with weight
+    ``vals[j]``, no gather needed. Other maps keep their entries and columns."""
+    if cols.numel() == size and bool((torch.bincount(cols, minlength=size) == 1).all()):
+        order = torch.argsort(cols)
+        return rows[order], None, vals[order]
+    return rows, cols, vals

@@ -32,15 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neurofuse._sparse import entries, matmul, matmul_t
+from neurofuse._sparse import entries, matmul, matmul_t, mostly_zero
 
 BLOCK_ROWS = 16384
 #: The dual form drops eigenvalues of ``K`` below this fraction of the largest (exact zeros up
 #: to rounding: their eigenvectors are orthogonal to every column of ``X``).
 RANK_TOL = 1e-12
-#: A projection with at most this fraction of non-zeros (a grouping's averaging matrix) is
-#: applied as a sparse matrix where only a trace is needed.
-_SPARSE_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -57,10 +54,6 @@ class Factor:
     basis: Tensor | None = None
     scale: Tensor | None = None
     evecs: Tensor | None = None
-
-    @property
-    def dual(self) -> bool:
-        return self.chol is None
 
     def weights(self, coords: Tensor) -> Tensor:
         """The weights ``(q, k)`` whose outputs are the projection with coordinates ``coords``
@@ -255,7 +248,7 @@ class LeastSquares:
             return float(torch.trace(self.syy) + 2 * sy @ c + n * c @ c)
         pr = project.to(self.syy.dtype)
         pc, psy = matmul(pr, c), matmul(pr, sy)
-        if not pr.is_sparse and int(torch.count_nonzero(pr)) <= _SPARSE_FRACTION * pr.numel():
+        if not pr.is_sparse and mostly_zero(pr):
             pr = pr.to_sparse()
         ps = matmul(pr, self.syy)  # (k, d)
         rows, cols, vals = entries(pr)

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from neurofuse._sparse import columns, entries, positive
+from neurofuse._sparse import by_column, columns, entries, mostly_zero, positive
 from neurofuse.alignment import Space, permutation_spaces
 from neurofuse.alignment.space import Member
 from neurofuse.graph import AFFINE_TYPES, module_of, unit_end
@@ -176,36 +176,27 @@ def is_incoming(gm: fx.GraphModule, key: str, axis: int) -> bool:
     return isinstance(mod, AFFINE_TYPES) and attr == "weight" and axis == 1
 
 
-#: A mapping with at most this fraction of non-zeros is applied as a sparse matrix.
-_SPARSE_FRACTION = 0.25
-#: ... in column chunks whose temporaries hold at most this many elements (32 MiB in float64).
+#: A mapping that is mostly zero is applied entry by entry, in column chunks whose temporaries hold at most this many elements (32 MiB in float64).
 _CHUNK_ELEMENTS = 1 << 22
 
 
 def map_axis(t: Tensor, axis: int, m: Tensor, member: Member, size: int) -> Tensor:
     """``t`` with the ``size`` neurons on ``axis`` (``parts`` x ``repeat`` layout of ``member``)
     mapped through ``m`` (``(k, size)``): new neuron ``i`` is ``sum_j m[i, j]`` old ``j``."""
-    if (
-        member.parts == 1
-        and member.repeat == 1
-        and (m.is_sparse or int(torch.count_nonzero(m)) <= _SPARSE_FRACTION * m.numel())
-    ):
+    sparse = mostly_zero(m)
+    if sparse and member.parts == 1 and member.repeat == 1:
         return _map_sparse(t, axis, m.to(t.dtype))
     moved = t.movedim(axis, 0)
     rest = moved.shape[1:]
     blocks = moved.reshape(member.parts, size, member.repeat, -1)
     m = m.to(blocks.dtype)
-    if m.is_sparse or int(torch.count_nonzero(m)) <= _SPARSE_FRACTION * m.numel():
+    if sparse:
         # a grouping (one non-zero per column): a sparse product costs size x rest, not k x
         # size x rest (the dense form was a third of KF Linear's time at width 2048)
         p, _, r, x = blocks.shape
         flat = blocks.permute(1, 0, 2, 3).reshape(size, p * r * x)
         mapped = flat.new_zeros(m.shape[0], p * r * x)
-        rows, cols, vals = entries(m)
-        gather: Tensor | None = cols
-        if cols.numel() == size and bool((torch.bincount(cols, minlength=size) == 1).all()):
-            order = torch.argsort(cols)  # one entry per old neuron: no gather needed
-            rows, gather, vals = rows[order], None, vals[order]
+        rows, gather, vals = by_column(*entries(m), size)
         step = max(1, _CHUNK_ELEMENTS // max(1, rows.numel()))  # bounded temporaries
         for lo in range(0, flat.shape[1], step):
             part = flat[:, lo : lo + step] if gather is None else flat[gather, lo : lo + step]
@@ -219,18 +210,11 @@ def map_axis(t: Tensor, axis: int, m: Tensor, member: Member, size: int) -> Tens
 def _map_sparse(t: Tensor, axis: int, m: Tensor) -> Tensor:
     """:func:`map_axis` of a plain axis (one part, no repeat) through a sparse ``m``, in
     place along ``axis``: no moved copies, temporaries of one chunk (wide layers' memory)."""
-    rows, cols, vals = entries(m)
+    rows, cols, vals = by_column(*entries(m), t.shape[axis])
     shape = list(t.shape)
     shape[axis] = m.shape[0]
     mapped = t.new_zeros(shape)
-    if cols.numel() == t.shape[axis] and bool(
-        (torch.bincount(cols, minlength=t.shape[axis]) == 1).all()
-    ):
-        order = torch.argsort(cols)  # one entry per old neuron: no gather needed
-        rows, vals = rows[order], vals[order]
-        source = t
-    else:
-        source = t.index_select(axis, cols)
+    source = t if cols is None else t.index_select(axis, cols)
     view = [1] * t.dim()
     view[axis] = -1
     scale = vals.view(view)
