@@ -13,7 +13,7 @@ from neurofuse.utils import optional_tensor_attr, tensor_attr
 _Pair = tuple[int, int]
 
 
-def _conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[_Pair, _Pair, _Pair, _Pair]:
+def conv_geometry(layer: nn.Conv1d | nn.Conv2d) -> tuple[_Pair, _Pair, _Pair, _Pair]:
     """Kernel size, dilation, padding and stride, as 2-D pairs (a Conv1d is a 1 x k Conv2d)."""
     if layer.groups != 1:
         raise NotImplementedError(
@@ -76,7 +76,7 @@ def affine_inputs(layer: nn.Module, x: Tensor) -> Tensor:
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     if isinstance(layer, nn.Conv1d | nn.Conv2d):
-        k, d, p, s = _conv_geometry(layer)
+        k, d, p, s = conv_geometry(layer)
         if isinstance(layer, nn.Conv1d):
             x = x.unsqueeze(2)
         return _patch_rows(x, k, d, p, s)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from neurofuse._sparse import entries, matmul, matmul_t, mostly_zero
+from neurofuse.patch_moments import Moments
 
 BLOCK_ROWS = 16384
 #: The dual form drops eigenvalues of ``K`` below this fraction of the largest (exact zeros up
@@ -104,20 +105,6 @@ class LeastSquares:
         self._cache: dict[str, object] = {}  # the dual form's rows and kernel, until add()
         self.rows = 0
 
-    @classmethod
-    def empty(
-        cls,
-        p: int,
-        d: int,
-        bias: bool,
-        device: torch.device,
-        dtype: torch.dtype,
-        product_dtype: torch.dtype | None = None,
-        targets: bool = False,
-        dual: bool = True,
-    ) -> LeastSquares:
-        return cls(p, d, bias, device, dtype, product_dtype, targets, dual)
-
     @property
     def unknowns(self) -> int:
         """Unknowns per target column: ``p``, plus one for the bias."""
@@ -141,18 +128,54 @@ class LeastSquares:
         self._accumulate(x_rows, y_rows)
         self.rows += n
 
+    def add_moments(self, m: Moments, shift_x: Tensor, shift_y: Tensor) -> None:
+        """Add sums computed elsewhere (:func:`neurofuse.patch_moments.conv_moments`), centred
+        on ``shift_x`` (p) and ``shift_y`` (d). The problem takes the primal form for good; the
+        first call (or :meth:`add`) sets the shifts, which every later call must reuse."""
+        self._cache.clear()
+        if self._held:
+            raise ValueError("add_moments: rows are already held for the dual form")
+        if self.targets and m.yy is None:
+            raise ValueError("add_moments: this problem accumulates Y^T Y; pass targets=True")
+        self._held = None
+        if self.shift_x is None or self.shift_y is None:
+            self.shift_x, self.shift_y = shift_x.to(self.dtype), shift_y.to(self.dtype)
+        elif not (
+            torch.equal(self.shift_x, shift_x.to(self.dtype))
+            and torch.equal(self.shift_y, shift_y.to(self.dtype))
+        ):
+            raise ValueError("add_moments: the sums must be centred on the problem's shifts")
+        self._allocate()
+        assert self.sxx is not None and self.sxy is not None
+        assert self.sx is not None and self.sy is not None
+        self.sxx += m.xx
+        self.sxy += m.xy
+        self.sx += m.x
+        self.sy += m.y
+        if self.syy is not None and m.yy is not None:
+            self.syy += m.yy
+        self.rows += m.rows
+
+    def _allocate(self) -> None:
+        if self.sxx is None:
+            z = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
+            self.sxx, self.sxy = z(self.p, self.p), z(self.p, self.d)
+            self.sx, self.sy = z(self.p), z(self.d)
+            self.syy = z(self.d, self.d) if self.targets else None
+
     def _to_primal(self) -> None:
         held, self._held = self._held or [], None
         for x, y in held:
             self._accumulate(x, y)
 
     def _accumulate(self, x_rows: Tensor, y_rows: Tensor) -> None:
-        if self.sxx is None:
-            z = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
-            self.sxx, self.sxy = z(self.p, self.p), z(self.p, self.d)
-            self.sx, self.sy = z(self.p), z(self.d)
-            self.syy = z(self.d, self.d) if self.targets else None
-        assert self.sxy is not None and self.sx is not None and self.sy is not None
+        self._allocate()
+        assert (
+            self.sxx is not None
+            and self.sxy is not None
+            and self.sx is not None
+            and self.sy is not None
+        )
         if self.shift_x is None or self.shift_y is None:  # both set by the first call
             self.shift_x = x_rows[:BLOCK_ROWS].to(self.dtype).mean(0)
             self.shift_y = y_rows[:BLOCK_ROWS].to(self.dtype).mean(0)
@@ -421,6 +444,6 @@ def _gcv_choice(
 
 def least_squares(x: Tensor, y: Tensor, bias: bool = True, ridge: float = 0.0) -> Tensor:
     """Closed-form ``argmin_W ||[X, 1] W - Y||^2 (+ ridge)`` for explicit matrices (reference)."""
-    ls = LeastSquares.empty(x.shape[1], y.shape[1], bias, x.device, torch.float64)
+    ls = LeastSquares(x.shape[1], y.shape[1], bias, x.device, torch.float64)
     ls.add(x, y)
     return ls.solve(ridge)

@@ -34,9 +34,9 @@ def test_chunked_accumulation_equals_one_shot():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, 5, generator=g)
     y = torch.randn(300, 4, generator=g)
-    one = LeastSquares.empty(5, 4, True, x.device, torch.float64)
+    one = LeastSquares(5, 4, True, x.device, torch.float64)
     one.add(x, y)
-    chunked = LeastSquares.empty(5, 4, True, x.device, torch.float64)
+    chunked = LeastSquares(5, 4, True, x.device, torch.float64)
     for lo in range(0, 300, 37):
         chunked.add(x[lo : lo + 37], y[lo : lo + 37])
     torch.testing.assert_close(one.solve(0.0), chunked.solve(0.0))
@@ -69,7 +69,7 @@ def test_fit_recovers_conv_weights_exactly():
     student = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(16, 3, 6, 6)
     y = teacher(x).detach()
-    ls = LeastSquares.empty(27, 4, True, x.device, torch.float64)
+    ls = LeastSquares(27, 4, True, x.device, torch.float64)
     ls.add(affine_inputs(student, x), affine_output_rows(student, y))
     w = ls.solve(0.0)
     set_affine_weights(student, w[:-1], w[-1])
@@ -82,7 +82,7 @@ def test_coordinates_preserve_projected_distances():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(120, 6, generator=g, dtype=torch.float64)
     y = torch.randn(120, 9, generator=g, dtype=torch.float64)
-    ls = LeastSquares.empty(6, 9, True, x.device, torch.float64)
+    ls = LeastSquares(6, 9, True, x.device, torch.float64)
     ls.add(x, y)
     coords = ls.coordinates(ls.factor(0.0))  # (7, 9)
     xb = torch.cat([x, torch.ones(120, 1, dtype=x.dtype)], 1)
@@ -145,9 +145,9 @@ def test_float32_products_on_shifted_rows_stay_accurate_for_large_means():
     g = torch.Generator().manual_seed(4)
     x = 50.0 + torch.rand(4000, 6, generator=g)
     y = x @ torch.randn(6, 2, generator=g) + 3.0
-    exact = LeastSquares.empty(6, 2, True, x.device, torch.float64)
+    exact = LeastSquares(6, 2, True, x.device, torch.float64)
     exact.add(x.double(), y.double())
-    fast = LeastSquares.empty(6, 2, True, x.device, torch.float64, torch.float32)
+    fast = LeastSquares(6, 2, True, x.device, torch.float64, torch.float32)
     fast.add(x, y)
     torch.testing.assert_close(fast.gram, exact.gram, rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(fast.solve(0.0), exact.solve(0.0), rtol=1e-3, atol=1e-3)
@@ -166,7 +166,7 @@ def _pair(x, y, bias=True, targets=True, chunk=None):
     """The same problem in the dual form (rows held) and in the primal form."""
     out = []
     for dual in (True, False):
-        ls = LeastSquares.empty(
+        ls = LeastSquares(
             x.shape[1], y.shape[1], bias, x.device, torch.float64, targets=targets, dual=dual
         )
         for lo in range(0, x.shape[0], chunk or x.shape[0]):
@@ -245,7 +245,7 @@ def test_dual_gcv_choice_is_the_minimum_of_the_explicit_criterion():
 
 def test_rows_beyond_the_unknowns_switch_to_the_primal_form_losslessly():
     x, y = _problem(40, 10, 3, seed=6)
-    held = LeastSquares.empty(10, 3, True, x.device, torch.float64, targets=True)
+    held = LeastSquares(10, 3, True, x.device, torch.float64, targets=True)
     held.add(x[:8], y[:8])
     assert held.dual
     held.add(x[8:], y[8:])  # 40 rows > 11 unknowns: the held rows join the normal equations

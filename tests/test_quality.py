@@ -33,7 +33,7 @@ def _problem(n: int, p: int, d: int, seed: int = 0):
     x = torch.randn(n, p, generator=g, dtype=torch.float64)
     t = torch.randn(n, d, generator=g, dtype=torch.float64)
     w0 = torch.randn(p + 1, d, generator=g, dtype=torch.float64)
-    ls = LeastSquares.empty(p, d, True, x.device, torch.float64, targets=True)
+    ls = LeastSquares(p, d, True, x.device, torch.float64, targets=True)
     for lo in range(0, n, 7):  # accumulated in chunks
         ls.add(x[lo : lo + 7], t[lo : lo + 7])
     return x, t, w0, ls
@@ -56,7 +56,7 @@ def test_prior_centred_solution_keeps_the_prior_in_the_null_space():
     x, t, w0, ls = _problem(6, 20, 2)
     xb = torch.cat([x, torch.ones(6, 1, dtype=x.dtype)], 1)
     t_exact = xb @ w0  # the prior fits the rows exactly
-    ls = LeastSquares.empty(20, 2, True, x.device, torch.float64, targets=True)
+    ls = LeastSquares(20, 2, True, x.device, torch.float64, targets=True)
     ls.add(x, t_exact)
     w, _ = ls.solve_prior(w0)  # strength by GCV
     assert torch.allclose(w, w0, atol=1e-8)

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from neurofuse import patch_moments
 from neurofuse._sparse import entries, sparse_matrix
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
@@ -29,7 +30,8 @@ class LinearOptions:
             inputs.
         chunk_size: samples per chunk when accumulating Gram matrices.
         n_init: k-means restarts (KF only); ``"auto"`` (default): 4 up to 512 fused neurons
-            per space, fewer beyond (:data:`neurofuse.grouping.AUTO_RESTARTS_K`).
+            per space, fewer beyond (:data:`neurofuse.grouping.AUTO_RESTARTS_K`) and for many
+            base neurons (:data:`neurofuse.grouping.AUTO_RESTARTS_WORK`).
         max_iter: Lloyd iterations per restart (KF only).
         local_search: refine k-means with Kanungo et al.'s swap local search (KF only).
         kmeans_seeding: how k-means starts (KF only): ``"k-means++"`` (default, ``n_init``
@@ -252,7 +254,7 @@ def normal_equations(
     per_sample = feats[0][0]
     p = sum(f[1] for f in feats)
     first = y_rows(0, per_sample)
-    ls = LeastSquares.empty(
+    ls = LeastSquares(
         p,
         first.shape[1],
         bias,
@@ -264,6 +266,14 @@ def normal_equations(
     keep = 1.0
     if opt.row_budget is not None:
         keep = min(1.0, opt.row_budget * p / (n * per_sample))
+    if (
+        len(layers) == 1
+        and keep == 1.0
+        and patch_moments.applies(layers[0])
+        and n * per_sample > ls.unknowns  # (fewer rows: the dual form holds them)
+    ):
+        _conv_normal_equations(ls, layers[0], xs[0], y_rows, per_sample, opt)  # type: ignore[arg-type]
+        return ls
     gen = torch.Generator(device="cpu").manual_seed(seed + p)
     for lo in range(0, n, opt.chunk_size):
         hi = min(lo + opt.chunk_size, n)
@@ -277,3 +287,29 @@ def normal_equations(
             xr, yr = xr[rows], yr[rows]
         ls.add(xr, yr)
     return ls
+
+
+def _conv_normal_equations(
+    ls: LeastSquares,
+    layer: nn.Conv1d | nn.Conv2d,
+    x: Tensor,
+    y_rows: Callable[[int, int], Tensor],
+    per_sample: int,
+    opt: LinearOptions,
+) -> None:
+    """The normal equations of a stride-1 convolution from shifted products of its input map,
+    without forming the patches (:mod:`neurofuse.patch_moments`), in chunks of samples whose
+    map copy holds about 2^22 elements (at least ``opt.chunk_size`` samples)."""
+    n = x.shape[0]
+    chunk = max(opt.chunk_size, (1 << 22) // max(1, x[:1].numel()))
+    shift_x = shift_y = None
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        yr = y_rows(lo * per_sample, hi * per_sample)
+        if shift_x is None or shift_y is None:
+            shift_x = patch_moments.channel_shift(x[lo:hi], ls.dtype)
+            shift_y = yr.to(ls.dtype).mean(0)
+        m = patch_moments.conv_moments(
+            layer, x[lo:hi], yr, shift_x, shift_y, ls.product_dtype, ls.dtype, ls.targets
+        )
+        ls.add_moments(m, patch_moments.column_shift(layer, shift_x), shift_y)

@@ -127,7 +127,7 @@ def _least_squares_head(
 ) -> float:
     """Fit ``head`` exactly to ``targets`` (its output) by least squares; returns the RMSE."""
     p = affine_inputs(head, feats[:1]).shape[1]
-    ls = LeastSquares.empty(
+    ls = LeastSquares(
         p, tensor_attr(head, "weight").shape[0], head.bias is not None, feats.device, torch.float64
     )
     for s in range(0, feats.shape[0], chunk):
