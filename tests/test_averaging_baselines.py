@@ -285,3 +285,46 @@ def test_a_linear_batchnorm1d_mlp_is_aligned(method):
     assert not torch.equal(twin[0].weight, model[0].weight)
     fused = nf.fuse([model, twin], x, method=method)
     assert relative_error(logits(fused, x), logits(model, x)) < 1e-5
+
+
+def test_otfusion_keeps_activations_across_permutations_as_if_it_recomputed_them(monkeypatch):
+    """After a hard permutation OTFusion does not rerun the aligned model (its function is
+    unchanged); the plans and the fused model must be those of recomputing after every map."""
+    torch.manual_seed(0)
+    models = [cnn_bn() for _ in range(3)]  # unrelated models: non-trivial permutations
+    for m in models:
+        randomise_batchnorm(m)
+        m.eval()
+    x = torch.randn(24, 1, 8, 8)
+    plans: dict[str, list[Tensor]] = {"skip": [], "rerun": []}
+    emd = otfusion_module.SOLVERS["emd"]
+    reloads = []
+    reload = otfusion_module._Aligner._reload
+
+    def counting(self, keys):
+        reloads.append(len(keys))
+        return reload(self, keys)
+
+    monkeypatch.setattr(otfusion_module._Aligner, "_reload", counting)
+    for mode in ("skip", "rerun"):
+
+        def spy(a_, b_, cost, opt, mode=mode):
+            plan = emd(a_, b_, cost, opt)
+            plans[mode].append(torch.as_tensor(plan))
+            return plan
+
+        monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
+        if mode == "rerun":
+            monkeypatch.setattr(otfusion_module, "_is_permutation", lambda q, tol=1e-9: False)
+        fused = nf.fuse(models, x, method="otfusion")
+        if mode == "skip":
+            assert reloads == []  # every plan was a permutation: the copies were never rerun
+            skipped = fused
+    assert reloads  # the rerun mode did reload
+    for p, q in zip(plans["skip"], plans["rerun"], strict=True):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(logits(skipped, x), logits(fused, x), rtol=1e-5, atol=1e-6)
+    # the plans were permutations, and not the identity
+    assert any(
+        not torch.equal(p * p.shape[0], torch.eye(p.shape[0], dtype=p.dtype)) for p in plans["skip"]
+    )

@@ -256,12 +256,16 @@ def check_reference(reference: int, n: int) -> int:
 # ---------------------------------------------------------------------------- neuron features
 
 
-def node_features(runner: GraphRunner, space: Space, i: int) -> Tensor:
-    """(d, N) float64: the values of the space's ``i``-th node, one row per neuron (a node that
-    holds several parts of the space, ``[q | k | v]``, gives each neuron all its parts)."""
+def node_features(
+    runner: GraphRunner, space: Space, i: int, dtype: torch.dtype | None = torch.float64
+) -> Tensor:
+    """(d, N) in ``dtype`` (``None``: the values' own): the values of the space's ``i``-th node,
+    one row per neuron (a node that holds several parts of the space, ``[q | k | v]``, gives
+    each neuron all its parts)."""
     out = runner.value(runner.node(space.nodes[i]))
     axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
-    rows = to_neurons(out.detach(), axis).to(torch.float64)
+    rows = to_neurons(out.detach(), axis)
+    rows = rows if dtype is None else rows.to(dtype)
     parts = space.node_parts[i] if space.node_parts else 1
     if parts > 1:
         rows = rows.reshape(parts, space.size, -1).transpose(0, 1).reshape(space.size, -1)

@@ -118,8 +118,11 @@ class OTFusionOptions:
 
 
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """``C[i, j] = ||x_i - y_j||^2`` for rows of ``x`` (n, N) and ``y`` (m, N)."""
-    c = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    """``C[i, j] = ||x_i - y_j||^2`` for rows of ``x`` (n, N) and ``y`` (m, N), in their dtype
+    (norms by a reduction, not a squared copy: activation rows are long)."""
+    xn = torch.linalg.vector_norm(x, dim=1).square()
+    yn = torch.linalg.vector_norm(y, dim=1).square()
+    c = xn[:, None] + yn[None, :] - 2.0 * x @ y.T
     return c.clamp_min(0.0)
 
 
@@ -155,6 +158,7 @@ class _Aligner:
         self.runner = GraphRunner(self.gm, ctx.inputs) if ref_runner is not None else None
         self.where = {(m.key, m.axis): s for s in spaces for m in s.members}
         self.aligned: set[str] = set()
+        self.pending: set[str] = set()  # mapped keys not yet loaded into the runner's copy
 
     def cost(self, space: Space, ref: Space) -> Tensor:
         return GROUND_METRICS[self.opt.ground_metric](self, space, ref)
@@ -162,8 +166,15 @@ class _Aligner:
     def apply(self, space: Space, q: Tensor) -> None:
         self.state = map_space(self.state, space, q)
         self.aligned.add(space.name)
-        if self.runner is not None:
-            self._reload([m.key for m in space.members])
+        if self.runner is None:
+            return
+        self.pending.update(m.key for m in space.members)
+        if not _is_permutation(q):
+            # A permutation leaves the model's function, and the values of every space not
+            # aligned yet, as they were: the copy that computes them is brought up to date
+            # only when a map changes values (a soft or uneven transport).
+            self._reload(sorted(self.pending))
+            self.pending.clear()
 
     def _reload(self, keys: list[str]) -> None:
         """Put the mapped tensors into the model copy (their shapes may change) and forget the
@@ -196,6 +207,15 @@ class _Aligner:
         self.runner.forget(stale)
 
 
+def _is_permutation(q: Tensor, tol: float = 1e-9) -> bool:
+    """Whether the transport map ``q`` (n x m) moves each neuron whole onto one other."""
+    if q.shape[0] != q.shape[1]:
+        return False
+    nonzero = q.abs() > tol
+    ones = (q[nonzero] - 1.0).abs() <= tol
+    return bool((nonzero.sum(0) == 1).all() and (nonzero.sum(1) == 1).all() and ones.all())
+
+
 def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
     if not space.nodes:
         raise ValueError(
@@ -205,9 +225,11 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
     assert al.runner is not None and al.ref_runner is not None
     total = torch.zeros(())
     for i in range(len(space.nodes)):
-        x = node_features(al.runner, space, i)
-        y = node_features(al.ref_runner, ref, i)
-        total = total + squared_distances(x, y).cpu() / x.shape[1]
+        # in the activations' dtype: a float64 copy of every activation would cost more than
+        # the distances; the cost only ranks pairs of neurons
+        x = node_features(al.runner, space, i, dtype=None)
+        y = node_features(al.ref_runner, ref, i, dtype=None)
+        total = total + squared_distances(x, y).to(torch.float64).cpu() / x.shape[1]
     return total
 
 
