@@ -33,6 +33,7 @@ from torch import Tensor
 from neurofuse.grouping._base import (
     AUTO_RESTARTS,
     AUTO_RESTARTS_K,
+    AUTO_RESTARTS_WORK,
     Grouping,
     _check_points,
     kmeans_cost,
@@ -158,6 +159,7 @@ def group(
 __all__ = [
     "AUTO_RESTARTS",
     "AUTO_RESTARTS_K",
+    "AUTO_RESTARTS_WORK",
     "GROUPING_METHODS",
     "Grouping",
     "group",

@@ -32,13 +32,22 @@ _DEFAULT_CANDIDATES = 512
 #: neurons per space, so its results are those of four restarts.
 AUTO_RESTARTS = 4
 AUTO_RESTARTS_K = 512
+#: ``n_init="auto"`` also caps the restarts' total work, ``restarts x points x groups``, at
+#: this (the work of four restarts for two models of width 1024), so that the cost of grouping
+#: many models grows about linearly with their number: 2 restarts for 16 models of width 512
+#: (``benchmarks/results/kmeans_restarts.md``). Two models never reach the cap before the rule
+#: on groups does, and no committed suite reaches it.
+AUTO_RESTARTS_WORK = AUTO_RESTARTS * 2048 * 1024
 
 
-def restarts(n_init: int | str, k: int) -> int:
+def restarts(n_init: int | str, k: int, n: int | None = None) -> int:
     """The number of k-means++ restarts that ``n_init`` (a count or ``"auto"``) gives for
-    ``k`` groups."""
+    ``k`` groups of ``n`` points (``None``: not known, the rule on groups alone)."""
     if isinstance(n_init, str) and n_init == "auto":
-        return max(1, min(AUTO_RESTARTS, math.ceil(AUTO_RESTARTS * AUTO_RESTARTS_K / max(k, 1))))
+        k = max(k, 1)
+        by_groups = math.ceil(AUTO_RESTARTS * AUTO_RESTARTS_K / k)
+        by_work = math.ceil(AUTO_RESTARTS_WORK / (k * n)) if n else AUTO_RESTARTS
+        return max(1, min(AUTO_RESTARTS, by_groups, by_work))
     if isinstance(n_init, bool | str):
         raise ValueError(f"n_init must be a number of restarts or 'auto'; got {n_init!r}")
     try:

@@ -160,7 +160,7 @@ def kmeans_heads(
     heads_z = z.reshape(n_heads, head_dim, -1)
     heads_w = w.reshape(n_heads, head_dim)
     best: tuple[float, Tensor] | None = None
-    for run in range(restarts(n_init, k_heads)):
+    for run in range(restarts(n_init, k_heads, n_heads)):
         start = list(first_centres)[:k_heads] if run == 0 and first_centres is not None else []
         centres = _seed(heads_z, heads_w, k_heads, gen, start)
         cost, labels = _lloyd(heads_z, heads_w, centres, int(max_iter))

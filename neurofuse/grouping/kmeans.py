@@ -178,7 +178,8 @@ def weighted_kmeans(
         weights: ``(n,)`` non-negative importance scores with a positive sum; None = uniform.
         k: number of groups, ``1 <= k <= n``; ``k == n`` gives singletons (cost 0).
         n_init: independent seedings (drawn as one batch); the lowest final cost wins.
-            ``"auto"``: 4 up to 512 groups, fewer beyond (:data:`AUTO_RESTARTS_K`).
+            ``"auto"``: 4 up to 512 groups, fewer beyond (:data:`AUTO_RESTARTS_K`) and
+            fewer for many points (:data:`AUTO_RESTARTS_WORK`).
         max_iter: Lloyd iterations per restart.
         tol: stop when the cost falls by at most ``tol`` relative to the previous iteration.
         seed: seed of a local ``torch.Generator`` (the global RNG is never used).
@@ -203,7 +204,7 @@ def weighted_kmeans(
     points = _check_points(points)
     n = points.shape[0]
     k = _check_k(k, n)
-    n_init = restarts(n_init, k)
+    n_init = restarts(n_init, k, n)
     if init not in _INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {sorted(_INITS)}")
     if isinstance(n_init, bool) or int(n_init) < (0 if init_labels else 1):
