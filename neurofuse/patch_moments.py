@@ -42,12 +42,13 @@ from neurofuse.affine import conv_geometry
 
 #: Elements of one block of per-position products ``R_delta`` (positions x C x C) at a time.
 BLOCK_ELEMENTS = 1 << 24
-#: Rows of one block of the ``Y^T Y`` product.
-BLOCK_ROWS = 16384
+#: Patch elements (samples x positions x fan-in) that one block of the ``X^T Y`` product forms.
+PATCH_ELEMENTS = 1 << 21
 #: The smallest fan-in ``C kh kw`` that takes the shifted products: below it the explicit
-#: patches, built and multiplied in chunks, are as fast (two VGG-small CNNs on 400 samples:
-#: 0.5x the time at fan-in 576, 0.9x at 288, 1.1x at 144, 3x at 9; ``benchmarks/fit_options.py``).
-MIN_FAN_IN = 256
+#: patches, built and multiplied in chunks, are faster (a 3x3 convolution on 400 samples, float64
+#: products, the sums of one layer: 0.66x the time at fan-in 576, 0.6x at 144, 0.9x at 72, 3.3x
+#: at 9: many tiny per-position products).
+MIN_FAN_IN = 64
 
 
 @dataclass(frozen=True)
@@ -130,19 +131,25 @@ def conv_moments(
     xx = (gram - xe - xe.permute(2, 3, 0, 1) + ee).reshape(p, p)
     sx = (sw.sum(-1) - b * m.unsqueeze(1) * o.sum(0).unsqueeze(0)).reshape(p)
 
-    yc = y_rows.to(product_dtype) - y_shift.to(product_dtype)
-    # (the weight gradient is several times slower with a channels-last gradient map)
-    ymap = yc.reshape(b, ho, wo, d).permute(0, 3, 1, 2).contiguous()
-    xty = conv2d_weight(xc, (d, c, k[0], k[1]), ymap, stride=1, padding=pad, dilation=dil)
-    sy_map = ymap.sum(0, dtype=dtype).reshape(d, -1)  # (d, ho wo)
+    # X^T Y, Y^T Y and the target sums by blocks of samples: the weight gradient forms the
+    # block's patches internally (im2col), so a block holds at most PATCH_ELEMENTS of them
+    xty = torch.zeros(d, p, dtype=dtype, device=x.device)
+    sy_map = torch.zeros(d, ho * wo, dtype=dtype, device=x.device)
+    yy = torch.zeros(d, d, dtype=dtype, device=x.device) if targets else None
+    rows = ho * wo
+    step = max(1, PATCH_ELEMENTS // (p * rows))
+    for lo in range(0, b, step):
+        hi = min(lo + step, b)
+        yc = y_rows[lo * rows : hi * rows].to(product_dtype) - y_shift.to(product_dtype)
+        # (the weight gradient is several times slower with a channels-last gradient map)
+        ymap = yc.reshape(hi - lo, ho, wo, d).permute(0, 3, 1, 2).contiguous()
+        g = conv2d_weight(xc[lo:hi], (d, c, k[0], k[1]), ymap, stride=1, padding=pad, dilation=dil)
+        xty += g.reshape(d, p).to(dtype)
+        sy_map += ymap.sum(0, dtype=dtype).reshape(d, -1)
+        if yy is not None:
+            yy += (yc.T @ yc).to(dtype)
     q = o.T @ sy_map.T  # (kk, d)
-    xy = xty.reshape(d, p).T.to(dtype) - (m.view(c, 1, 1) * q.unsqueeze(0)).reshape(p, d)
-    yy = None
-    if targets:  # by row blocks: one tall product is slower than several
-        yy = torch.zeros(d, d, dtype=dtype, device=x.device)
-        for lo in range(0, yc.shape[0], BLOCK_ROWS):
-            block = yc[lo : lo + BLOCK_ROWS]
-            yy += (block.T @ block).to(dtype)
+    xy = xty.T - (m.view(c, 1, 1) * q.unsqueeze(0)).reshape(p, d)
     return Moments(b * ho * wo, xx, xy, sx, sy_map.sum(1), yy)
 
 
