@@ -580,16 +580,17 @@ def test_auto_restarts_fall_with_the_number_of_groups():
 def test_auto_restarts_cap_the_work_of_many_points():
     from neurofuse.grouping import AUTO_RESTARTS, AUTO_RESTARTS_K, AUTO_RESTARTS_WORK, restarts
 
-    # two models (points = 2 x groups): the rule on groups alone decides, at every width
-    for k in (16, 512, 700, 1024, 1500, 2048, 5000):
+    # two models (points = 2 x groups): the rule on groups decides at the usual widths
+    for k in (16, 512, 700, 1024, 1448, 2048, 5000):
         assert restarts("auto", k, 2 * k) == restarts("auto", k)
     # many models of one width: fewer restarts once restarts x points x groups passes the cap
     k = AUTO_RESTARTS_K
-    assert restarts("auto", k, 8 * k) == AUTO_RESTARTS
-    assert restarts("auto", k, 16 * k) == AUTO_RESTARTS // 2
-    assert restarts("auto", k, 10**9) == 1
-    n = 16 * k
-    assert restarts("auto", k, n) * n * k <= AUTO_RESTARTS_WORK
+    assert restarts("auto", k, 4 * k) == AUTO_RESTARTS
+    assert restarts("auto", k, 8 * k) == AUTO_RESTARTS // 2
+    assert restarts("auto", k, 16 * k) == restarts("auto", k, 10**9) == 1
+    for models in (4, 8, 16):
+        n = models * k
+        assert restarts("auto", k, n) * n * k <= AUTO_RESTARTS_WORK
     assert restarts(3, k, 10**9) == 3  # an explicit count is kept
     # weighted_kmeans asks with its number of points
     g = torch.Generator().manual_seed(0)
