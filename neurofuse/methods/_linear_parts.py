@@ -41,7 +41,11 @@ class LinearOptions:
         row_budget: if set, fit each layer on a uniform random sample of about
             ``row_budget * p`` of its rows (sample x position), ``p`` being the layer's fan-in:
             a sketch of the least-squares problem that bounds the Gram cost of wide
-            convolutions. ``None`` (default) uses every row and is exact.
+            convolutions (two VGG-small CNNs: ``row_budget=4`` 0.63x the time, -0.1 points;
+            ``benchmarks/results/fit_options_cpu.md``). ``None`` (default) uses every row and
+            is exact; stride-1 convolutions then build their normal equations from shifted
+            products of the input map (:mod:`neurofuse.patch_moments`), a sketch from
+            explicit patch rows.
         stream: how a residual stream (a space joined by residual additions) is grouped:
             ``"first"`` on the projected outputs of the first layer that writes it (the stem
             or the embedding), like any other layer; ``"all"`` on the base models' values at
