@@ -328,3 +328,32 @@ def test_otfusion_keeps_activations_across_permutations_as_if_it_recomputed_them
     assert any(
         not torch.equal(p * p.shape[0], torch.eye(p.shape[0], dtype=p.dtype)) for p in plans["skip"]
     )
+
+
+def test_channel_map_distances_equal_the_neuron_row_distances(monkeypatch):
+    from neurofuse.graph import to_neurons
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 4, 3, generator=g).relu() + 2.0
+    y = torch.randn(5, 7, 4, 3, generator=g).relu()
+    d, length = otfusion_module.map_distances(x.reshape(5, 6, -1), y.reshape(5, 7, -1))
+    want = otfusion_module.squared_distances(to_neurons(x, 1).double(), to_neurons(y, 1).double())
+    assert length == 5 * 4 * 3
+    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-4)
+    # OTFusion of CNNs takes the map path for its convolutions, with the same fused model
+    torch.manual_seed(1)
+    models = [cnn_bn().eval() for _ in range(2)]
+    inputs = torch.randn(16, 1, 8, 8)
+    calls = []
+    real = otfusion_module.map_distances
+
+    def spy(a, b):
+        calls.append(a.shape)
+        return real(a, b)
+
+    monkeypatch.setattr(otfusion_module, "map_distances", spy)
+    fast = nf.fuse(models, inputs, method="otfusion")
+    assert calls and all(len(s) == 3 for s in calls)
+    monkeypatch.setattr(otfusion_module, "_channel_maps", lambda *a: None)
+    slow = nf.fuse(models, inputs, method="otfusion")
+    torch.testing.assert_close(logits(fast, inputs), logits(slow, inputs), rtol=1e-5, atol=1e-6)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from neurofuse.alignment import Space
 from neurofuse.alignment.space import neuron_rows
-from neurofuse.graph import GraphRunner, trace
+from neurofuse.graph import GraphRunner, neuron_axis, trace
 from neurofuse.methods._averaging import (
     State,
     alignment_setup,
@@ -227,10 +227,38 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
     for i in range(len(space.nodes)):
         # in the activations' dtype: a float64 copy of every activation would cost more than
         # the distances; the cost only ranks pairs of neurons
-        x = node_features(al.runner, space, i, dtype=None)
-        y = node_features(al.ref_runner, ref, i, dtype=None)
-        total = total + squared_distances(x, y).to(torch.float64).cpu() / x.shape[1]
+        xm, ym = _channel_maps(al.runner, space, i), _channel_maps(al.ref_runner, ref, i)
+        if xm is not None and ym is not None:
+            d, length = map_distances(xm, ym)
+        else:
+            x = node_features(al.runner, space, i, dtype=None)
+            y = node_features(al.ref_runner, ref, i, dtype=None)
+            d, length = squared_distances(x, y), x.shape[1]
+        total = total + d.to(torch.float64).cpu() / length
     return total
+
+
+def _channel_maps(runner: GraphRunner, space: Space, i: int) -> Tensor | None:
+    """The space's ``i``-th node value as ``(B, C, positions)`` when its neurons are the
+    channels of a channels-first map laid out contiguously (a convolution's output), else
+    ``None``."""
+    out = runner.value(runner.node(space.nodes[i])).detach()
+    if out.dim() < 3 or (space.node_parts and space.node_parts[i] != 1):
+        return None
+    axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
+    if axis != 1 or not out.is_contiguous():
+        return None
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def map_distances(x: Tensor, y: Tensor) -> tuple[Tensor, int]:
+    """Squared distances between the channels of ``x`` (B, n, P) and of ``y`` (B, m, P) as
+    vectors over samples and positions, and their length ``B P``: one batched product on the
+    maps as they lie, instead of the ``(n, B P)`` copies that :func:`squared_distances` needs."""
+    cross = torch.bmm(x, y.transpose(1, 2)).sum(0)
+    xn = torch.linalg.vector_norm(x, dim=(0, 2)).square()
+    yn = torch.linalg.vector_norm(y, dim=(0, 2)).square()
+    return (xn[:, None] + yn[None, :] - 2.0 * cross).clamp_min(0.0), x.shape[0] * x.shape[2]
 
 
 def _weights_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
