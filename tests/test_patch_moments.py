@@ -142,3 +142,33 @@ def test_add_moments_refuses_other_shifts_and_held_rows():
     needs_yy = LeastSquares(18, 3, True, x.device, torch.float64, targets=True)
     with pytest.raises(ValueError, match="targets=True"):
         needs_yy.add_moments(m, patch_moments.column_shift(layer, sx), sy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("product", [torch.float64, torch.float32])
+def test_shifted_products_on_cuda_equal_the_cpu_ones(product):
+    layer = nn.Conv2d(8, 6, 3, padding=1)
+    x, y = _data(layer, (20, 8, 7, 7))
+    sx, sy = patch_moments.channel_shift(x, torch.float64), y.double().mean(0)
+    cpu = patch_moments.conv_moments(layer, x, y, sx, sy, product, torch.float64, True)
+    dev = torch.device("cuda")
+    gpu = patch_moments.conv_moments(
+        layer.to(dev), x.to(dev), y.to(dev), sx.to(dev), sy.to(dev), product, torch.float64, True
+    )
+    tol = 1e-9 if product == torch.float64 else 1e-3
+    for a, b in [(gpu.xx, cpu.xx), (gpu.xy, cpu.xy), (gpu.x, cpu.x), (gpu.yy, cpu.yy)]:
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
+    # and a KF Linear fusion of two VGGs on the GPU takes the path and matches the CPU's
+    from neurofuse.models import build
+
+    torch.manual_seed(0)
+    models = [
+        build("vgg", config=[8, "M", 16, 16, "M"], input_size=8, in_channels=3).eval()
+        for _ in range(2)
+    ]
+    inputs = torch.randn(32, 3, 8, 8)
+    import neurofuse as nf
+
+    on_cpu = nf.fuse(models, inputs, method="hf_linear")
+    on_gpu = nf.fuse([m.to(dev) for m in models], inputs.to(dev), method="hf_linear")
+    torch.testing.assert_close(on_gpu.cpu()(inputs), on_cpu(inputs), rtol=1e-3, atol=1e-3)
