@@ -256,17 +256,23 @@ def check_reference(reference: int, n: int) -> int:
 # ---------------------------------------------------------------------------- neuron features
 
 
+def node_value(runner: GraphRunner, space: Space, i: int) -> tuple[Tensor, int, int]:
+    """The space's ``i``-th node value (detached), the axis that holds its neurons and the
+    number of parts of the space it holds side by side (``[q | k | v]``: 3)."""
+    out = runner.value(runner.node(space.nodes[i])).detach()
+    axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
+    return out, axis, space.node_parts[i] if space.node_parts else 1
+
+
 def node_features(
     runner: GraphRunner, space: Space, i: int, dtype: torch.dtype | None = torch.float64
 ) -> Tensor:
     """(d, N) in ``dtype`` (``None``: the values' own): the values of the space's ``i``-th node,
     one row per neuron (a node that holds several parts of the space, ``[q | k | v]``, gives
     each neuron all its parts)."""
-    out = runner.value(runner.node(space.nodes[i]))
-    axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
-    rows = to_neurons(out.detach(), axis)
+    out, axis, parts = node_value(runner, space, i)
+    rows = to_neurons(out, axis)
     rows = rows if dtype is None else rows.to(dtype)
-    parts = space.node_parts[i] if space.node_parts else 1
     if parts > 1:
         rows = rows.reshape(parts, space.size, -1).transpose(0, 1).reshape(space.size, -1)
     return rows
@@ -311,6 +317,7 @@ __all__ = [
     "finish",
     "model_weights",
     "node_features",
+    "node_value",
     "space_features",
     "space_scores",
     "states_of",

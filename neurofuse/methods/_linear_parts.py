@@ -306,14 +306,15 @@ def _conv_normal_equations(
     map copy holds about 2^22 elements (at least ``opt.chunk_size`` samples)."""
     n = x.shape[0]
     chunk = max(opt.chunk_size, (1 << 22) // max(1, x[:1].numel()))
-    shift_x = shift_y = None
+    shifts: tuple[Tensor, Tensor, Tensor] | None = None  # per channel, per column, of Y
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         yr = y_rows(lo * per_sample, hi * per_sample)
-        if shift_x is None or shift_y is None:
-            shift_x = patch_moments.channel_shift(x[lo:hi], ls.dtype)
-            shift_y = yr.to(ls.dtype).mean(0)
+        if shifts is None:  # the first chunk's means, kept for every chunk
+            channel = patch_moments.channel_shift(x[lo:hi], ls.dtype)
+            shifts = channel, patch_moments.column_shift(layer, channel), yr.to(ls.dtype).mean(0)
+        channel, column, target = shifts
         m = patch_moments.conv_moments(
-            layer, x[lo:hi], yr, shift_x, shift_y, ls.product_dtype, ls.dtype, ls.targets
+            layer, x[lo:hi], yr, channel, target, ls.product_dtype, ls.dtype, ls.targets
         )
-        ls.add_moments(m, patch_moments.column_shift(layer, shift_x), shift_y)
+        ls.add_moments(m, column, target)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from neurofuse.alignment import Space
 from neurofuse.alignment.space import neuron_rows
-from neurofuse.graph import GraphRunner, neuron_axis, trace
+from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods._averaging import (
     State,
     alignment_setup,
@@ -44,6 +44,7 @@ from neurofuse.methods._averaging import (
     check_aligned_shapes,
     finish,
     node_features,
+    node_value,
     space_scores,
     template_for,
     write_state,
@@ -242,11 +243,8 @@ def _channel_maps(runner: GraphRunner, space: Space, i: int) -> Tensor | None:
     """The space's ``i``-th node value as ``(B, C, positions)`` when its neurons are the
     channels of a channels-first map laid out contiguously (a convolution's output), else
     ``None``."""
-    out = runner.value(runner.node(space.nodes[i])).detach()
-    if out.dim() < 3 or (space.node_parts and space.node_parts[i] != 1):
-        return None
-    axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
-    if axis != 1 or not out.is_contiguous():
+    out, axis, parts = node_value(runner, space, i)
+    if out.dim() < 3 or parts != 1 or axis != 1 or not out.is_contiguous():
         return None
     return out.reshape(out.shape[0], out.shape[1], -1)
 
