@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -30,6 +29,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from neurofuse.utils import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             )
             print(f"  {t:.3f} s ({t / fwd:.1f} forward passes), test accuracy {acc:.4f}")
             result = {"forward_seconds": fwd, "rows": rows, "meta": _meta(args)}
-            _write(out_json, json.dumps(result, indent=2))
+            atomic_write_text(out_json, json.dumps(result, indent=2))
     return {"forward_seconds": fwd, "rows": rows, "meta": _meta(args)}
 
 
@@ -124,12 +125,6 @@ def _meta(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "date": time.strftime("%Y-%m-%d"),
     }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def render(result: dict, command: str) -> str:
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/fit_options.py " + " ".join(argv or sys.argv[1:])
     result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    _write(Path(f"{args.out}.md"), render(result, command.strip()))
+    atomic_write_text(Path(f"{args.out}.md"), render(result, command.strip()))
     plot(result, Path(f"{args.out}.png"))
     print(render(result, command.strip()))
 

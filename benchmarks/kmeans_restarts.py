@@ -65,6 +65,11 @@ def measure(m: int, restarts: str, seed: int, x: torch.Tensor, test: tuple) -> d
     }
 
 
+def _against_four(paired: list, change, fmt: str) -> str:  # noqa: ANN001
+    """Mean over seeds of ``change(row, the same seed's four-restart row)``, or ``-``."""
+    return format(statistics.mean(change(r, b) for r, b in paired), fmt) if paired else "-"
+
+
 def render(rows: dict, models: list[int], variants: list[str], command: str) -> str:
     lines = [
         "# K-means restarts against the number of models",
@@ -87,22 +92,14 @@ def render(rows: dict, models: list[int], variants: list[str], command: str) -> 
             if not got:
                 continue
             mean = statistics.mean
-            paired = [r for r in got if r["seed"] in base]
-            err = (
-                f"{mean(r['grouping_error'] / base[r['seed']]['grouping_error'] for r in paired):.4f}"
-                if paired
-                else "-"
+            paired = [(r, base[r["seed"]]) for r in got if r["seed"] in base]
+            err = _against_four(
+                paired, lambda r, b: r["grouping_error"] / b["grouping_error"], ".4f"
             )
-            tim = (
-                f"{mean(r['grouping_seconds'] / base[r['seed']]['grouping_seconds'] for r in paired):.2f}"
-                if paired
-                else "-"
+            tim = _against_four(
+                paired, lambda r, b: r["grouping_seconds"] / b["grouping_seconds"], ".2f"
             )
-            dacc = (
-                f"{100 * mean(r['accuracy'] - base[r['seed']]['accuracy'] for r in paired):+.2f}"
-                if paired
-                else "-"
-            )
+            dacc = _against_four(paired, lambda r, b: 100 * (r["accuracy"] - b["accuracy"]), "+.2f")
             used = sorted({r["used"] for r in got})
             lines.append(
                 f"| {m} | {v} | {'/'.join(map(str, used))} | {mean(r['seconds'] for r in got):.2f} "
