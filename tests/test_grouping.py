@@ -19,7 +19,7 @@ from neurofuse.grouping import (
     weighted_centroids,
     weighted_kmeans,
 )
-from neurofuse.grouping._workspace import _gram_coordinates
+from neurofuse.grouping._workspace import _dists, _fit, _gram_coordinates, _workspace, row_blocks
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -138,6 +138,36 @@ def test_gram_coordinates_preserve_distances():
     assert coords.shape[0] == 20 and coords.shape[1] <= 20
     torch.testing.assert_close(
         torch.cdist(coords, coords), torch.cdist(points, points), atol=1e-6, rtol=1e-9
+    )
+
+
+def test_blocked_centroid_and_cost_sums_equal_the_one_shot_sums():
+    # 3000 x 200 points: the sums run over several row blocks; the centroids and the cost
+    # must be those of the unblocked formulas (the same order of additions: equal bit for bit)
+    g = _gen(11)
+    points = torch.randn(3000, 200, generator=g, dtype=torch.float64)
+    w = torch.rand(3000, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 40, (3000,), generator=g)
+    assert len(list(row_blocks(3000, 200))) > 2
+    ws = _workspace(points, w)
+    centres, cost = _fit(ws, labels, 40)
+    total = torch.zeros(40, dtype=torch.float64).index_add_(0, labels, w)[labels]
+    coef = w / total
+    want = torch.zeros(40, 200, dtype=torch.float64).index_add_(0, labels, ws.acc * coef[:, None])
+    assert torch.equal(centres, want)
+    want_cost = float((w * (ws.acc - want[labels]).square().sum(1)).sum())
+    assert cost == want_cost
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_distances_equal_the_textbook_expression(dtype):
+    g = _gen(12)
+    y, c = torch.randn(300, 17, generator=g).to(dtype), torch.randn(40, 17, generator=g).to(dtype)
+    ysq, csq = y.square().sum(1), c.square().sum(1)
+    want = (ysq[:, None] - 2.0 * (y @ c.T) + csq[None, :]).clamp_min(0)
+    assert torch.equal(_dists(y, ysq, c, csq), want)
+    torch.testing.assert_close(
+        _dists(y, ysq, c, csq), torch.cdist(y, c).square(), atol=1e-4, rtol=1e-4
     )
 
 

@@ -3,12 +3,14 @@ that is cheaper, and blocked squared-distance computations."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from neurofuse.grouping._base import (
+    _BLOCK_ELEMENTS,
     _FLOAT64_COORDS_MAX,
     _GRAM_MAX_POINTS,
     _GRAM_ROWS,
@@ -74,8 +76,29 @@ def _workspace(points: Tensor, w: Tensor) -> _Workspace:
 
 
 def _dists(y: Tensor, ysq: Tensor, c: Tensor, csq: Tensor) -> Tensor:
-    """``(m, K)`` squared distances ``||y||^2 - 2 y.c + ||c||^2``, clamped at 0."""
-    return (ysq[:, None] - 2.0 * (y @ c.T) + csq[None, :]).clamp_min_(0)
+    """``(m, K)`` squared distances ``||y||^2 - 2 y.c + ||c||^2``, clamped at 0.
+
+    Formed in place in the product's buffer (one ``(m, K)`` temporary instead of four); the
+    same floating-point operations in the same order, so the same values bit for bit."""
+    d = y @ c.T
+    return d.mul_(-2.0).add_(ysq[:, None]).add_(csq[None, :]).clamp_min_(0)
+
+
+def row_blocks(n: int, width: int) -> Iterator[slice]:
+    """Row slices of at most :data:`_BLOCK_ELEMENTS` elements of an ``(n, width)`` array: the
+    size of the per-point temporaries of centroid sums and costs, whatever ``n``."""
+    step = max(1, _BLOCK_ELEMENTS // max(1, width))
+    return (slice(s, s + step) for s in range(0, n, step))
+
+
+def point_costs(ws: _Workspace, labels: Tensor, centres: Tensor) -> Tensor:
+    """``(n,)`` float64 squared distance of every point to its centre, by row blocks."""
+    n, p = ws.acc.shape
+    out = torch.empty(n, dtype=torch.float64, device=ws.acc.device)
+    for rows in row_blocks(n, p):
+        diff = ws.acc[rows] - centres[labels[rows]]
+        out[rows] = diff.square_().sum(1).to(torch.float64)
+    return out
 
 
 def _dists_to_points(ws: _Workspace, idx: Tensor) -> Tensor:
@@ -84,9 +107,11 @@ def _dists_to_points(ws: _Workspace, idx: Tensor) -> Tensor:
 
 
 def _fit(ws: _Workspace, labels: Tensor, k: int) -> tuple[Tensor, float]:
-    """Weighted centroids ``(k, p)`` in the working coordinates and the cost they give."""
+    """Weighted centroids ``(k, p)`` in the working coordinates and the cost they give (sums
+    by row blocks: no ``(n, p)`` temporary)."""
+    n, p = ws.acc.shape
     coef = _member_coefficients(ws.w, labels, k).to(ws.acc.dtype)
-    centres = torch.zeros(k, ws.acc.shape[1], dtype=ws.acc.dtype, device=ws.acc.device)
-    centres.index_add_(0, labels, ws.acc * coef[:, None])
-    per_point = (ws.acc - centres[labels]).square_().sum(1).to(torch.float64)
-    return centres, float((ws.w * per_point).sum())
+    centres = torch.zeros(k, p, dtype=ws.acc.dtype, device=ws.acc.device)
+    for rows in row_blocks(n, p):
+        centres.index_add_(0, labels[rows], ws.acc[rows] * coef[rows, None])
+    return centres, float((ws.w * point_costs(ws, labels, centres)).sum())

@@ -29,6 +29,7 @@ from neurofuse.grouping._workspace import (
     _fit,
     _Workspace,
     _workspace,
+    point_costs,
 )
 from neurofuse.grouping.seeding import _INITS, _sample
 
@@ -58,6 +59,9 @@ def _assign(
             out[s : s + step] = _dists(ws.mm[s : s + step], ws.sq[s : s + step], c, csq).argmin(1)
         return out
     out = labels.clone()
+    # rows per block: the block's distances (k) and its three (rows, p) temporaries within
+    # _MATMUL_ELEMENTS, so memory stays bounded however many points there are
+    step = max(1, _MATMUL_ELEMENTS // (k + 3 * c.shape[1]))
     moved = torch.ones(k, dtype=torch.bool, device=c.device) if moved is None else moved
     own = moved[labels]
     eps = torch.finfo(ws.mm.dtype).eps
@@ -90,7 +94,7 @@ def _repair_empty(ws: _Workspace, labels: Tensor, centres: Tensor, k: int) -> Te
     if bool((counts > 0).all()):
         return labels
     labels = labels.clone()
-    gain = ws.w * (ws.acc - centres[labels]).square().sum(1).to(torch.float64)
+    gain = ws.w * point_costs(ws, labels, centres)
     gain = torch.where(counts[labels] > 1, gain, -math.inf)
     for e in (counts == 0).nonzero().flatten().tolist():
         j = int(gain.argmax())
