@@ -357,3 +357,37 @@ def test_channel_map_distances_equal_the_neuron_row_distances(monkeypatch):
     monkeypatch.setattr(otfusion_module, "_channel_maps", lambda *a: None)
     slow = nf.fuse(models, inputs, method="otfusion")
     torch.testing.assert_close(logits(fast, inputs), logits(slow, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_average_states_reads_lazy_states_once_in_order_and_equals_the_list_average():
+    from neurofuse.methods._averaging import average_states
+    from neurofuse.methods._plan import LazySequence
+
+    g = torch.Generator().manual_seed(0)
+    states = [
+        {
+            "w": torch.randn(4, 3, generator=g),
+            "b": torch.randn(4, generator=g),
+            "n": torch.tensor(k),  # integer buffer: model 0's
+        }
+        for k in range(3)
+    ]
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    per_neuron = {"w": [torch.rand(4, generator=g) + 0.1 for _ in range(3)]}
+    made: list[int] = []
+
+    def make(k: int) -> dict[str, Tensor]:
+        made.append(k)
+        return states[k]
+
+    lazy = average_states(LazySequence(3, make), weights, per_neuron)
+    assert made == [0, 1, 2]
+    eager = average_states(states, weights, per_neuron)
+    c = [weights[k] * per_neuron["w"][k].double()[:, None] for k in range(3)]
+    want_w = sum(c[k] * states[k]["w"].double() for k in range(3)) / sum(c)
+    want_b = sum(weights[k] * states[k]["b"].double() for k in range(3)) / weights.sum()
+    for out in (lazy, eager):
+        torch.testing.assert_close(out["w"], want_w.float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(out["b"], want_b.float(), rtol=1e-6, atol=1e-7)
+        assert out["n"] == 0 and out["w"].dtype == torch.float32
+    assert all(torch.equal(lazy[k], eager[k]) for k in eager)

@@ -16,7 +16,6 @@ from neurofuse.alignment.repair import StatsTarget, repair_to
 from neurofuse.alignment.repair import repair as repair_statistics
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
 from neurofuse.methods.registry import FusionContext
-from neurofuse.utils import tensor_sum
 
 State = dict[str, Tensor]
 
@@ -148,23 +147,36 @@ def average_states(
     times a per-row coefficient (``per_neuron[key][k]`` of shape ``(rows,)``: importance-
     weighted averaging of each neuron). Integer buffers (``num_batches_tracked``) come from
     model 0.
+
+    The states are read once each, in order, and summed as they come (the same additions in
+    the same order as summing per key): ``states`` may make each one on demand
+    (:class:`neurofuse.methods._plan.LazySequence`), so that one aligned copy is alive at a
+    time instead of one per model.
     """
+    num: dict[str, Tensor] = {}
+    den: dict[str, Tensor] = {}
     out: State = {}
-    for key, t0 in states[0].items():
-        if not t0.is_floating_point():
-            out[key] = t0.clone()
-            continue
-        ts = [s[key].to(torch.float64) for s in states]
-        cs = [weights[k].to(t0.device) for k in range(len(states))]
-        if per_neuron is not None and key in per_neuron:
-            shape = (-1,) + (1,) * (t0.dim() - 1)
-            cs = [
-                c * per_neuron[key][k].to(t0.device, torch.float64).view(shape)
-                for k, c in enumerate(cs)
-            ]
-        num = tensor_sum(c * t for c, t in zip(cs, ts, strict=True))
-        den = tensor_sum(cs)
-        out[key] = (num / den).to(t0.dtype)
+    dtypes: dict[str, torch.dtype] = {}
+    for k in range(len(states)):
+        state = states[k]
+        for key, t in state.items():
+            if k == 0:
+                if not t.is_floating_point():
+                    out[key] = t.clone()
+                    continue
+                dtypes[key] = t.dtype
+            elif key not in dtypes:
+                continue
+            c = weights[k].to(t.device)
+            if per_neuron is not None and key in per_neuron:
+                shape = (-1,) + (1,) * (t.dim() - 1)
+                c = c * per_neuron[key][k].to(t.device, torch.float64).view(shape)
+            term = c * t.to(torch.float64)
+            num[key] = term if k == 0 else num[key] + term
+            den[key] = c if k == 0 else den[key] + c
+        del state
+    for key, dtype in dtypes.items():
+        out[key] = (num.pop(key) / den.pop(key)).to(dtype)
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.fx as fx
@@ -23,6 +24,8 @@ from neurofuse.alignment import Space, permutation_spaces
 from neurofuse.alignment.space import Member
 from neurofuse.graph import AFFINE_TYPES, module_of, unit_end
 from neurofuse.graph.ops import FOLDABLE_NORMS, is_identity, is_reshape, is_residual_add
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -229,21 +232,22 @@ def _map_sparse(t: Tensor, axis: int, m: Tensor) -> Tensor:
     return mapped
 
 
-class LazySequence(Sequence[Tensor]):
-    """``n`` tensors made on demand by ``make(i)``: a caller that walks them in order holds
-    one at a time (:func:`aligned_average` of wide layers)."""
+class LazySequence(Sequence[T]):
+    """``n`` items (tensors, states) made on demand by ``make(i)``: a caller that walks them
+    in order holds one at a time (:func:`aligned_average` of wide layers, the aligned states of
+    Git Re-Basin's average)."""
 
-    def __init__(self, n: int, make: Callable[[int], Tensor]) -> None:
+    def __init__(self, n: int, make: Callable[[int], T]) -> None:
         self._n, self._make = n, make
 
     def __len__(self) -> int:
         return self._n
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[T]:
         for i in range(self._n):
             yield self._make(i)  # not bound to a local: the caller's reference is the only one
 
-    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+    def __getitem__(self, i: int) -> T:  # type: ignore[override]
         if not -self._n <= i < self._n:
             raise IndexError(i)
         return self._make(i % self._n)

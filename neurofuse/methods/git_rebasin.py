@@ -24,7 +24,7 @@ class scores the same way; other parameters are averaged with the model weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +46,7 @@ from neurofuse.methods._averaging import (
     space_scores,
     write_state,
 )
+from neurofuse.methods._plan import LazySequence
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 from neurofuse.utils import tensor_sum
 
@@ -219,15 +220,22 @@ def git_rebasin(ctx: FusionContext) -> nn.Module:
     ref_runner = (
         GraphRunner(ctx.trace(ctx.models[ref]), ctx.inputs) if opt.match == "acts" else None
     )
-    perms: list[dict[str, Tensor]] = []
-    aligned: list[State] = []
-    for k in range(n):
-        p = {} if k == ref else MATCHERS[opt.match](ctx, k, spaces[k], spaces[ref], ref_runner)
-        perms.append(p)
-        aligned.append(apply_permutation(states[k], spaces[k], p))
+    perms: list[dict[str, Tensor]] = [
+        {} if k == ref else MATCHERS[opt.match](ctx, k, spaces[k], spaces[ref], ref_runner)
+        for k in range(n)
+    ]
     ctx.report["moved_neurons"] = [
         sum(int((q != torch.arange(len(q))).sum()) for q in p.values()) for p in perms
     ]
+
+    def aligned_state(k: int) -> State:
+        return apply_permutation(states[k], spaces[k], perms[k])
+
+    # REPAIR needs every aligned model afterwards; otherwise each permuted copy is made as the
+    # average reads it and dropped (extra memory of one model's state, not one per model)
+    aligned: Sequence[State] = (
+        [aligned_state(k) for k in range(n)] if opt.repair else LazySequence(n, aligned_state)
+    )
     fused = average_states(aligned, weights, _per_neuron(ctx, spaces[ref], perms))
     fused_model = write_state(ctx.target, fused, "git_rebasin")
     return finish(ctx, fused_model, opt.reset_bn, opt.repair, aligned, weights)
