@@ -391,3 +391,21 @@ def test_average_states_reads_lazy_states_once_in_order_and_equals_the_list_aver
         torch.testing.assert_close(out["b"], want_b.float(), rtol=1e-6, atol=1e-7)
         assert out["n"] == 0 and out["w"].dtype == torch.float32
     assert all(torch.equal(lazy[k], eager[k]) for k in eager)
+
+
+def test_git_rebasin_correlation_equals_numpy_and_leaves_its_inputs_intact():
+    import numpy as np
+
+    from neurofuse.methods.git_rebasin import correlation
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 40, generator=g, dtype=torch.float64)
+    y[3] = 2.0  # a dead neuron: correlation 0 with everything
+    x0, y0 = x.clone(), y.clone()
+    got = correlation(x, y)
+    with np.errstate(invalid="ignore"):  # numpy divides by the dead neuron's zero spread
+        want = np.corrcoef(x.numpy(), y.numpy())[:5, 5:]
+    want[:, 3] = 0.0
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-7)
+    assert torch.equal(x, x0) and torch.equal(y, y0)

@@ -84,10 +84,10 @@ class GitRebasinOptions:
 def correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     """Pearson correlation ``C[i, j]`` between rows ``x_i`` (n, N) and ``y_j`` (m, N); a
     constant row (a dead neuron) correlates 0 with everything."""
-    x = x - x.mean(1, keepdim=True)
+    x = x - x.mean(1, keepdim=True)  # new tensors: the inputs (a runner's values) stay intact
     y = y - y.mean(1, keepdim=True)
-    x = x / (x.norm(dim=1, keepdim=True) + eps)
-    y = y / (y.norm(dim=1, keepdim=True) + eps)
+    x.div_(x.norm(dim=1, keepdim=True) + eps)
+    y.div_(y.norm(dim=1, keepdim=True) + eps)
     return x @ y.T
 
 
