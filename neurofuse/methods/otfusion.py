@@ -253,9 +253,11 @@ def map_distances(x: Tensor, y: Tensor) -> tuple[Tensor, int]:
     """Squared distances between the channels of ``x`` (B, n, P) and of ``y`` (B, m, P) as
     vectors over samples and positions, and their length ``B P``: one batched product on the
     maps as they lie, instead of the ``(n, B P)`` copies that :func:`squared_distances` needs."""
-    cross = torch.bmm(x, y.transpose(1, 2)).sum(0)
-    xn = torch.linalg.vector_norm(x, dim=(0, 2)).square()
-    yn = torch.linalg.vector_norm(y, dim=(0, 2)).square()
+    cross = torch.bmm(x, y.transpose(1, 2)).sum(0, dtype=torch.float64)
+    # norms over the contiguous positions first, then over samples in float64 (a norm over
+    # dims (0, 2) at once reduces across strides and took as long as the product itself)
+    xn = torch.linalg.vector_norm(x, dim=2).square().sum(0, dtype=torch.float64)
+    yn = torch.linalg.vector_norm(y, dim=2).square().sum(0, dtype=torch.float64)
     return (xn[:, None] + yn[None, :] - 2.0 * cross).clamp_min(0.0), x.shape[0] * x.shape[2]
 
 
