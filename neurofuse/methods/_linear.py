@@ -549,8 +549,8 @@ class _LinearFusion:
                         self.fit_unit(u, space)
                         done.add(u)
                     self.settle()
-                for r in self.bruns:
-                    r.release_consumed()
+                for r in (*self.bruns, self.frun):  # the fused model's too: a value
+                    r.release_consumed()  # whose users are all computed is not read again
                 advance(len(done))
         left = [u.target for u in units if u not in done]
         if left:  # a residual sum that waited for a unit that never came
