@@ -243,6 +243,36 @@ def test_auto_returns_a_base_model_when_it_is_best():
     assert report["scores"][chosen]["disagreement"] < report["scores"]["vanilla"]["disagreement"]
 
 
+def test_auto_scores_each_base_model_against_the_other_models(sharded_pair):
+    """``include_base="others"``: model k is scored against the ensemble of the models other
+    than k (for two models: the other model alone), so the owner of the fusion set, whose
+    confident predictions make the ensemble's on its own data, gets no vote from itself;
+    ``True`` scores it against the whole ensemble."""
+    from neurofuse.methods.ensemble import ensemble_log_probs
+
+    models, x, y, _, _ = sharded_pair
+    _, held = holdout_split(len(x), 0.25, y, seed=3)
+    probe = mixup_inputs(x[held], 1, 3)
+    with torch.no_grad():
+        tops = [m(probe).argmax(-1) for m in models]
+        both = ensemble_log_probs(models, probe).argmax(-1)
+    scores = {}
+    for mode in (True, "others"):
+        fused = nf.fuse(
+            models, (x, y), method="auto", portfolio=["vanilla"], include_base=mode, seed=3
+        )
+        scores[mode] = fused.neurofuse_report["auto"]["scores"]
+    for k in (0, 1):
+        against_other = float((tops[k] != tops[1 - k]).float().mean())
+        against_all = float((tops[k] != both).float().mean())
+        assert scores["others"][f"model {k}"]["disagreement"] == pytest.approx(against_other)
+        assert scores[True][f"model {k}"]["disagreement"] == pytest.approx(against_all)
+    # the owner (model 0) agrees with the whole ensemble on its own data, not with model 1
+    assert scores[True]["model 0"]["disagreement"] < 0.2
+    assert scores["others"]["model 0"]["disagreement"] > 0.8
+    assert scores[True]["vanilla"] == scores["others"]["vanilla"]
+
+
 def test_weak_owner_fusion_is_not_below_the_best_base_model():
     """8 classes; model 0, whose 200 samples form the fusion set, saw mostly classes 0-3 and
     model 1 mostly 4-7, from twice the data. The ensemble beats both; every fusion that auto
@@ -278,3 +308,5 @@ def test_auto_options_are_checked():
         nf.fuse([m, m], x, method="auto", portfolio=["kf_lineer"])
     with pytest.raises(ValueError, match="cannot contain 'auto'"):
         nf.fuse([m, m], x, method="auto", portfolio=["auto"])
+    with pytest.raises(ValueError, match="include_base must be False, True or 'others'"):
+        nf.fuse([m, m], x, method="auto", include_base="others!")
