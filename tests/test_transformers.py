@@ -76,6 +76,8 @@ RECOVERING = [
     ("transformer_otfusion", {"solver": "emd", "heads": "units"}),
     ("transformer_otfusion", {"solver": "emd", "ground_metric": "wts"}),
     ("transformer_otfusion", {"solver": "sinkhorn", "reg": 1e-3, "residual": "weighted_scalar"}),
+    ("transformer_otfusion", {"solver": "emd", "repair": True}),
+    ("git_rebasin", {"match": "acts", "repair": True}),
 ]
 
 
@@ -130,6 +132,20 @@ def test_independent_models_fuse_to_finite_outputs_and_stay_untouched(arch, meth
     assert out.shape == _logits(models[0], _inputs(arch, 16, 2)).shape
     for m, state in zip(models, before, strict=True):
         assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["transformer_otfusion", "git_rebasin"])
+def test_repair_rescales_fused_transformers(method):
+    """REPAIR on two unrelated ViTs: every repaired neuron is reported, and the repaired model
+    differs from the plain average (a permuted copy stays exact: test above)."""
+    models = [_random_model("vit", s) for s in (0, 1)]
+    x = _inputs("vit", 64, 1)
+    plain = nf.fuse(models, x, method=method)
+    fused = nf.fuse(models, x, method=method, repair=True)
+    collapse = fused.neurofuse_report["repair_collapse"]
+    assert collapse and all(v > 0 for v in collapse.values())
+    assert "repair_collapse" not in plain.neurofuse_report
+    assert relative_error(_logits(fused, x), _logits(plain, x)) > 1e-3
 
 
 def test_automatic_levels_are_embedding_blocks_head():

@@ -400,6 +400,15 @@ def vit_methods(importances: Sequence[str] = PAPER_IMPORTANCE) -> tuple[MethodRu
         ),
         MethodRun("KF Gradient (setting 1)", "kf_gradient", options=(("preset", "setting1"),)),
     ]
+    # the averaging baselines with REPAIR (issue 16); ZipIt!, CCA Merge and NT refuse
+    # transformer-like models (LayerNorm and attention mix the neurons whose statistics they
+    # match), so these are the strongest forms of the baselines that exist here
+    repair = (("repair", True),)
+    runs += [
+        MethodRun("Vanilla averaging + REPAIR", "vanilla", options=repair),
+        MethodRun("Transformer OTFusion acts + REPAIR", "transformer_otfusion", options=repair),
+        MethodRun("Git Re-Basin + REPAIR", "git_rebasin", options=repair),
+    ]
     return tuple(runs) + quality_runs()
 
 

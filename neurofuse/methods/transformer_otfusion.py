@@ -86,6 +86,10 @@ class TransformerOTFusionOptions:
         n_samples: fusion samples whose tokens give the activations (the paper uses 200).
         max_rows: at most this many (sample, token) rows per neuron (a fixed random subset).
         weights: model weights of the final average (default uniform).
+        repair: REPAIR (Jordan et al. 2022) after averaging: every hidden neuron's mean and
+            standard deviation on the fusion set set to the interpolation of the aligned base
+            models' (as for ``otfusion`` and ``git_rebasin``; the aligned models are the
+            transported ones, soft maps included).
     """
 
     reference: int = 0
@@ -98,6 +102,7 @@ class TransformerOTFusionOptions:
     n_samples: int = 200
     max_rows: int = 20000
     weights: list[float] | None = None
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.ground_metric not in ("acts", "wts"):
@@ -444,4 +449,5 @@ def transformer_otfusion(ctx: FusionContext) -> nn.Module:
     ctx.report["transport_cost"] = costs
     fused = average_states(aligned, weights)
     target = template_for(ctx, ref, "transformer_otfusion")
-    return finish(ctx, write_state(target, fused, "transformer_otfusion"), False)
+    fused_model = write_state(target, fused, "transformer_otfusion")
+    return finish(ctx, fused_model, False, opt.repair, aligned, weights)

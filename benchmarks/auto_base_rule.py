@@ -1,0 +1,190 @@
+"""Which rule lets ``auto`` return a base model (issue 11: never below the best base model)?
+
+    .venv/bin/python benchmarks/auto_base_rule.py --suite paper-vit --seed 0
+        --cache benchmarks/.cache/paper-vit [--out benchmarks/results/auto_base_rule]
+
+For every cell of a registered accuracy suite (one seed; base models loaded from the suite's
+cache, a cell whose models are not cached is skipped, never trained here) this does what
+``auto`` does before it refits: it holds out 25% of the fusion set (per label), fuses each
+candidate of the default portfolio on the rest, and scores every candidate, and every base
+model, on the held-out inputs plus as many mixup probes. It then compares three rules on the
+same candidates:
+
+- ``fused only`` (``include_base=False``, the default): the fused candidate with the fewest
+  top-class disagreements with the probability ensemble (ties: lower KL);
+- ``all`` (``include_base=True``): base models scored the same way, against the ensemble of all
+  the models (the fusion set's owner votes for itself);
+- ``others`` (``include_base="others"``): each base model against the ensemble of the other
+  models, fused candidates against the whole ensemble.
+
+It reports the test accuracy of the candidate each rule picks (the candidate fused on 75% of
+the fusion set: ``auto`` then refits the choice on all of it, which these rows leave out),
+whether it is below the best base model where the ensemble is above it, and the means.
+Records accumulate in ``<out>/<suite>_seed<k>.json`` (a killed run resumes); the tables are in
+``<out>/report.md``, regenerated from every record file in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+RULES = ("fused only", "all", "others")
+
+
+def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -> list[Any]:
+    """Top classes of ``model`` on ``probe`` and its log-probabilities (kept for the rules)."""
+    with torch.no_grad():
+        out = F.log_softmax(model(probe).to(target), -1)
+    return out.tolist()
+
+
+def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
+    import neurofuse as nf
+    from neurofuse.bench.basemodels import prepare
+    from neurofuse.evaluate import evaluate
+    from neurofuse.finetuning import mixup_inputs
+    from neurofuse.methods.auto import PORTFOLIO, holdout_split
+    from neurofuse.methods.ensemble import ensemble_log_probs
+
+    paths = [cache / f"{cell.models_id}_model{i}.safetensors" for i in range(cell.split.n_models)]
+    if not all(p.exists() for p in paths):
+        return None
+    s = prepare(cell, cache, "cpu")
+    x, y, xt, yt = s.fusion_x, s.fusion_y, s.data.x_test, s.data.y_test
+    train, held = holdout_split(len(x), 0.25, y, cell.seed)
+    probe = mixup_inputs(x[held], 1, cell.seed)
+    target = ensemble_log_probs(s.models, probe).to(torch.float64)
+    with torch.no_grad():
+        ens = float((ensemble_log_probs(s.models, xt).argmax(-1) == yt).float().mean())
+    rec: dict[str, Any] = {"ensemble": ens, "bases": [], "fused": {}}
+    for m in s.models:
+        rec["bases"].append(
+            {"logp": _scores(target, m, probe), "acc": evaluate(m, xt, yt).accuracy}
+        )
+    for label, method, options in PORTFOLIO:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                f = nf.fuse(
+                    s.models, (x[train], y[train]), method=method, seed=cell.seed, **options
+                )
+            except (ValueError, NotImplementedError):
+                continue  # a candidate that does not apply (HF for more than two models)
+        rec["fused"][label] = {
+            "logp": _scores(target, f, probe),
+            "acc": evaluate(f, xt, yt).accuracy,
+        }
+    return rec
+
+
+def _divergence(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """What ``neurofuse.methods.auto.divergence`` computes, from stored log-probabilities."""
+    miss = float((out.argmax(-1) != ref.argmax(-1)).float().mean())
+    kl = float((ref.exp() * (ref - out)).sum(-1).mean())
+    return miss, kl
+
+
+def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
+    """The candidate ``rule`` picks and its test accuracy."""
+    bases = [torch.tensor(b["logp"], dtype=torch.float64) for b in rec["bases"]]
+    full = torch.stack([b.exp() for b in bases]).mean(0).log()
+    cands = {
+        name: (_divergence(full, torch.tensor(c["logp"], dtype=torch.float64)), c["acc"])
+        for name, c in rec["fused"].items()
+    }
+    if rule != "fused only":
+        for k, b in enumerate(bases):
+            others = [o for j, o in enumerate(bases) if j != k]
+            ref = full if rule == "all" else torch.stack([o.exp() for o in others]).mean(0).log()
+            cands[f"model {k}"] = (_divergence(ref, b), rec["bases"][k]["acc"])
+    name = min(cands, key=lambda c: cands[c][0])
+    return name, cands[name][1]
+
+
+def report(out: Path) -> str:
+    lines = [
+        "# `auto` with and without the base models as candidates (issue 11)",
+        "",
+        "Command: `.venv/bin/python benchmarks/auto_base_rule.py --suite SUITE --seed K "
+        "--cache CACHE` per record file below; machine: "
+        f"{platform.machine()}, torch {torch.__version__}, CPU. Test accuracy (%) of the "
+        "candidate each rule picks, fused on 75% of the fusion set (before `auto`'s refit on "
+        "all of it); `!`: below the best base model where the ensemble is above it.",
+        "",
+    ]
+    totals = {r: [0, 0.0, 0] for r in RULES}
+    for path in sorted(out.glob("*.json")):
+        records = json.loads(path.read_text())
+        lines += [
+            f"## {path.stem}",
+            "",
+            "| cell | best base | ensemble | " + " | ".join(RULES) + " |",
+            "|---|---:|---:|" + "---|" * len(RULES),
+        ]
+        for cell, rec in records.items():
+            best = max(b["acc"] for b in rec["bases"])
+            row = [cell, f"{100 * best:.1f}", f"{100 * rec['ensemble']:.1f}"]
+            for rule in RULES:
+                name, acc = choose(rec, rule)
+                below = rec["ensemble"] > best and acc < best
+                t = totals[rule]
+                t[0], t[1], t[2] = t[0] + below, t[1] + acc, t[2] + 1
+                row.append(f"{name} {100 * acc:.1f}{' !' if below else ''}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## All cells", "", "| rule | cells below the best base model | mean accuracy |"]
+    lines.append("|---|---:|---:|")
+    for rule, (below, acc, n) in totals.items():
+        if n:
+            lines.append(f"| {rule} | {below} of {n} | {100 * acc / n:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", default="paper-vit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "auto_base_rule")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from neurofuse.bench.suites import get_suite
+    from neurofuse.utils import atomic_write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.suite}_seed{args.seed}.json"
+    records = json.loads(path.read_text()) if path.exists() else {}
+    cells = [] if args.report_only else get_suite(args.suite).cells([args.seed])
+    for i, cell in enumerate(cells, 1):
+        if cell.cell_id in records:
+            continue
+        start = time.perf_counter()
+        rec = measure_cell(cell, args.cache)
+        if rec is None:
+            print(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped", flush=True)
+            continue
+        records[cell.cell_id] = rec
+        atomic_write_text(path, json.dumps(records))
+        picks = {rule: choose(rec, rule)[0] for rule in RULES}
+        print(
+            f"[{i}/{len(cells)}] {cell.cell_id}: {picks} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    atomic_write_text(args.out / "report.md", report(args.out))
+    print(f"report: {args.out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
