@@ -408,6 +408,9 @@ def vit_methods(importances: Sequence[str] = PAPER_IMPORTANCE) -> tuple[MethodRu
         MethodRun("Vanilla averaging + REPAIR", "vanilla", options=repair),
         MethodRun("Transformer OTFusion acts + REPAIR", "transformer_otfusion", options=repair),
         MethodRun("Git Re-Basin + REPAIR", "git_rebasin", options=repair),
+        # auto with the base models as candidates, each scored against the other models
+        # (issue 11; opt-in until every suite has this row)
+        MethodRun("auto, bases vs others", "auto", options=(("include_base", "others"),)),
     ]
     return tuple(runs) + quality_runs()
 

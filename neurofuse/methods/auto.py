@@ -74,7 +74,10 @@ class AutoOptions:
             base model is scored against the ensemble of the *other* models (its own opinion
             does not vote for it), fused candidates against the whole ensemble as before; a
             base model then wins only where the other models agree with it better than any
-            fusion agrees with all of them (measured in benchmarks/REPORT.md, claim 9).
+            fusion agrees with all of them. The probes still come from the fusion set: a
+            model that lacks a class the fusion set lacks too looks as good as one that has
+            it (the fusion-set owner of a non-IID ViT split won at 79.5% where the best model
+            had 93.7%; benchmarks/REPORT.md, claim 9).
             Use ``True`` only when the fusion set is held out from every model's training
             data."""
 
