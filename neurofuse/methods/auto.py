@@ -79,7 +79,8 @@ class AutoOptions:
             it (the fusion-set owner of a non-IID ViT split won at 79.5% where the best model
             had 93.7%; benchmarks/REPORT.md, claim 9).
             Use ``True`` only when the fusion set is held out from every model's training
-            data."""
+            data.
+    """
 
     holdout: float = 0.25
     probes: int = 1
