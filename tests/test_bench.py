@@ -379,6 +379,9 @@ def test_runtime_cell_times_each_method_in_its_own_process(tmp_path: Path):
     assert kf["ratio_to_forward"] == pytest.approx(kf["times"][1] / kf["forward_seconds"])
     report = tables.runtime_table(rec)
     assert "KF Linear (uniform)" in report and "÷ OTFusion" in report
+    unit = (ot["forward_seconds"] + kf["forward_seconds"]) / 2  # median of the run's two
+    row = next(r for r in report.splitlines() if r.startswith("| KF Linear (uniform)"))
+    assert row.split("|")[5].strip() == f"{kf['warm_median_seconds'] / unit:.1f}×"
     from neurofuse.bench.report import write_report
 
     text = write_report(suite, tmp_path, "cmd", 1).read_text()
