@@ -42,7 +42,7 @@ RULES = ("fused only", "all", "others")
 
 
 def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -> list[Any]:
-    """Top classes of ``model`` on ``probe`` and its log-probabilities (kept for the rules)."""
+    """``model``'s log-probabilities on ``probe`` in ``target``'s dtype (kept for the rules)."""
     with torch.no_grad():
         out = F.log_softmax(model(probe).to(target), -1)
     return out.tolist()
@@ -87,26 +87,21 @@ def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
     return rec
 
 
-def _divergence(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    """What ``neurofuse.methods.auto.divergence`` computes, from stored log-probabilities."""
-    miss = float((out.argmax(-1) != ref.argmax(-1)).float().mean())
-    kl = float((ref.exp() * (ref - out)).sum(-1).mean())
-    return miss, kl
-
-
 def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
-    """The candidate ``rule`` picks and its test accuracy."""
+    """The candidate ``rule`` picks and its test accuracy (scored as ``auto`` scores)."""
+    from neurofuse.methods.auto import log_prob_divergence
+
     bases = [torch.tensor(b["logp"], dtype=torch.float64) for b in rec["bases"]]
     full = torch.stack([b.exp() for b in bases]).mean(0).log()
     cands = {
-        name: (_divergence(full, torch.tensor(c["logp"], dtype=torch.float64)), c["acc"])
+        name: (log_prob_divergence(full, torch.tensor(c["logp"], dtype=torch.float64)), c["acc"])
         for name, c in rec["fused"].items()
     }
     if rule != "fused only":
         for k, b in enumerate(bases):
             others = [o for j, o in enumerate(bases) if j != k]
             ref = full if rule == "all" else torch.stack([o.exp() for o in others]).mean(0).log()
-            cands[f"model {k}"] = (_divergence(ref, b), rec["bases"][k]["acc"])
+            cands[f"model {k}"] = (log_prob_divergence(ref, b), rec["bases"][k]["acc"])
     name = min(cands, key=lambda c: cands[c][0])
     return name, cands[name][1]
 

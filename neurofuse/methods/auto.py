@@ -133,6 +133,12 @@ def holdout_split(n: int, share: float, labels: Tensor | None, seed: int) -> tup
     return mask.nonzero().squeeze(1), h.sort().values
 
 
+def _divergence_sums(p: Tensor, out: Tensor) -> tuple[int, float]:
+    """Rows of the log-probabilities ``out`` whose top class differs from that of ``p``, and
+    the summed ``KL(p || out)`` (the terms :func:`divergence` averages)."""
+    return int((out.argmax(-1) != p.argmax(-1)).sum()), float((p.exp() * (p - out)).sum())
+
+
 def divergence(p_log: Tensor, model: nn.Module, x: Tensor, chunk: int = 512) -> tuple[float, float]:
     """``(disagreement, KL)``: the share of rows of ``x`` where ``model``'s top class differs
     from the top class of the log-probabilities ``p_log``, and the mean
@@ -141,10 +147,15 @@ def divergence(p_log: Tensor, model: nn.Module, x: Tensor, chunk: int = 512) -> 
     with torch.no_grad():
         for s in range(0, len(x), chunk):
             out = F.log_softmax(model(x[s : s + chunk]).to(p_log), dim=-1)
-            p = p_log[s : s + chunk]
-            kl += float((p.exp() * (p - out)).sum())
-            miss += int((out.argmax(-1) != p.argmax(-1)).sum())
+            m, k = _divergence_sums(p_log[s : s + chunk], out)
+            miss, kl = miss + m, kl + k
     return miss / len(x), kl / len(x)
+
+
+def log_prob_divergence(p_log: Tensor, out_log: Tensor) -> tuple[float, float]:
+    """:func:`divergence` of stored log-probabilities ``out_log`` (rows as in ``p_log``)."""
+    miss, kl = _divergence_sums(p_log, out_log)
+    return miss / len(p_log), kl / len(p_log)
 
 
 def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
@@ -223,14 +234,12 @@ def auto(ctx: FusionContext) -> nn.Module:
     with ctx.timer("selection"):
         if opt.include_base and _same_shapes(ctx.models[0], ctx.target):
             for i, m in enumerate(ctx.models):
-                others = [o for j, o in enumerate(ctx.models) if j != i]
-                if opt.include_base == "others" and not others:
-                    continue  # a single model has no others to be scored against
-                ref = (
-                    ensemble_log_probs(others, probe).to(torch.float64)
-                    if opt.include_base == "others"
-                    else target
-                )
+                ref = target
+                if opt.include_base == "others":
+                    others = [o for j, o in enumerate(ctx.models) if j != i]
+                    if not others:
+                        continue  # a single model has no others to be scored against
+                    ref = ensemble_log_probs(others, probe).to(torch.float64)
                 score = divergence(ref, m, probe)
                 table[f"model {i}"] = {"disagreement": score[0], "kl": score[1]}
                 if best is None or score < best[0]:
