@@ -211,6 +211,12 @@ def optional_tensor_attr(module: nn.Module, name: str) -> Tensor | None:
     return value
 
 
+def sample_chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` of ``range(n)`` (the last may be shorter)."""
+    for lo in range(0, n, size):
+        yield slice(lo, min(lo + size, n))
+
+
 def tensor_sum(terms: Iterable[Tensor]) -> Tensor:
     """``sum(terms)`` (the same additions, in the same order) typed as a Tensor: at least one
     term is required, the builtin's empty sum being the int 0."""

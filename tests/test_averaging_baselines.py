@@ -409,3 +409,50 @@ def test_git_rebasin_correlation_equals_numpy_and_leaves_its_inputs_intact():
     want[:, 3] = 0.0
     np.testing.assert_allclose(got.numpy(), want, atol=1e-7)
     assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_git_rebasin_correlation_sums_over_chunks_equal_the_one_shot_correlation():
+    """Sums about the first chunk's means: rows with a mean far above their spread (where raw
+    moments would cancel) and a dead row still give the one-shot Pearson correlations."""
+    from neurofuse.methods.git_rebasin import CorrelationSums, correlation
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 90, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 90, generator=g, dtype=torch.float64)
+    x[0] += 1e6  # large mean, unit spread
+    y[1] = x[2] * 3.0 + 5.0  # perfectly correlated with x[2]
+    y[2] = -7.0  # dead
+    whole = correlation(x, y)
+    sums = CorrelationSums()
+    for lo in range(0, 90, 13):  # uneven chunks, the last shorter
+        sums.add(x[:, lo : lo + 13], y[:, lo : lo + 13])
+    torch.testing.assert_close(sums.correlation(), whole, rtol=0, atol=1e-9)
+    assert whole[2, 1] == pytest.approx(1.0, abs=1e-8)  # eps in the norms
+    assert torch.all(whole[:, 2] == 0)
+    with pytest.raises(ValueError, match="no samples"):
+        CorrelationSums().correlation()
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg_bn", "vit"])
+def test_git_rebasin_activation_matching_in_chunks_equals_one_chunk(name, monkeypatch):
+    """Activation matching accumulates its correlations over chunks of the fusion set: chunks of
+    5 samples give the same permutations and fused model as the whole set at once, for three
+    models of unrelated weights (a non-trivial matching)."""
+    from neurofuse.methods import git_rebasin as module
+
+    a, _, x = zoo_pair(name)
+    torch.manual_seed(1)
+    models = [a, *(copy.deepcopy(a) for _ in range(2))]
+    for m in models[1:]:
+        for p in m.parameters():
+            p.data.add_(torch.randn_like(p), alpha=0.5)
+    whole = nf.fuse(models, x, method="git_rebasin")
+    monkeypatch.setattr(module, "ACTS_CHUNK", 5)
+    chunked = nf.fuse(models, x, method="git_rebasin")
+    assert chunked.neurofuse_report["moved_neurons"] == whole.neurofuse_report["moved_neurons"]
+    assert sum(whole.neurofuse_report["moved_neurons"]) > 0
+    for (k, v), (k2, v2) in zip(
+        whole.state_dict().items(), chunked.state_dict().items(), strict=True
+    ):
+        assert k == k2
+        torch.testing.assert_close(v2, v, rtol=0, atol=1e-6)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from neurofuse.graph import layer_width, neuron_axis, producing_layer
 from neurofuse.importance.deeplift import apply_rules
 from neurofuse.importance.probes import Probed
+from neurofuse.utils import sample_chunks
 
 TARGETS = ("auto", "label", "predicted")
 BASELINES = ("zeros", "mean")
@@ -44,11 +45,6 @@ PATH_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_r
 
 
 # ----------------------------------------------------------------------------- targets, baselines
-
-
-def sample_chunks(n: int, size: int) -> Iterator[slice]:
-    for lo in range(0, n, size):
-        yield slice(lo, min(lo + size, n))
 
 
 def resolve_targets(

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from neurofuse.importance.attribution import Accumulator, sample_chunks
+from neurofuse.importance.attribution import Accumulator
 from neurofuse.importance.probes import Probed
+from neurofuse.utils import sample_chunks
 
 
 def load_captum() -> Any:

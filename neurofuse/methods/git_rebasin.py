@@ -9,7 +9,9 @@ problem (``scipy.optimize.linear_sum_assignment``):
   Pearson correlation of the neurons' activations over the fusion set (every sample and
   position), summed over every node that carries the space (a residual stream is matched once
   for the whole stream). Activations of the original models are used: permutations do not
-  change a network's function, so no re-evaluation is needed.
+  change a network's function, so no re-evaluation is needed. The correlations are accumulated
+  over chunks of the fusion set (:data:`ACTS_CHUNK` samples), so the activations held at once
+  are one chunk's, however large the fusion set.
 - ``match="weights"`` (weight matching): maximise ``sum_members <W_ref, P W_k>`` over all spaces
   jointly, by coordinate descent over the spaces (each step is one assignment problem, taken
   in a random order seeded by ``seed``) until no permutation changes.
@@ -48,7 +50,7 @@ from neurofuse.methods._averaging import (
 )
 from neurofuse.methods._plan import LazySequence
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
-from neurofuse.utils import tensor_sum
+from neurofuse.utils import sample_chunks, tensor_sum
 
 
 @dataclass
@@ -81,14 +83,48 @@ class GitRebasinOptions:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
 
 
-def correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
-    """Pearson correlation ``C[i, j]`` between rows ``x_i`` (n, N) and ``y_j`` (m, N); a
+class CorrelationSums:
+    """Pearson correlations ``C[i, j]`` between the rows ``x_i`` (n, N) and ``y_j`` (m, N) of
+    two feature matrices whose columns arrive in chunks (``add``), so that no more than one
+    chunk of activations is ever held. The sums are taken about a shift, the first chunk's row
+    means, so that they do not cancel when a neuron's mean is large against its spread; a
     constant row (a dead neuron) correlates 0 with everything."""
-    x = x - x.mean(1, keepdim=True)  # new tensors: the inputs (a runner's values) stay intact
-    y = y - y.mean(1, keepdim=True)
-    x.div_(x.norm(dim=1, keepdim=True) + eps)
-    y.div_(y.norm(dim=1, keepdim=True) + eps)
-    return x @ y.T
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        if self.count == 0:
+            self.x0, self.y0 = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
+            self.sx = x.new_zeros(len(x))
+            self.sy = y.new_zeros(len(y))
+            self.sxx, self.syy = torch.zeros_like(self.sx), torch.zeros_like(self.sy)
+            self.sxy = x.new_zeros(len(x), len(y))
+        x = x - self.x0  # new tensors: the inputs (a runner's values) stay intact
+        y = y - self.y0
+        self.sx += x.sum(1)
+        self.sy += y.sum(1)
+        self.sxx += x.square().sum(1)
+        self.syy += y.square().sum(1)
+        self.sxy.addmm_(x, y.T)
+        self.count += x.shape[1]
+
+    def correlation(self, eps: float = 1e-8) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no samples were added")
+        n = self.count
+        cov = self.sxy - torch.outer(self.sx, self.sy) / n
+        x_norm = (self.sxx - self.sx.square() / n).clamp_min(0).sqrt() + eps
+        y_norm = (self.syy - self.sy.square() / n).clamp_min(0).sqrt() + eps
+        return cov.div_(x_norm[:, None]).div_(y_norm[None, :])
+
+
+def correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation ``C[i, j]`` between rows ``x_i`` (n, N) and ``y_j`` (m, N) in one
+    chunk (see :class:`CorrelationSums`)."""
+    sums = CorrelationSums()
+    sums.add(x, y)
+    return sums.correlation(eps)
 
 
 def assign(similarity: Tensor, heads: int = 1) -> Tensor:
@@ -102,40 +138,70 @@ def assign(similarity: Tensor, heads: int = 1) -> Tensor:
     return p
 
 
-def _match_acts(
-    ctx: FusionContext,
-    k: int,
-    spaces: list[Space],
-    ref_spaces: list[Space],
-    ref_runner: GraphRunner | None,
-) -> dict[str, Tensor]:
-    runner = GraphRunner(ctx.trace(ctx.models[k]), ctx.inputs)
-    perms = {}
-    for space, ref in zip(spaces, ref_spaces, strict=True):
-        if space.fixed:
+#: Samples per chunk of activation matching: its memory is one chunk's activations of two
+#: models (the reference and the one being matched), not the whole fusion set's.
+ACTS_CHUNK = 512
+
+
+def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list[dict[str, Tensor]]:
+    """Every model's permutations onto model ``ref``, from activation correlations summed over
+    the nodes that carry each space and accumulated over chunks of :data:`ACTS_CHUNK` samples.
+    Models are matched one after the other, so only one model's sums are held; the reference
+    is evaluated once when the fusion set is one chunk, else once per chunk and model (a
+    forward pass costs far less than the correlations)."""
+    for k in range(len(ctx.models)):
+        for space in spaces[k]:
+            if k != ref and not space.fixed and not space.nodes:
+                raise ValueError(f"space {space.name!r} has no nodes; use match='weights'")
+    ref_gm = ctx.trace(ctx.models[ref])
+    chunks = list(sample_chunks(len(ctx.inputs), ACTS_CHUNK))
+    kept = GraphRunner(ref_gm, ctx.inputs) if len(chunks) == 1 else None
+    perms: list[dict[str, Tensor]] = []
+    for k in range(len(ctx.models)):
+        if k == ref:
+            perms.append({})
             continue
-        if not space.nodes:
-            raise ValueError(f"space {space.name!r} has no nodes; use match='weights'")
-        assert ref_runner is not None
-        sim = tensor_sum(
-            correlation(node_features(ref_runner, ref, i), node_features(runner, space, i))
-            for i in range(len(space.nodes))
+        gm = ctx.trace(ctx.models[k])
+        free = [(s, r) for s, r in zip(spaces[k], spaces[ref], strict=True) if not s.fixed]
+        sums = {(s.name, i): CorrelationSums() for s, _ in free for i in range(len(s.nodes))}
+        for rows in chunks:
+            ref_runner = kept or GraphRunner(ref_gm, ctx.inputs[rows])
+            runner = GraphRunner(gm, ctx.inputs[rows])
+            for space, ref_space in free:
+                for i in range(len(space.nodes)):
+                    sums[space.name, i].add(
+                        node_features(ref_runner, ref_space, i), node_features(runner, space, i)
+                    )
+            del runner, ref_runner
+        perms.append(
+            {
+                s.name: assign(
+                    tensor_sum(sums[s.name, i].correlation() for i in range(len(s.nodes))),
+                    s.heads,
+                )
+                for s, _ in free
+            }
         )
-        perms[space.name] = assign(sim, space.heads)
     return perms
 
 
 def _match_weights(
-    ctx: FusionContext,
-    k: int,
-    spaces: list[Space],
-    ref_spaces: list[Space],
-    ref_runner: GraphRunner | None,
+    ctx: FusionContext, ref: int, spaces: list[list[Space]]
+) -> list[dict[str, Tensor]]:
+    """Every model's permutations onto model ``ref`` by weight matching."""
+    return [
+        {} if k == ref else _match_weights_one(ctx, ref, k, spaces[k])
+        for k in range(len(ctx.models))
+    ]
+
+
+def _match_weights_one(
+    ctx: FusionContext, ref: int, k: int, spaces: list[Space]
 ) -> dict[str, Tensor]:
     """Coordinate descent on ``sum <W_ref, P W_k>``; ``state`` is kept permuted by the current
     permutations, so each step solves for a correction ``c`` and composes ``p <- p[c]``."""
     opt: GitRebasinOptions = ctx.options
-    ref_state = dict(ctx.models[opt.reference].state_dict())
+    ref_state = dict(ctx.models[ref].state_dict())
     state = dict(ctx.models[k].state_dict())
     free = [s for s in spaces if not s.fixed]
     perms = {s.name: torch.arange(s.size) for s in free}
@@ -160,7 +226,7 @@ def _match_weights(
     return perms
 
 
-#: Matchers: ``f(ctx, k, spaces of model k, reference spaces, reference runner) -> perms``.
+#: Matchers: ``f(ctx, reference, every model's spaces) -> every model's permutations``.
 MATCHERS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "acts": _match_acts,
     "weights": _match_weights,
@@ -217,13 +283,7 @@ def git_rebasin(ctx: FusionContext) -> nn.Module:
     ref, weights, states, spaces = alignment_setup(
         ctx, "git_rebasin", opt.reference, opt.weights, equal_widths=True
     )
-    ref_runner = (
-        GraphRunner(ctx.trace(ctx.models[ref]), ctx.inputs) if opt.match == "acts" else None
-    )
-    perms: list[dict[str, Tensor]] = [
-        {} if k == ref else MATCHERS[opt.match](ctx, k, spaces[k], spaces[ref], ref_runner)
-        for k in range(n)
-    ]
+    perms = MATCHERS[opt.match](ctx, ref, spaces)
     ctx.report["moved_neurons"] = [
         sum(int((q != torch.arange(len(q))).sum()) for q in p.values()) for p in perms
     ]
