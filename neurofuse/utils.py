@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "parameter_count",
+    "sample_chunks",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",

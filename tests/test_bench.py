@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -569,34 +570,42 @@ def test_a_suite_of_an_unknown_kind_is_refused_before_any_cell_runs(tmp_path: Pa
     assert counted == {"fuse": 0, "train": 0}
 
 
+def _bench_imports(tree: ast.Module, names: set[str], name: str) -> set[str]:
+    """The modules of neurofuse.bench that ``tree`` imports (lazy imports too); asserts that it
+    registers nothing into another module's table at import."""
+    edges = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "neurofuse.bench":
+            edges |= {a.name for a in node.names if a.name in names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("neurofuse.bench."):
+                edges.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            edges |= {
+                a.name.split(".")[2] for a in node.names if a.name.startswith("neurofuse.bench.")
+            }
+        # a module-level assignment into another module's table is a registration
+        if isinstance(node, ast.Assign) and node in tree.body:
+            assert not any(isinstance(t, ast.Subscript) for t in node.targets), name
+    return edges
+
+
 def test_bench_modules_import_each_other_without_a_cycle():
     """Every import between the modules of neurofuse.bench (lazy ones inside functions
     too) forms no cycle, and no module registers itself into another when imported."""
-    import ast
-
     import neurofuse.bench
 
     folder = Path(neurofuse.bench.__file__).parent
-    names = {p.stem for p in folder.glob("*.py")} - {"__init__", "__main__"}
+    # a module, or a subpackage (every file of it taken together)
+    files = {p.stem: [p] for p in folder.glob("*.py")}
+    files |= {p.parent.name: sorted(p.parent.glob("*.py")) for p in folder.glob("*/__init__.py")}
+    names = set(files) - {"__init__", "__main__"}
+    assert "suites" in names
     graph: dict[str, set[str]] = {}
     for name in names:
-        tree = ast.parse((folder / f"{name}.py").read_text())
         edges = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "neurofuse.bench":
-                edges |= {a.name for a in node.names if a.name in names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                if node.module.startswith("neurofuse.bench."):
-                    edges.add(node.module.split(".")[2])
-            elif isinstance(node, ast.Import):
-                edges |= {
-                    a.name.split(".")[2]
-                    for a in node.names
-                    if a.name.startswith("neurofuse.bench.")
-                }
-            # a module-level assignment into another module's table is a registration
-            if isinstance(node, ast.Assign) and node in tree.body:
-                assert not any(isinstance(t, ast.Subscript) for t in node.targets), name
+        for tree in (ast.parse(f.read_text()) for f in files[name]):
+            edges |= _bench_imports(tree, names, name)
         graph[name] = edges - {name}
 
     def visit(name: str, path: list[str]) -> None:

@@ -227,7 +227,7 @@ def _match_weights_one(
 
 
 #: Matchers: ``f(ctx, reference, every model's spaces) -> every model's permutations``.
-MATCHERS: dict[str, Callable[..., dict[str, Tensor]]] = {
+MATCHERS: dict[str, Callable[[FusionContext, int, list[list[Space]]], list[dict[str, Tensor]]]] = {
     "acts": _match_acts,
     "weights": _match_weights,
 }
