@@ -329,6 +329,62 @@ def test_hungarian_equals_brute_force_over_all_permutations():
     torch.testing.assert_close(res.assignment_matrix() @ points, res.centroids)
 
 
+def test_sparse_assignment_is_the_exact_one_when_the_optimal_pairs_are_candidates(monkeypatch):
+    """Among each neuron's k cheapest partners the sparse matching finds the exact optimum on
+    a noisy permutation (every optimal partner is the nearest), with zero costs present (the
+    dense solver is disabled: the sparse one must find it)."""
+    from scipy.optimize import linear_sum_assignment
+
+    from neurofuse.grouping import hungarian as module
+    from neurofuse.grouping.hungarian import assign_pairs
+
+    g = _gen(16)
+    a = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    perm = torch.randperm(300, generator=g)
+    b = a[perm] + 0.05 * torch.randn(300, 20, generator=g, dtype=torch.float64)
+    b[:10] = a[perm[:10]]  # exact twins: zero costs must stay edges
+    cost = torch.cdist(a, b).square()
+    want = torch.as_tensor(linear_sum_assignment(cost.numpy())[1])
+    exact = hungarian_matching(a, b)
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("fell back to the dense assignment")
+
+    monkeypatch.setattr(module, "linear_sum_assignment", no_dense)
+    assert torch.equal(assign_pairs(cost, 3), want)
+    assert torch.equal(assign_pairs(cost, 3), perm.argsort())
+    res = hungarian_matching(a, b, neighbours=3)
+    assert torch.equal(res.labels[300:], perm.argsort().argsort())
+    assert res.cost == pytest.approx(exact.cost, rel=1e-12)
+
+
+def test_sparse_assignment_never_beats_the_exact_one_and_falls_back_when_it_cannot_match():
+    """On random costs the candidate-restricted optimum costs at least the exact optimum (and
+    equals it once every pair is a candidate); when every row's cheapest partners are the
+    same few columns no perfect matching exists among them, and the exact one is returned."""
+    from scipy.optimize import linear_sum_assignment
+
+    from neurofuse.grouping.hungarian import assign_pairs
+
+    g = _gen(17)
+    for n, k in ((40, 2), (40, 5), (25, 24)):
+        cost = torch.rand(n, n, generator=g, dtype=torch.float64)
+        r, c = linear_sum_assignment(cost.numpy())
+        exact = float(cost[r, c].sum())
+        p = assign_pairs(cost, k)
+        assert sorted(p.tolist()) == list(range(n))  # a permutation
+        got = float(cost[torch.arange(n), p].sum())
+        assert got >= exact - 1e-12
+        if k >= n - 1:
+            assert got == pytest.approx(exact, rel=1e-12)
+    # hubs: columns 0-1 are every row's two cheapest, rows 0-1 every column's
+    hub = torch.full((30, 30), 10.0, dtype=torch.float64) + torch.rand(30, 30, generator=g)
+    hub[:, :2] = torch.rand(30, 2, generator=g)
+    hub[:2, :] = torch.rand(2, 30, generator=g)
+    r, c = linear_sum_assignment(hub.numpy())
+    assert torch.equal(assign_pairs(hub, 2), torch.as_tensor(c))
+
+
 def test_hungarian_rejects_unequal_widths():
     with pytest.raises(ValueError, match="equal width.*K-means"):
         hungarian_matching(torch.randn(4, 3), torch.randn(5, 3))
@@ -587,6 +643,37 @@ def test_kf_linear_with_a_matching_seed_recovers_a_permuted_copy():
     fused = nf.fuse([model, twin], x, method="kf_linear", kmeans_seeding="matching")
     torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
     assert set(fused.neurofuse_report["kmeans_seeding"].values()) == {"matching"}
+
+
+@pytest.mark.parametrize("method", ["hf_linear", "hf_gradient"])
+def test_hf_with_sparse_matching_recovers_a_permuted_copy_of_a_wide_mlp(method, monkeypatch):
+    """``matching="sparse"`` pairs the neurons through the candidate graph (width 200 > the 128
+    candidates, so the sparse solver runs) and still recovers a permuted copy; K-means Fusion
+    has no matching to choose and refuses the option."""
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+    from toys import mlp, permuted_by_analysis
+
+    import neurofuse as nf
+    from neurofuse.grouping import hungarian as module
+
+    calls = []
+
+    def counted(graph):
+        calls.append(graph.shape)
+        return min_weight_full_bipartite_matching(graph)
+
+    monkeypatch.setattr(module, "min_weight_full_bipartite_matching", counted)
+    torch.manual_seed(0)
+    model, x = mlp(hidden=(200, 200)).eval(), torch.randn(500, 10)
+    twin = permuted_by_analysis(model, seed=4, example=x[:2])
+    options = {"epochs": 2, "last_epochs": 2} if method == "hf_gradient" else {}
+    fused = nf.fuse([model, twin], x, method=method, matching="sparse", **options)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+    assert calls == [(200, 200), (200, 200)]
+    with pytest.raises(ValueError, match="matching"):
+        nf.fuse([model, twin], x, method="kf_linear", matching="sparse")
+    with pytest.raises(ValueError, match="matching must be one of 'exact', 'sparse'"):
+        nf.fuse([model, twin], x, method="hf_linear", matching="greedy")
 
 
 def test_auto_restarts_fall_with_the_number_of_groups():

@@ -91,8 +91,11 @@ def _group_hungarian(
     sizes: Sequence[int] | None = None,
     **options: Any,
 ) -> Grouping:
+    neighbours = options.pop("neighbours", None)
     if options:
-        raise TypeError(f"method='hungarian' takes no options; got {sorted(options)}")
+        raise TypeError(
+            f"method='hungarian' takes only the option 'neighbours'; got {sorted(options)}"
+        )
     if sizes is None or len(sizes) != 2:
         raise ValueError(
             "Hungarian matching (HF) needs two models of equal width: pass sizes=[d, d] "
@@ -111,7 +114,11 @@ def _group_hungarian(
         )
     w = None if weights is None else torch.as_tensor(weights)
     return hungarian_matching(
-        points[:d_a], points[d_a:], None if w is None else w[:d_a], None if w is None else w[d_a:]
+        points[:d_a],
+        points[d_a:],
+        None if w is None else w[:d_a],
+        None if w is None else w[d_a:],
+        neighbours=neighbours,
     )
 
 
@@ -139,7 +146,8 @@ def group(
 
     ``sizes`` gives the number of neurons of each base model (``sum(sizes) == d_M``);
     ``method="hungarian"`` needs exactly two equal sizes and ``k`` equal to them. ``options``
-    go to the method (e.g. ``seed``, ``n_init``, ``local_search`` for ``"kmeans"``).
+    go to the method (e.g. ``seed``, ``n_init``, ``local_search`` for ``"kmeans"``;
+    ``neighbours`` for ``"hungarian"``: :func:`hungarian_matching`).
     """
     if method not in GROUPING_METHODS:
         raise ValueError(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from torch import Tensor
 
 from neurofuse.grouping._base import (
@@ -32,6 +35,59 @@ def _pairwise_sq_dists(a: Tensor, b: Tensor) -> Tensor:
     return (sq_a[:, None] + sq_b[None, :] - 2.0 * cross).clamp_min_(0)
 
 
+#: Candidates per neuron of the sparse matching (``matching="sparse"``): each neuron of either
+#: model may be paired with its this-many cheapest partners of the other.
+SPARSE_NEIGHBOURS = 128
+
+
+def _nearest(cost: Tensor, k: int, dim: int) -> Tensor:
+    """Indices of the ``k`` smallest entries of every row (``dim=1``) or column (``dim=0``),
+    ``(n, k)``, found by row blocks so that no ``(n, n)`` index array is made."""
+    n = cost.shape[0]
+    step = max(1, (1 << 24) // n)
+    out = torch.empty(n, k, dtype=torch.long)
+    for lo in range(0, n, step):
+        block = cost[lo : lo + step] if dim == 1 else cost[:, lo : lo + step].T
+        out[lo : lo + step] = torch.topk(block, k, dim=1, largest=False).indices.cpu()
+    return out
+
+
+def assign_pairs(cost: Tensor, neighbours: int | None = None) -> Tensor:
+    """The permutation ``p`` minimising ``sum_i cost[i, p[i]]`` of a square cost matrix.
+
+    ``neighbours=None``: the exact linear assignment (``scipy.optimize.linear_sum_assignment``,
+    cubic in the width: 12 s at 4096 on 2 CPU cores). ``neighbours=k``: the optimal assignment
+    among the candidate pairs in which ``j`` is one of ``i``'s ``k`` cheapest partners or ``i``
+    one of ``j``'s (``scipy.sparse.csgraph.min_weight_full_bipartite_matching``, LAPJVsp on
+    about ``2 k n`` edges): exact whenever the optimal pairs are all candidates; when the
+    candidates admit no perfect matching, the exact assignment is solved instead.
+    ``benchmarks/results/hungarian_sparse.md`` measures its cost and speed on wide MLPs."""
+    n = cost.shape[0]
+    if neighbours is None or neighbours >= n - 1:
+        _, cols = linear_sum_assignment(cost.cpu().numpy())
+        return torch.as_tensor(cols, dtype=torch.long)
+    rows = torch.arange(n).repeat_interleave(neighbours)
+    near_cols = _nearest(cost, neighbours, 1).reshape(-1)
+    near_rows = _nearest(cost, neighbours, 0).reshape(-1)
+    pairs = torch.unique(torch.cat([rows * n + near_cols, near_rows * n + rows.reshape(-1)]))
+    i, j = (pairs // n).numpy(), (pairs % n).numpy()
+    c = cost.cpu().numpy()
+    # every weight shifted by one constant (the same total change for every full matching) so
+    # that none is zero: a sparse matrix would drop a zero cost as a missing edge; the shift is
+    # the costs' own scale, so that it keeps their differences to float64 precision
+    top = float(c.max())
+    weights = c[i, j] + (top if top > 0 else 1.0)
+    graph = csr_matrix((weights, (i, j)), shape=(n, n))
+    try:
+        r, cols = min_weight_full_bipartite_matching(graph)
+    except ValueError:  # the candidate pairs hold no perfect matching
+        _, cols = linear_sum_assignment(c)
+        return torch.as_tensor(cols, dtype=torch.long)
+    p = np.empty(n, dtype=np.int64)
+    p[r] = cols
+    return torch.as_tensor(p)
+
+
 def _pair_centroids(
     a: Tensor, b: Tensor, wa: Tensor, wb: Tensor, match: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -57,6 +113,7 @@ def hungarian_matching(
     points_b: Tensor,
     weights_a: Tensor | None = None,
     weights_b: Tensor | None = None,
+    neighbours: int | None = None,
 ) -> Grouping:
     """Optimal one-to-one matching of two equal-width levels (Hungarian Fusion's grouping).
 
@@ -72,6 +129,9 @@ def hungarian_matching(
     Args:
         points_a, points_b: ``(d, D)`` the two models' neurons, on one device.
         weights_a, weights_b: ``(d,)`` non-negative importance scores, or None for uniform.
+        neighbours: ``None`` (default) for the exact assignment; ``k`` for the optimal one
+            among each neuron's ``k`` cheapest partners (:func:`assign_pairs`: exact when the
+            optimal pairs are among them, several times faster at widths of 4096 and more).
 
     Returns:
         A :class:`Grouping` over the concatenated points ``[A; B]`` (``2d`` labels): neuron
@@ -102,8 +162,7 @@ def hungarian_matching(
     with torch.no_grad():
         pair = wa[:, None] * wb[None, :] / (wa[:, None] + wb[None, :])
         cost_matrix = torch.nan_to_num(pair, nan=0.0) * _pairwise_sq_dists(a, b)
-        _, match = linear_sum_assignment(cost_matrix.cpu().numpy())
-        match = torch.as_tensor(match, dtype=torch.long, device=a.device)
+        match = assign_pairs(cost_matrix, neighbours).to(a.device)
         labels_b = torch.empty(d, dtype=torch.long, device=a.device)
         labels_b[match] = torch.arange(d, device=a.device)
         centroids, cost = _pair_centroids(a, b, wa, wb, match)

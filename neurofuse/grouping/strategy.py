@@ -13,6 +13,7 @@ from torch import Tensor
 from neurofuse.grouping import group
 from neurofuse.grouping._base import Grouping
 from neurofuse.grouping.heads import hungarian_heads, kmeans_heads
+from neurofuse.grouping.hungarian import SPARSE_NEIGHBOURS
 
 GroupingKind = Literal["kmeans", "hungarian"]
 PREFIX: dict[str, str] = {"kmeans": "kf", "hungarian": "hf"}
@@ -28,6 +29,10 @@ class NeuronGrouping:
         variant: ``"linear"`` or ``"gradient"``: only named in error messages.
         seed, n_init, max_iter, local_search, seeding: k-means settings (ignored by
             Hungarian; ``seeding`` as in :func:`neurofuse.grouping.group`).
+        matching: Hungarian only: ``"exact"`` (the linear assignment) or ``"sparse"`` (the
+            best assignment among each neuron's ``SPARSE_NEIGHBOURS`` cheapest partners,
+            :func:`neurofuse.grouping.hungarian.assign_pairs`). Spaces of attention heads are
+            always matched exactly.
     """
 
     kind: GroupingKind
@@ -37,6 +42,11 @@ class NeuronGrouping:
     max_iter: int = 100
     local_search: bool = False
     seeding: str = "k-means++"
+    matching: Literal["exact", "sparse"] = "exact"
+
+    def __post_init__(self) -> None:
+        if self.matching not in ("exact", "sparse"):
+            raise ValueError(f"matching must be 'exact' or 'sparse', got {self.matching!r}")
 
     @property
     def method(self) -> str:
@@ -64,7 +74,8 @@ class NeuronGrouping:
         The grouping keeps ``weights``: ``assignment_matrix()`` averages with them."""
         if self.kind == "hungarian":
             self._check_pair(widths, k, where)
-            g = group(points, weights, k, method="hungarian", sizes=widths)
+            neighbours = SPARSE_NEIGHBOURS if self.matching == "sparse" else None
+            g = group(points, weights, k, method="hungarian", sizes=widths, neighbours=neighbours)
             return replace(g, weights=weights)
         g = group(
             points,

@@ -131,6 +131,8 @@ class GradientOptions:
             restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
             models: faster on wide layers, a higher grouping error on trained ones) or
             ``"both"`` (:func:`neurofuse.grouping.group`).
+        matching: how HF pairs the neurons (HF only): ``"exact"`` or ``"sparse"``, as for
+            the Linear variants (:class:`~neurofuse.methods._linear_parts.LinearOptions`).
     """
 
     preset: Literal["closed_form", "setting1", "setting2"] = "closed_form"
@@ -152,6 +154,7 @@ class GradientOptions:
     n_init: int | Literal["auto"] = "auto"
     max_iter: int = 100
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
+    matching: Literal["exact", "sparse"] = "exact"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -163,6 +166,8 @@ class GradientOptions:
             raise ValueError(f"head_loss must be 'mse' or 'kl', got {self.head_loss!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.matching not in ("exact", "sparse"):
+            raise ValueError(f"matching must be 'exact' or 'sparse', got {self.matching!r}")
         self.level_config(last=False)  # validates optimizer names and ranges
         self.level_config(last=True)
 
@@ -225,6 +230,7 @@ def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
         n_init=opt.n_init,
         max_iter=opt.max_iter,
         seeding=opt.kmeans_seeding,
+        matching=opt.matching,
     )
     gen = ctx.generator()
     f_in: Tensor = ctx.inputs
@@ -304,7 +310,10 @@ def _linear_start(ctx: FusionContext, grouping: GroupingKind) -> _LinearFusion |
     lctx = dataclasses.replace(
         ctx,
         options=LinearOptions(
-            n_init=opt.n_init, max_iter=opt.max_iter, kmeans_seeding=opt.kmeans_seeding
+            n_init=opt.n_init,
+            max_iter=opt.max_iter,
+            kmeans_seeding=opt.kmeans_seeding,
+            matching=opt.matching,
         ),
     )
     saved = {k: v.clone() for k, v in ctx.target.state_dict().items()}

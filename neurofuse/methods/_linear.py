@@ -110,6 +110,7 @@ class _LinearFusion:
             max_iter=self.opt.max_iter,
             local_search=self.opt.local_search,
             seeding=self.opt.kmeans_seeding,
+            matching=self.opt.matching,
         )
         self.fused = ctx.target
         self.fgm = ctx.trace(self.fused)

@@ -53,12 +53,17 @@ KMEANS_ONLY: dict[str, frozenset[str]] = {
     "linear": frozenset({"n_init", "max_iter", "local_search", "kmeans_seeding"}),
     "gradient": frozenset({"n_init", "max_iter", "kmeans_seeding"}),
 }
+#: the Hungarian knobs, which the K-means variants never read
+HUNGARIAN_ONLY: dict[str, frozenset[str]] = {
+    "linear": frozenset({"matching"}),
+    "gradient": frozenset({"matching"}),
+}
 
 for _grouping, _about in GROUPINGS.items():
     for _variant, (_engine, _options, _what) in ENGINES.items():
         _name = f"{PREFIX[_grouping]}_{_variant}"
         _caps = capabilities(_grouping, _variant)
-        _unused = KMEANS_ONLY[_variant] if _grouping == "hungarian" else frozenset()
+        _unused = (KMEANS_ONLY if _grouping == "hungarian" else HUNGARIAN_ONLY)[_variant]
         register(
             _name,
             f"{_about.split(':')[0]}, {_variant.title()}: {_about.split(': ')[1]}, {_what}",
