@@ -456,3 +456,34 @@ def test_git_rebasin_activation_matching_in_chunks_equals_one_chunk(name, monkey
     ):
         assert k == k2
         torch.testing.assert_close(v2, v, rtol=0, atol=1e-6)
+
+
+def test_otfusion_lets_the_exact_solver_run_to_optimality_and_warns_when_it_cannot(monkeypatch):
+    """POT stops its network simplex after ``numItermax`` pivots (100,000 by default: short of
+    optimal for layers of a few thousand neurons); otfusion raises the cap with the problem
+    size and warns, naming the alternative, when the solver still reports a non-optimal end."""
+    import numpy as np
+    import ot
+
+    calls = []
+    real_emd = ot.emd
+
+    def emd(a, b, cost, numItermax=100000, log=False, **kwargs):
+        calls.append(numItermax)
+        plan, info = real_emd(a, b, cost, numItermax=numItermax, log=True, **kwargs)
+        if cost.shape[0] == 12:  # the hidden layer: pretend the pivots ran out
+            info = {**info, "result_code": 3, "warning": "numItermax reached before optimality"}
+        return (plan, info) if log else plan
+
+    monkeypatch.setattr(ot, "emd", emd)
+    torch.manual_seed(0)
+    models = [nf.models.build("mlp", in_features=6, hidden=[12]) for _ in range(2)]
+    with pytest.warns(UserWarning, match="before optimality.*sinkhorn"):
+        nf.fuse(models, torch.randn(40, 6), method="otfusion")
+    assert calls and all(c >= 100_000 for c in calls)
+    big = np.ones((200, 300))
+    from neurofuse.methods.otfusion import OTFusionOptions, _emd
+
+    calls.clear()
+    _emd(np.full(200, 1 / 200), np.full(300, 1 / 300), big, OTFusionOptions())
+    assert calls == [10 * 200 * 300]
