@@ -431,6 +431,17 @@ def test_git_rebasin_correlation_sums_over_chunks_equal_the_one_shot_correlation
     assert torch.all(whole[:, 2] == 0)
     with pytest.raises(ValueError, match="no samples"):
         CorrelationSums().correlation()
+    # float32 inputs: a nearly constant neuron far from zero still correlates about 0
+    x32 = torch.randn(3, 90, generator=g)
+    x32[1] = 1e5 + 1 / 3 + 1e-3 * torch.randn(90, generator=g)
+    sums = CorrelationSums()
+    for lo in range(0, 90, 13):
+        sums.add(x32[:, lo : lo + 13], y[:, lo : lo + 13].float())
+    got = sums.correlation()
+    assert got.dtype == torch.float64 and bool((got.abs() <= 1 + 1e-12).all())
+    torch.testing.assert_close(
+        got, correlation(x32.double(), y.float().double()), atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp", "vgg_bn", "vit"])

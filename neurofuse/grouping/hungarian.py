@@ -62,6 +62,9 @@ def assign_pairs(cost: Tensor, neighbours: int | None = None) -> Tensor:
     about ``2 k n`` edges): exact whenever the optimal pairs are all candidates; when the
     candidates admit no perfect matching, the exact assignment is solved instead.
     ``benchmarks/results/hungarian_sparse.md`` measures its cost and speed on wide MLPs."""
+    if neighbours is not None and (isinstance(neighbours, bool) or not neighbours >= 1):
+        raise ValueError(f"neighbours must be a positive number of candidates, got {neighbours}")
+    cost = cost.detach().to(torch.float64)
     n = cost.shape[0]
     if neighbours is None or neighbours >= n - 1:
         _, cols = linear_sum_assignment(cost.cpu().numpy())
@@ -73,10 +76,10 @@ def assign_pairs(cost: Tensor, neighbours: int | None = None) -> Tensor:
     i, j = (pairs // n).numpy(), (pairs % n).numpy()
     c = cost.cpu().numpy()
     # every weight shifted by one constant (the same total change for every full matching) so
-    # that none is zero: a sparse matrix would drop a zero cost as a missing edge; the shift is
-    # the costs' own scale, so that it keeps their differences to float64 precision
-    top = float(c.max())
-    weights = c[i, j] + (top if top > 0 else 1.0)
+    # that all are positive: a sparse matrix drops a zero weight as a missing edge; the shift
+    # is the costs' own range, so that their differences keep float64 precision
+    low, high = float(c.min()), float(c.max())
+    weights = c[i, j] + ((high - low if high > low else 1.0) - low)
     graph = csr_matrix((weights, (i, j)), shape=(n, n))
     try:
         r, cols = min_weight_full_bipartite_matching(graph)

@@ -88,12 +88,14 @@ class CorrelationSums:
     two feature matrices whose columns arrive in chunks (``add``), so that no more than one
     chunk of activations is ever held. The sums are taken about a shift, the first chunk's row
     means, so that they do not cancel when a neuron's mean is large against its spread; a
-    constant row (a dead neuron) correlates 0 with everything."""
+    constant row (a dead neuron) correlates 0 with everything. Sums and results are float64
+    (in float32 the one-pass variance of a nearly constant neuron cancels)."""
 
     def __init__(self) -> None:
         self.count = 0
 
     def add(self, x: Tensor, y: Tensor) -> None:
+        x, y = x.to(torch.float64), y.to(torch.float64)
         if self.count == 0:
             self.x0, self.y0 = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
             self.sx = x.new_zeros(len(x))
@@ -165,7 +167,7 @@ def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list
         free = [(s, r) for s, r in zip(spaces[k], spaces[ref], strict=True) if not s.fixed]
         sums = {(s.name, i): CorrelationSums() for s, _ in free for i in range(len(s.nodes))}
         for rows in chunks:
-            ref_runner = kept or GraphRunner(ref_gm, ctx.inputs[rows])
+            ref_runner = kept if kept is not None else GraphRunner(ref_gm, ctx.inputs[rows])
             runner = GraphRunner(gm, ctx.inputs[rows])
             for space, ref_space in free:
                 for i in range(len(space.nodes)):

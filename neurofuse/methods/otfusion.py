@@ -69,7 +69,9 @@ def _emd(a: np.ndarray, b: np.ndarray, cost: np.ndarray, opt: OTFusionOptions) -
     # POT's network simplex stops after ``numItermax`` pivots, optimal or not (its default,
     # 100,000, left two width-4096 layers' plans 7% above the optimal transport cost); the
     # solver ends when the plan is optimal, so the cap only guards against a runaway
-    plan, log = _pot().emd(a, b, cost, numItermax=max(100_000, 10 * cost.size), log=True)
+    with warnings.catch_warnings():  # POT's own note of an early end: ours below says more
+        warnings.filterwarnings("ignore", message="numItermax reached")
+        plan, log = _pot().emd(a, b, cost, numItermax=max(100_000, 10 * cost.size), log=True)
     if log["result_code"] != 1:  # 1: optimal
         warnings.warn(
             f"otfusion: the exact transport between {len(a)} and {len(b)} neurons ended "

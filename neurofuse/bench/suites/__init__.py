@@ -8,8 +8,6 @@ from the shared pieces of :mod:`.common`; importing this package registers them 
 
 from __future__ import annotations
 
-# the definitions register their suites on import
-from neurofuse.bench.suites import cnn, vit  # noqa: F401
 from neurofuse.bench.suites._registry import (
     SUITES,
     Suite,
@@ -17,6 +15,9 @@ from neurofuse.bench.suites._registry import (
     get_suite,
     register_suite,
 )
+
+# importing the definitions (cnn, vit) registers their suites
+from neurofuse.bench.suites.cnn import CNN1D, MLP, QUICK_MLP, vgg
 from neurofuse.bench.suites.common import (
     PAPER_IMPORTANCE,
     PAPER_SPLITS,
@@ -28,8 +29,15 @@ from neurofuse.bench.suites.common import (
     strong_baselines,
     train_options,
 )
+from neurofuse.bench.suites.vit import QUICK_VIT, VIT, VIT_SPLITS, vit_methods
 
 __all__ = [
+    "CNN1D",
+    "MLP",
+    "QUICK_MLP",
+    "QUICK_VIT",
+    "VIT",
+    "VIT_SPLITS",
     "PAPER_IMPORTANCE",
     "PAPER_SPLITS",
     "QUALITY_SPLITS",
@@ -44,4 +52,6 @@ __all__ = [
     "register_suite",
     "strong_baselines",
     "train_options",
+    "vgg",
+    "vit_methods",
 ]
