@@ -37,9 +37,12 @@ from neurofuse.graph import (
     trace,
     unit_end,
 )
-from neurofuse.utils import tensor_attr
+from neurofuse.utils import sample_chunks, tensor_attr
 
 _EPS = 1e-8
+#: Samples per chunk when the aligned base models' statistics are gathered: REPAIR holds one
+#: chunk of one base model's values at a time, not every base model's values on all the data.
+STATS_CHUNK = 512
 
 
 def neuron_stats(value: Tensor, axis: int) -> tuple[Tensor, Tensor]:
@@ -47,6 +50,27 @@ def neuron_stats(value: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     position."""
     rows = to_neurons(value.detach(), axis).to(torch.float64)
     return rows.mean(1), rows.std(1, unbiased=False)
+
+
+class _MomentSums:
+    """Each neuron's mean and standard deviation (float64) over columns that arrive in chunks,
+    summed about the first chunk's means so that the variance does not cancel."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, rows: Tensor) -> None:
+        if self.count == 0:
+            self.shift = rows.mean(1)
+            self.s1, self.s2 = torch.zeros_like(self.shift), torch.zeros_like(self.shift)
+        r = rows - self.shift[:, None]
+        self.s1 += r.sum(1)
+        self.s2 += r.square().sum(1)
+        self.count += rows.shape[1]
+
+    def stats(self) -> tuple[Tensor, Tensor]:
+        m = self.s1 / self.count
+        return self.shift + m, (self.s2 / self.count - m.square()).clamp_min(0).sqrt()
 
 
 def _repair_points(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
@@ -102,14 +126,37 @@ def repair(
     if w.numel() != len(aligned):
         raise ValueError(f"{len(aligned)} aligned models but {w.numel()} weights")
     w = w / w.sum()
-    base_runs = [GraphRunner(trace(m.eval()), inputs) for m in aligned]
+    points = [(u.name, e.name) for u, e in _repair_points(trace(fused))]
+    # each base model is read once, in order (``aligned`` may make them on demand)
+    stats = [_unit_stats(m, points, inputs) for m in aligned]
 
     def interpolated(end: fx.Node, axis: int) -> tuple[Tensor, Tensor]:
-        stats = [neuron_stats(run.value(run.node(end.name)), axis) for run in base_runs]
-        wk = w.to(stats[0][0].device)
-        return torch.stack([m for m, _ in stats]).T @ wk, torch.stack([s for _, s in stats]).T @ wk
+        per_model = [s[end.name] for s in stats]
+        wk = w.to(per_model[0][0].device)
+        return (
+            torch.stack([m for m, _ in per_model]).T @ wk,
+            torch.stack([s for _, s in per_model]).T @ wk,
+        )
 
     return repair_to(fused, inputs, interpolated)
+
+
+def _unit_stats(
+    model: nn.Module, points: list[tuple[str, str]], inputs: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``end name -> (mean, std)`` of the neurons at the end of every unit of ``points``
+    (``(unit, end)`` node names) of ``model`` on ``inputs``, gathered over chunks of
+    :data:`STATS_CHUNK` samples."""
+    gm = trace(model.eval())
+    sums = {end: _MomentSums() for _, end in points}
+    for rows in sample_chunks(len(inputs), STATS_CHUNK):
+        run = GraphRunner(gm, inputs[rows])
+        for unit, end in points:
+            node = run.node(end)
+            value = run.value(node)
+            axis = _axis(gm, run.node(unit), node, value)
+            sums[end].add(to_neurons(value.detach(), axis).to(torch.float64))
+    return {end: s.stats() for end, s in sums.items()}
 
 
 @torch.no_grad()

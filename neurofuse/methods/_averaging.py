@@ -15,6 +15,7 @@ from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
 from neurofuse.alignment.repair import StatsTarget, repair_to
 from neurofuse.alignment.repair import repair as repair_statistics
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
+from neurofuse.methods._plan import LazySequence
 from neurofuse.methods.registry import FusionContext
 
 State = dict[str, Tensor]
@@ -232,11 +233,13 @@ def finish(
     elif repair:
         if not aligned:
             raise ValueError("repair=True needs the aligned base models' states")
-        bases = []
-        for state in aligned:
-            base = copy.deepcopy(fused)
-            base.load_state_dict(state)
-            bases.append(base)
+
+        def base(k: int) -> nn.Module:  # one aligned base model at a time, made on demand
+            model = copy.deepcopy(fused)
+            model.load_state_dict(aligned[k])
+            return model
+
+        bases = LazySequence(len(aligned), base)
         w = None if weights is None else [float(v) for v in weights]
         with ctx.timer("repair"):
             ctx.report["repair_collapse"] = repair_statistics(fused, bases, ctx.inputs, w)
