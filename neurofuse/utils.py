@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "parameter_count",
+    "even_chunks",
     "sample_chunks",
     "atomic_path",
     "atomic_write_bytes",
@@ -216,6 +217,19 @@ def sample_chunks(n: int, size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``size`` of ``range(n)`` (the last may be shorter)."""
     for lo in range(0, n, size):
         yield slice(lo, min(lo + size, n))
+
+
+def even_chunks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)``, as few as chunks of at most ``size`` allow and of
+    sizes that differ by at most one (no tiny last chunk: a batch of one sample can change
+    what a model's ``squeeze`` does)."""
+    count = max(1, -(-n // size))
+    base, extra = divmod(n, count)
+    lo = 0
+    for i in range(count):
+        hi = lo + base + (1 if i < extra else 0)
+        yield slice(lo, hi)
+        lo = hi
 
 
 def tensor_sum(terms: Iterable[Tensor]) -> Tensor:

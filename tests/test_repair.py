@@ -106,6 +106,15 @@ def test_repair_gathers_the_base_statistics_in_chunks(arch, monkeypatch):
     assert chunked.neurofuse_report["repair_collapse"] == pytest.approx(
         whole.neurofuse_report["repair_collapse"], rel=1e-9
     )
+    # chunking really happened: 50 samples in eight even chunks of at most 7, per unit and model
+    added = []
+    real_add = module._MomentSums.add
+    monkeypatch.setattr(
+        module._MomentSums, "add", lambda self, r: added.append(r.shape[1]) or real_add(self, r)
+    )
+    nf.fuse(models[:1] * 2, x, method="vanilla", repair=True)
+    units = len(chunked.neurofuse_report["repair_collapse"])
+    assert len(added) == 8 * 2 * units
     rows = torch.randn(3, 50, dtype=torch.float64)
     rows[1] = 1e7 + 1e-3 * rows[1]
     sums = module._MomentSums()
@@ -114,3 +123,46 @@ def test_repair_gathers_the_base_statistics_in_chunks(arch, monkeypatch):
     mean, sd = sums.stats()
     torch.testing.assert_close(mean, rows.mean(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(sd, rows.std(1, unbiased=False), rtol=1e-6, atol=0)
+
+
+def test_repair_holds_one_aligned_base_model_at_a_time():
+    """``repair`` reads the aligned models once, in order: a model made on demand, and its
+    parameters, are freed before the next is made (no garbage collection needed: its trace
+    holds it in no reference cycle)."""
+    import gc
+    import weakref
+
+    from neurofuse.alignment.repair import repair
+    from neurofuse.methods._plan import LazySequence
+
+    torch.manual_seed(0)
+    models = [mlp(d_in=10, hidden=(16, 16)).eval() for _ in range(3)]
+    states = [m.state_dict() for m in models]
+    fused = nf.fuse(models, torch.randn(40, 10), method="vanilla")
+    made: list[weakref.ref] = []
+
+    def make(k: int) -> nn.Module:
+        assert all(r() is None for r in made), "an earlier base model is still alive"
+        model = mlp(d_in=10, hidden=(16, 16)).eval()
+        model.load_state_dict(states[k])
+        made.extend([weakref.ref(model), weakref.ref(next(model.parameters()))])
+        return model
+
+    gc.disable()  # only reference counts may free them
+    try:
+        repair(fused, LazySequence(3, make), torch.randn(40, 10))
+    finally:
+        gc.enable()
+    assert len(made) == 6
+
+
+def test_even_chunks_cover_the_samples_in_as_few_near_equal_chunks_as_the_size_allows():
+    from neurofuse.utils import even_chunks
+
+    for n, size in ((50, 7), (513, 512), (512, 512), (1, 512), (1025, 512), (3, 1)):
+        sizes = [c.stop - c.start for c in even_chunks(n, size)]
+        starts = [c.start for c in even_chunks(n, size)]
+        assert sum(sizes) == n and starts[0] == 0 and max(sizes) <= size
+        assert len(sizes) == -(-n // size) and max(sizes) - min(sizes) <= 1
+        assert starts == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert [c.stop - c.start for c in even_chunks(513, 512)] == [257, 256]  # no 1-sample chunk

@@ -33,11 +33,12 @@ from neurofuse.graph import (
     layer_width,
     module_of,
     neuron_axis,
+    release,
     to_neurons,
     trace,
     unit_end,
 )
-from neurofuse.utils import sample_chunks, tensor_attr
+from neurofuse.utils import even_chunks, tensor_attr
 
 _EPS = 1e-8
 #: Samples per chunk when the aligned base models' statistics are gathered: REPAIR holds one
@@ -127,8 +128,12 @@ def repair(
         raise ValueError(f"{len(aligned)} aligned models but {w.numel()} weights")
     w = w / w.sum()
     points = [(u.name, e.name) for u, e in _repair_points(trace(fused))]
-    # each base model is read once, in order (``aligned`` may make them on demand)
-    stats = [_unit_stats(m, points, inputs) for m in aligned]
+    # each base model is read once, in order (``aligned`` may make them on demand), and
+    # dropped before the next is made
+    stats = []
+    for model in aligned:
+        stats.append(_unit_stats(model, points, inputs))
+        del model
 
     def interpolated(end: fx.Node, axis: int) -> tuple[Tensor, Tensor]:
         per_model = [s[end.name] for s in stats]
@@ -148,14 +153,33 @@ def _unit_stats(
     (``(unit, end)`` node names) of ``model`` on ``inputs``, gathered over chunks of
     :data:`STATS_CHUNK` samples."""
     gm = trace(model.eval())
+    try:
+        return _unit_stats_of(gm, points, inputs)
+    finally:
+        release(gm)  # this trace is private: its parameters go with the model
+
+
+def _unit_stats_of(
+    gm: fx.GraphModule, points: list[tuple[str, str]], inputs: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = sorted({name for pair in points for name in pair} - set(nodes))
+    if missing:
+        raise ValueError(
+            f"an aligned model's graph has no node(s) {missing} of the fused model's graph; "
+            "REPAIR needs base models of the fused model's architecture"
+        )
     sums = {end: _MomentSums() for _, end in points}
-    for rows in sample_chunks(len(inputs), STATS_CHUNK):
+    axes: dict[str, int] = {}
+    for rows in even_chunks(len(inputs), STATS_CHUNK):
         run = GraphRunner(gm, inputs[rows])
         for unit, end in points:
-            node = run.node(end)
-            value = run.value(node)
-            axis = _axis(gm, run.node(unit), node, value)
-            sums[end].add(to_neurons(value.detach(), axis).to(torch.float64))
+            value = run.value(nodes[end])
+            if end not in axes:
+                axes[end] = _axis(gm, nodes[unit], nodes[end], value)
+            sums[end].add(to_neurons(value.detach(), axes[end]).to(torch.float64))
+            run.release_consumed()
+        del run
     return {end: s.stats() for end, s in sums.items()}
 
 

@@ -36,7 +36,7 @@ from neurofuse.graph.ops import (
     register_elementwise,
 )
 from neurofuse.graph.runner import GraphRunner
-from neurofuse.graph.tracing import GraphCache, TraceError, copy_graph, trace
+from neurofuse.graph.tracing import GraphCache, TraceError, copy_graph, release, trace
 
 __all__ = [
     "ADD_FUNCTIONS",
@@ -63,6 +63,7 @@ __all__ = [
     "neuron_axis",
     "producing_layer",
     "register_elementwise",
+    "release",
     "split",
     "to_neurons",
     "trace",

@@ -29,8 +29,9 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """Trace ``model`` with torch.fx; the result shares parameters with ``model``."""
+    tracer = _Tracer(autowrap_functions=registered_functions())
     try:
-        graph = _Tracer(autowrap_functions=registered_functions()).trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many exception types
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {exc}. neurofuse reads a model's "
@@ -40,8 +41,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "declare it with neurofuse.register_elementwise(ThatModule): it is then traced as one "
             "call."
         ) from exc
+    finally:
+        # the tracer sits in a reference cycle of its own closures and holds the model and its
+        # tensors: emptied, it no longer keeps a model alive after its last reference goes
+        tracer.__dict__.clear()
     name = type(model).__name__
     return fx.GraphModule(model, graph, class_name=name)
+
+
+def release(gm: fx.GraphModule) -> None:
+    """Break the reference cycle between ``gm`` and its graph (fx's graph keeps its owning
+    module), so that the modules and parameters ``gm`` shares are freed when their last
+    reference goes instead of at the next garbage collection; ``gm`` is unusable afterwards."""
+    gm.graph._owning_module = None
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:

@@ -50,7 +50,7 @@ from neurofuse.methods._averaging import (
 )
 from neurofuse.methods._plan import LazySequence
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
-from neurofuse.utils import sample_chunks, tensor_sum
+from neurofuse.utils import even_chunks, tensor_sum
 
 
 @dataclass
@@ -156,7 +156,7 @@ def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list
             if k != ref and not space.fixed and not space.nodes:
                 raise ValueError(f"space {space.name!r} has no nodes; use match='weights'")
     ref_gm = ctx.trace(ctx.models[ref])
-    chunks = list(sample_chunks(len(ctx.inputs), ACTS_CHUNK))
+    chunks = list(even_chunks(len(ctx.inputs), ACTS_CHUNK))
     kept = GraphRunner(ref_gm, ctx.inputs) if len(chunks) == 1 else None
     perms: list[dict[str, Tensor]] = []
     for k in range(len(ctx.models)):
