@@ -665,8 +665,8 @@ def test_kf_linear_with_a_matching_seed_recovers_a_permuted_copy():
     assert set(fused.neurofuse_report["kmeans_seeding"].values()) == {"matching"}
 
 
-@pytest.mark.parametrize("method", ["hf_linear", "hf_gradient"])
-def test_hf_with_sparse_matching_recovers_a_permuted_copy_of_a_wide_mlp(method, monkeypatch):
+@pytest.mark.parametrize("method", ["hf_linear", "hf_gradient", "git_rebasin"])
+def test_sparse_matching_recovers_a_permuted_copy_of_a_wide_mlp(method, monkeypatch):
     """``matching="sparse"`` pairs the neurons through the candidate graph (width 200 > the 128
     candidates, so the sparse solver runs) and still recovers a permuted copy; K-means Fusion
     has no matching to choose and refuses the option."""
@@ -690,6 +690,11 @@ def test_hf_with_sparse_matching_recovers_a_permuted_copy_of_a_wide_mlp(method, 
     fused = nf.fuse([model, twin], x, method=method, matching="sparse", **options)
     torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
     assert calls == [(200, 200), (200, 200)]
+    if method == "git_rebasin":  # weight matching too
+        calls.clear()
+        fused = nf.fuse([model, twin], x, method=method, matching="sparse", match="weights")
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+        assert len(calls) >= 2 and set(calls) == {(200, 200)}
     with pytest.raises(ValueError, match="matching"):
         nf.fuse([model, twin], x, method="kf_linear", matching="sparse")
     with pytest.raises(ValueError, match="matching must be one of 'exact', 'sparse'"):
