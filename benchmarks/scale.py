@@ -213,7 +213,9 @@ def report(rows: dict[str, Any], axes: list[str], methods: list[str], args: Any)
         "(first-call costs out of the timings; points of width 4096 and more measured before "
         "2026-12-06 evening were timed without it, once: their first call includes up to about "
         "2 s of them). *Extra MiB*: peak resident memory above what the "
-        "process held with the models and data loaded.",
+        "process held with the models and data loaded. *Exponent*: least-squares slope of log "
+        "time (log extra memory) against log size over the measured points; extra memory "
+        "below 1 MiB counts as 1 MiB.",
         "",
     ]
     fig, grid = plt.subplots(2, len(axes), figsize=(4.6 * len(axes), 7.5), squeeze=False)
