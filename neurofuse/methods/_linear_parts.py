@@ -64,9 +64,9 @@ class LinearOptions:
         matching: how HF pairs the two models' neurons (HF only): ``"exact"`` (default, the
             linear assignment, cubic in the width) or ``"sparse"``, the best pairing among each
             neuron's 128 cheapest partners (exact whenever the optimal pairs are among them;
-            two wide MLPs: the same pairs up to width 2048, 2.9x / 4.8x faster at width 4096 /
-            8192 for a 0.08% / 0.06% higher grouping cost and +0.1 / -0.1 points; slower
-            below about 2048; ``benchmarks/results/hungarian_sparse.md``).
+            two wide MLPs: the optimal cost to five digits up to width 2048; 2.9x / 4.8x
+            faster at width 4096 / 8192 for a 0.08% / 0.06% higher grouping cost and +0.1 /
+            -0.1 points; slower below about 2048; ``benchmarks/results/hungarian_sparse.md``).
         precision: ``"float32"`` or ``"float64"``: the precision of the blockwise products that
             build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
             float32 is faster (most of all on GPUs) but, with the tiny default ridge, loses the
