@@ -32,7 +32,6 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, apply_permutation
@@ -145,12 +144,7 @@ def assign(similarity: Tensor, heads: int = 1, neighbours: int | None = None) ->
     (:func:`neurofuse.grouping.hungarian.assign_pairs`; heads are always matched exactly)."""
     if heads > 1:
         return block_assignment(similarity, heads, maximize=True)
-    if neighbours is not None:
-        return assign_pairs(-similarity, neighbours)
-    rows, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
-    p = torch.empty(len(rows), dtype=torch.long)
-    p[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    return p
+    return assign_pairs(-similarity, neighbours)  # maximising: the least negated similarity
 
 
 def _neighbours(ctx: FusionContext) -> int | None:
