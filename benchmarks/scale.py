@@ -12,12 +12,17 @@ digits (its own seed; cached under ``benchmarks/.cache/scale``):
   set is the digits tiled with N(0, 0.1^2) jitter: this sweep measures cost, not accuracy);
 - ``models``: 2 ... 16 models, W = 512, 400 samples (HF Linear takes two models only).
 
+A method may carry options after a colon: ``kf_linear:sample_chunk=1000`` is KF Linear
+evaluating the models on 1,000 fusion samples at a time (bounded memory in the samples).
+
 Every point runs in a fresh process (``--point``), on ``--threads`` torch threads, so that its
 peak memory is its own: the process first fuses width-16 MLPs with the same method (so that
-no timed call pays first-call costs), loads the models, times their forward pass on the fusion
-set (median of 3 warm calls), records its resident memory, fuses (median of 3 calls when one
-takes under 2 s, else one), and reports the wall time, the peak resident memory
-(``ru_maxrss``) and the peak above what it held before fusing. A point that runs past
+no timed call pays first-call costs), loads the models, records its resident memory, fuses
+(median of 3 calls when one takes under 2 s, else one), times the models' forward pass on the
+fusion set (median of 3 warm calls; after the fusions, so that the memory it frees cannot
+serve them unseen), and reports the wall time, the peak resident memory during the fusions
+(the kernel's high-water mark, reset just before them) and that peak above what it held
+before fusing. A point that runs past
 ``--budget`` seconds is stopped and recorded as such, and the larger points of its sweep are
 skipped. Results accumulate in ``scale.json`` (a killed run resumes); ``scale.md`` has the
 tables, the fitted growth exponents (least-squares slope of log time and log extra memory
@@ -45,7 +50,7 @@ CACHE = Path(__file__).parent / ".cache" / "scale"
 METHODS = ("kf_linear", "hf_linear", "otfusion", "git_rebasin")
 SWEEPS: dict[str, list[int]] = {
     "width": [256, 512, 1024, 2048, 4096, 8192, 16384],
-    "samples": [100, 300, 1000, 3000, 10000],
+    "samples": [100, 300, 1000, 3000, 10000, 30000],
     "models": [2, 4, 8, 16],
 }
 FIXED = {"width": 512, "samples": 400, "models": 2}
@@ -113,15 +118,44 @@ def _fusion_inputs(n: int) -> Any:
     return tiled
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def run_point(method: str, point: dict[str, int], threads: int) -> dict[str, Any]:
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's resident-memory high-water mark (``VmHWM``) to the current size, so
+    that the peak read after the fusions is theirs and not the forward pass's before them
+    (Linux's ``clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> the method's name and its options (integers where the
+    value is one)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"method option {item!r} of {spec!r} is not key=value")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
+
+
+def run_point(spec: str, point: dict[str, int], threads: int) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
     import torch
 
@@ -129,12 +163,31 @@ def run_point(method: str, point: dict[str, int], threads: int) -> dict[str, Any
     from neurofuse.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
+    method, options = parse_method(spec)
     x = _fusion_inputs(point["samples"])
     _warm_up(method, point["models"], x[:32])
     models = [
         load_checkpoint(_model_path(point["width"], k).with_suffix(""))[0].eval()
         for k in range(point["models"])
     ]
+    before = _rss_mib()
+    own_peak = _reset_peak()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the small-fusion-set warning at large widths
+            fused = nf.fuse(models, x, method=method, **options)
+        times.append(time.perf_counter() - start)
+        del fused
+        if times[0] >= 2.0:
+            break
+    if own_peak:
+        peak = _status_mib("VmHWM")
+    else:  # the process's lifetime peak
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the forward pass after the fusions: the memory it leaves to the allocator would
+    # otherwise serve the fusion without showing in its peak
     forward = []
     with torch.no_grad():
         for _ in range(4):
@@ -142,24 +195,13 @@ def run_point(method: str, point: dict[str, int], threads: int) -> dict[str, Any
             for m in models:
                 m(x)
             forward.append(time.perf_counter() - start)
-    before = _rss_mib()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the small-fusion-set warning at large widths
-            fused = nf.fuse(models, x, method=method)
-        times.append(time.perf_counter() - start)
-        del fused
-        if times[0] >= 2.0:
-            break
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "seconds": statistics.median(times),
         "forward_seconds": statistics.median(forward[1:]),
         "peak_mib": peak,
         "extra_mib": peak - before,
         "calls": len(times),
+        "peak": "fusion" if own_peak else "process",
     }
 
 
@@ -200,11 +242,24 @@ def report(rows: dict[str, Any], axes: list[str], methods: list[str], args: Any)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    seen = [k.split("|") for k in rows]
+    axes = [a for a in SWEEPS if a in axes or any(s[0] == a for s in seen)]
+    methods = list(dict.fromkeys([*METHODS, *methods, *(s[2] for s in seen)]))
+    methods = [m for m in methods if any(s[2] == m for s in seen)]
+    groups: dict[tuple[str, ...], list[str]] = {}  # the axes a method was measured on
+    for m in methods:
+        groups.setdefault(
+            tuple(a for a in axes if any(s[:3:2] == [a, m] for s in seen)), []
+        ).append(m)
+    commands = [
+        f"`.venv/bin/python benchmarks/scale.py --axes {','.join(ax)} --methods {','.join(ms)} "
+        f"--budget {args.budget} --threads {args.threads}`"
+        for ax, ms in groups.items()
+    ]
     lines = [
         "# Scale: fusion cost against width, fusion samples and models (issue 13)",
         "",
-        f"Command: `.venv/bin/python benchmarks/scale.py --axes {','.join(axes)} --methods "
-        f"{','.join(methods)} --budget {args.budget} --threads {args.threads}`",
+        "Commands (a run resumes from `scale.json`): " + "; ".join(commands),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
         "CPU only. MLPs 784-W-W-10 trained one epoch each; every point in a fresh process. "
@@ -212,8 +267,13 @@ def report(rows: dict[str, Any], axes: list[str], methods: list[str], args: Any)
         "set, measured in the same process. Each process first fuses width-16 MLPs once "
         "(first-call costs out of the timings; points of width 4096 and more measured before "
         "2026-12-06 evening were timed without it, once: their first call includes up to about "
-        "2 s of them). *Extra MiB*: peak resident memory above what the "
-        "process held with the models and data loaded. *Exponent*: least-squares slope of log "
+        "2 s of them). *Extra MiB*: peak resident memory during the fusions above what the "
+        "process held with the models and data loaded (points measured from 2026-12-07 on, the "
+        "samples and models sweeps: the kernel's high-water mark reset just before the "
+        "fusions, the forward pass timed after them; earlier ones, the width sweep: the "
+        "process's lifetime peak over what it held after timing the forward pass on the "
+        "fusion set, which the allocator may have kept for the fusion to reuse; small at 400 "
+        "samples). *Exponent*: least-squares slope of log "
         "time (log extra memory) against log size over the measured points; extra memory "
         "below 1 MiB counts as 1 MiB.",
         "",
@@ -301,7 +361,7 @@ def main() -> None:
             for x in SWEEPS[axis][: args.first]:
                 key = _key(axis, x, method)
                 point = point_of(axis, x)
-                if method == "hf_linear" and point["models"] != 2:
+                if parse_method(method)[0] == "hf_linear" and point["models"] != 2:
                     continue
                 if key in rows and rows[key].get("status") != "skipped":
                     # measured, or over the budget / failed before: resume after it

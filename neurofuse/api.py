@@ -23,6 +23,7 @@ from neurofuse.methods.registry import (
     build_options,
     get_method,
 )
+from neurofuse.utils import all_finite
 
 
 def _single_model_methods() -> dict[str, bool]:
@@ -63,7 +64,7 @@ def as_fusion_data(data: Any) -> tuple[Tensor, Tensor | None]:
         raise ValueError("the fusion data is empty: give at least one sample")
     if not x.is_floating_point():
         x = x.float()
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("the fusion data contains NaN or Inf values; clean or drop those samples")
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(f"fusion data has {x.shape[0]} inputs but {y.shape[0]} labels")

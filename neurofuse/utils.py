@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "all_finite",
     "parameter_count",
     "even_chunks",
     "sample_chunks",
@@ -230,6 +231,16 @@ def even_chunks(n: int, size: int) -> Iterator[slice]:
         hi = lo + base + (1 if i < extra else 0)
         yield slice(lo, hi)
         lo = hi
+
+
+def all_finite(x: Tensor, block: int = 1 << 22) -> bool:
+    """Whether every entry of ``x`` is finite, checked over blocks of about ``block`` entries
+    (``torch.isfinite`` of the whole tensor makes a copy of it: 94 MB for 30,000 MNIST
+    images, the largest allocation of a fusion that otherwise works in chunks)."""
+    if x.dim() == 0 or x.shape[0] == 0:
+        return bool(torch.isfinite(x).all())
+    rows = max(1, block // max(1, x[0].numel()))
+    return all(bool(torch.isfinite(x[s]).all()) for s in sample_chunks(x.shape[0], rows))
 
 
 def tensor_sum(terms: Iterable[Tensor]) -> Tensor:

@@ -97,7 +97,7 @@ def test_normal_equations_take_the_shift_path_and_give_the_same_fit():
     assert patch_moments.applies(layer) and 8 * 9 >= patch_moments.MIN_FAN_IN
     x, y = _data(layer, (30, 8, 5, 5))
     opt = LinearOptions(chunk_size=8)
-    ls = normal_equations([layer], [x], True, lambda lo, hi: y[lo:hi], opt, seed=0)
+    ls = normal_equations([layer], [([x], lambda lo, hi: y[lo:hi])], True, opt, 0, len(x))
     ref = _explicit(layer, x, y)
     assert ls.shift_x is not None and torch.equal(  # per-channel shift: the shifted products
         ls.shift_x, patch_moments.column_shift(layer, patch_moments.channel_shift(x, torch.float64))
@@ -106,9 +106,33 @@ def test_normal_equations_take_the_shift_path_and_give_the_same_fit():
     torch.testing.assert_close(ls.solve(1e-9), ref.solve(1e-9), rtol=1e-7, atol=1e-7)
     # a row sketch still samples explicit patch rows
     sketched = normal_equations(
-        [layer], [x], True, lambda lo, hi: y[lo:hi], LinearOptions(row_budget=4), seed=0
+        [layer], [([x], lambda lo, hi: y[lo:hi])], True, LinearOptions(row_budget=4), 0, len(x)
     )
     assert sketched.rows < ls.rows
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(8, 5, 3, padding=1), nn.Linear(8, 5)])
+def test_normal_equations_over_pieces_equal_the_whole_set(layer):
+    """``sample_chunk``'s pieces (uneven ones here) accumulate the same sums as one piece: the
+    shifted-product path keeps the first piece's shifts for every later piece."""
+    torch.manual_seed(2)
+    shape = (30, 8, 5, 5) if isinstance(layer, nn.Conv2d) else (30, 8)
+    x, y = _data(layer, shape)
+    per = y.shape[0] // 30
+    opt = LinearOptions(chunk_size=4)
+    whole = normal_equations([layer], [([x], lambda lo, hi: y[lo:hi])], True, opt, 0, 30)
+    cuts = [0, 7, 8, 21, 30]
+
+    def pieces():
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            yield [x[a:b]], lambda lo, hi, a=a, b=b: y[a * per : b * per][lo:hi]
+
+    split = normal_equations([layer], pieces(), True, opt, 0, 30)
+    assert split.rows == whole.rows == y.shape[0] and not split.dual
+    torch.testing.assert_close(split.gram, whole.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(split.cross, whole.cross, rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="no fusion samples"):
+        normal_equations([layer], iter(()), True, opt, 0, 30)
 
 
 @pytest.mark.parametrize(

@@ -213,8 +213,12 @@ class ImportanceProvider:
                 f"got {type(score).__name__}"
             )
 
-    def raw(self, model_index: int, name: str, output: Tensor) -> Tensor:
-        """The score as computed or given, before normalisation."""
+    def raw(self, model_index: int, name: str, output: Tensor | None) -> Tensor:
+        """The score as computed or given, before normalisation. ``output`` is the node's value
+        on the whole fusion set, or ``None`` where the caller never holds it (the Linear
+        variants' ``sample_chunk``): a score function whose ``computes_from_inputs`` attribute
+        is true (every built-in one) then computes it from the inputs in batches; any other,
+        which may read ``output``, is refused."""
         if self._table is not None:
             table = self._table[model_index]
             if name not in table:
@@ -225,22 +229,31 @@ class ImportanceProvider:
                 )
             return torch.as_tensor(table[name])
         assert self._fn is not None
-        return torch.as_tensor(self._fn(self.models[model_index], name, output))
+        if output is None and not getattr(self._fn, "computes_from_inputs", False):
+            raise ValueError(
+                "an importance function f(model, name, output) reads each level's values on the "
+                "whole fusion set, which sample_chunk never holds; pass its scores as a table "
+                "(one {node_name: scores} dict per model, e.g. from neurofuse.importance."
+                "compute_importance) or leave sample_chunk unset"
+            )
+        return torch.as_tensor(self._fn(self.models[model_index], name, output))  # type: ignore[arg-type]  # (None: checked above)
 
-    def scores(self, model_index: int, name: str, output: Tensor, width: int) -> Tensor:
-        """Weights ``(width,)`` with mean 1 of model ``model_index``'s neurons at node ``name``."""
+    def scores(self, model_index: int, name: str, output: Tensor | None, width: int) -> Tensor:
+        """Weights ``(width,)`` with mean 1 of model ``model_index``'s neurons at node ``name``
+        (on ``output``'s device; ``output`` may be ``None``: :meth:`raw`)."""
+        device = output.device if output is not None else None
         mix = self.spec.head_mix if name == self.head(model_index) else self.spec.mix
         if self.uniform or mix == 1.0:
-            return torch.ones(width, device=output.device)
+            return torch.ones(width, device=device)
         raw = self.raw(model_index, name, output)
         if raw.numel() == 0:
-            return torch.ones(width, device=output.device)
+            return torch.ones(width, device=device)
         if raw.numel() != width:
             raise ValueError(
                 f"importance for model {model_index} at {name!r} has {raw.numel()} entries, but "
                 f"that level has {width} neurons"
             )
-        return normalise(raw, power=self.spec.power, mix=mix).to(output.device)
+        return normalise(raw, power=self.spec.power, mix=mix).to(device)
 
     def head(self, model_index: int) -> str | None:
         """The name of model ``model_index``'s output node (None if it cannot be traced)."""

@@ -42,7 +42,11 @@ class NodeScores:
     ``compute(probed, inputs, targets, names)`` returns the scores of all ``names`` at once.
     Called as ``f(model, name, output)``, the first request for a model computes ``name`` together
     with every node the fusion engines will ask for; :meth:`compute` gives any set directly.
+    ``output`` is never read (it may be ``None``): the scores come from the inputs.
     """
+
+    #: (ImportanceProvider.raw: the engine may call it without a node's values)
+    computes_from_inputs = True
 
     def __init__(
         self,
@@ -74,7 +78,7 @@ class NodeScores:
             n: s.detach() for n, s in self._compute(probed, self.inputs, targets, names).items()
         }
 
-    def __call__(self, model: nn.Module, name: str, output: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, name: str, output: Tensor | None) -> Tensor:
         _, cache = self._cache.setdefault(id(model), (model, {}))
         if name not in cache:
             names = [name]
@@ -97,7 +101,9 @@ class ActivationScores(NodeScores):
         )
         self.stat = stat
 
-    def __call__(self, model: nn.Module, name: str, output: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, name: str, output: Tensor | None) -> Tensor:
+        if output is None:  # the caller does not hold it: from the inputs, in batches
+            return super().__call__(model, name, output)
         return attr.reduce_output(self.graphs(model), name, output, self.stat)
 
 
@@ -109,9 +115,10 @@ def _positive(name: str, value: int) -> int:
 
 @register_importance("uniform", "every neuron weighs the same")
 def uniform(models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None) -> Any:
-    def score(model: nn.Module, name: str, output: Tensor) -> Tensor:
+    def score(model: nn.Module, name: str, output: Tensor | None) -> Tensor:
         return torch.ones(0)  # the empty tensor means "uniform": filled in by ImportanceProvider
 
+    score.computes_from_inputs = True  # type: ignore[attr-defined]
     return score
 
 

@@ -37,7 +37,8 @@ fx-traceable model is covered:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -49,13 +50,13 @@ from neurofuse.graph import (
     ADD_FUNCTIONS,
     AFFINE_TYPES,
     NORM_TYPES,
-    GraphRunner,
     module_of,
     to_neurons,
     unit_end,
 )
 from neurofuse.grouping.strategy import GroupingKind, NeuronGrouping
 from neurofuse.methods._linear_parts import (
+    FitPiece,
     LinearOptions,
     check_batchnorms,
     check_untied,
@@ -66,6 +67,7 @@ from neurofuse.methods._linear_parts import (
     set_unit,
     weight_rows,
 )
+from neurofuse.methods._linear_values import GramPoints, Piece, Values
 from neurofuse.methods._plan import FusionPlan, LazySequence, aligned_average
 from neurofuse.methods.registry import FusionContext
 from neurofuse.progress import progress_bar
@@ -96,6 +98,15 @@ def _units_upstream(node: fx.Node, plan: FusionPlan) -> list[fx.Node]:
 def _row_slicer(y: Tensor) -> Callable[[int, int], Tensor]:
     """The target rows ``lo:hi`` of ``y`` (what the normal equations accumulate chunk by chunk)."""
     return lambda lo, hi: y[lo:hi]
+
+
+@dataclass
+class _Seen:
+    """What a fit's first piece shows of the base models: their widths at the unit, and their
+    values there when the piece is the whole fusion set (for the importance scores)."""
+
+    widths: list[int] = field(default_factory=list)
+    ys: list[Tensor] | None = None
 
 
 class _LinearFusion:
@@ -139,9 +150,9 @@ class _LinearFusion:
         check_batchnorms(self.fgm)
         check_untied(self.fused)
         self.fnode = {n.name: n for n in self.fgm.graph.nodes}
-        self.bnode = [{n.name: n for n in g.graph.nodes} for g in self.bgms]
-        self.frun = GraphRunner(self.fgm, ctx.inputs)
-        self.bruns = [GraphRunner(g, ctx.inputs) for g in self.bgms]
+        self.values = Values(
+            self.fgm, self.bgms, ctx.inputs, self.opt.sample_chunk, lambda: ctx.timer("forward")
+        )
         # space index -> (k, d_M) averaging matrix, sparse (neurofuse._sparse)
         self.groupings: dict[int, Tensor] = {}
         for name in self.plan.folded:
@@ -171,23 +182,43 @@ class _LinearFusion:
     def sizes(self, space: int) -> list[int]:
         return [bp.spaces[space].size for bp in self.bplans]
 
-    def base_rows(self, node: fx.Node, layer: nn.Module) -> tuple[Tensor, list[int], list[Tensor]]:
-        with self.ctx.timer("forward"):
-            ys = [r.value(self.bnode[i][node.name]) for i, r in enumerate(self.bruns)]
+    def base_rows(
+        self, node: fx.Node, layer: nn.Module, piece: Piece
+    ) -> tuple[Tensor, list[int], list[Tensor]]:
+        ys = piece.bases(node.name)
         rows = [affine_output_rows(layer, y.detach()) for y in ys]
         return torch.cat(rows, dim=1), [r.shape[1] for r in rows], ys
 
-    def scores(self, node: fx.Node, ys: list[Tensor], widths: list[int]) -> Tensor:
+    def scores(self, node: fx.Node, ys: list[Tensor] | None, widths: list[int]) -> Tensor:
+        """Importance of the base models' neurons at ``node``; ``ys`` their values on the whole
+        fusion set, ``None`` when the engine works in chunks (the score is then computed from
+        the inputs in batches, or read from a table)."""
+        outs = ys if ys is not None else [None] * len(widths)
         return torch.cat(
             [
-                self.ctx.importance.scores(i, node.name, y, w)
-                for i, (y, w) in enumerate(zip(ys, widths, strict=True))
+                self.ctx.importance.scores(i, node.name, y, w).to(self.ctx.inputs.device)
+                for i, (y, w) in enumerate(zip(outs, widths, strict=True))
             ]
         ).to(torch.float64)
 
-    def fused_value(self, node: fx.Node) -> Tensor:
-        with self.ctx.timer("forward"):
-            return self.frun.value(node)
+    def unit_data(
+        self,
+        end: fx.Node,
+        layer: nn.Module,
+        units: list[fx.Node],
+        seen: _Seen,
+        target: Callable[[Tensor, Piece], Callable[[int, int], Tensor]] | None = None,
+    ) -> Iterator[tuple[list[Tensor], Callable[[int, int], Tensor]]]:
+        """The pieces of a fit: the fused inputs of ``units`` and the target rows, the base
+        models' outputs at ``end`` as ``layer`` writes them (or ``target(y, piece)`` of them).
+        ``seen`` receives the models' widths and, on the whole set, their values (scores)."""
+        for piece in self.values.pieces():
+            y, widths, ys = self.base_rows(end, layer, piece)
+            xs = [piece.fused(u.args[0]) for u in units]  # type: ignore[arg-type]
+            if not seen.widths:
+                seen.widths = widths
+                seen.ys = None if self.values.chunked else ys
+            yield xs, (target(y, piece) if target is not None else _row_slicer(y))
 
     def layer(self, unit: fx.Node) -> nn.Module:
         """The fused model's module that ``unit`` calls."""
@@ -196,13 +227,9 @@ class _LinearFusion:
         return mod
 
     def accumulate(
-        self,
-        layers: list[nn.Module],
-        xs: list[Tensor],
-        bias: bool,
-        y_rows: Callable[[int, int], Tensor],
+        self, layers: list[nn.Module], pieces: Iterable[FitPiece], bias: bool
     ) -> LeastSquares:
-        return normal_equations(layers, xs, bias, y_rows, self.opt, self.ctx.seed)
+        return normal_equations(layers, pieces, bias, self.opt, self.ctx.seed, self.n)
 
     def group(self, coords: Tensor, s: Tensor, k: int, widths: list[int], where: str) -> Tensor:
         with self.ctx.timer("grouping"):
@@ -234,13 +261,14 @@ class _LinearFusion:
         named = [i for i, p in enumerate(s.node_parts or [1] * len(s.nodes)) if p == 1]
         if named and not self.ctx.importance.uniform:
             node = s.nodes[named[0]]
-            axis = (s.axes or [-1] * len(s.nodes))[named[0]]
-            with self.ctx.timer("forward"):
-                ys = [r.value(self.bnode[i][node]) for i, r in enumerate(self.bruns)]
+            if self.values.chunked:  # (the scores come from the inputs, not from the values)
+                outs: list[Tensor | None] = [None] * len(sizes)
+            else:
+                outs = self.values.whole.bases(node)  # type: ignore[union-attr]
             scores = torch.stack(
                 [
-                    self.ctx.importance.scores(i, node, y, y.shape[axis]).to(torch.float64).cpu()
-                    for i, y in enumerate(ys)
+                    self.ctx.importance.scores(i, node, y, c).to(torch.float64).cpu()
+                    for i, (y, c) in enumerate(zip(outs, sizes, strict=True))
                 ]
             )
         scores = scores / scores.sum(0, keepdim=True)  # per neuron, a convex combination
@@ -279,7 +307,7 @@ class _LinearFusion:
         intercept = w[-1] if ls.bias else None
         for j, u in enumerate(units):
             layer = module_of(self.fgm, u)
-            p = affine_inputs(layer, self.fused_value(u.args[0])[:1]).shape[1]  # type: ignore[arg-type]
+            p = affine_inputs(layer, self.values.example(u.args[0])).shape[1]  # type: ignore[arg-type]
             end = unit_end(self.fgm, u)
             bn = module_of(self.fgm, end) if end is not u else None
             set_unit(layer, bn, w[start : start + p], intercept if j == 0 else None)  # type: ignore[arg-type]
@@ -363,11 +391,10 @@ class _LinearFusion:
     def fit_unit(self, u: fx.Node, space: int) -> None:
         """A unit whose space is grouped here (its projected outputs), or was grouped before."""
         layer = module_of(self.fgm, u)
+        assert layer is not None
         end = unit_end(self.fgm, u)
-        y, widths, ys = self.base_rows(end, layer)  # type: ignore[arg-type]
-        x = self.fused_value(u.args[0])  # type: ignore[arg-type]
-
-        ls = self.accumulate([layer], [x], self.can_carry_bias(u), lambda lo, hi: y[lo:hi])  # type: ignore[list-item]
+        seen = _Seen()
+        ls = self.accumulate([layer], self.unit_data(end, layer, [u], seen), self.can_carry_bias(u))
         factor = ls.factor(self.opt.ridge)
         coords = ls.coordinates(factor)  # (q, d_M)
         parts = self.parts(u)
@@ -378,11 +405,12 @@ class _LinearFusion:
                     "the Linear variants cannot group it. Use kf_gradient."
                 )
             k = self.plan.spaces[space].size
-            s = self.scores(end, ys, widths)
+            s = self.scores(end, seen.ys, seen.widths)
             points = coords.T.contiguous()
             if self.opt.stream == "all" and self.plan.spaces[space].stream:
                 points = self.stream_points(space)
-            self.groupings[space] = self.group(points, s, k, widths, self.plan.spaces[space].name)
+            name = self.plan.spaces[space].name
+            self.groupings[space] = self.group(points, s, k, seen.widths, name)
         a = expand_parts(self.grouping(space)[0], parts, self.sizes(space))
         self.write([u], ls, self.solve(ls, [u], space, a, factor, coords))
 
@@ -404,14 +432,15 @@ class _LinearFusion:
         for u in units:
             layer = self.layer(u)
             end = unit_end(self.fgm, u)
-            y, widths, ys = self.base_rows(end, layer)
-            x = self.fused_value(u.args[0])  # type: ignore[arg-type]
-            ls = self.accumulate([layer], [x], self.can_carry_bias(u), _row_slicer(y))
+            seen = _Seen()
+            ls = self.accumulate(
+                [layer], self.unit_data(end, layer, [u], seen), self.can_carry_bias(u)
+            )
             factor = ls.factor(self.opt.ridge)
             coords = ls.coordinates(factor)
             parts = self.parts(u)
             fits.append((u, ls, factor, coords, parts))
-            s = self.scores(end, ys, widths)
+            s = self.scores(end, seen.ys, seen.widths)
             per_model, lo = [], 0
             w_model = []
             for c in sizes:
@@ -458,24 +487,22 @@ class _LinearFusion:
         """Units summed at a residual addition, fitted jointly to the grouped sum; the other
         operands (the skip, units fitted before) are taken as the fused model gives them."""
         units, fixed = self.sum_operands(add, done)
-        layer0 = module_of(self.fgm, units[0])
-        y, widths, ys = self.base_rows(add, layer0)  # type: ignore[arg-type]
+        layer0 = self.layer(units[0])
         layers = [self.layer(u) for u in units]
-        xs = [self.fused_value(u.args[0]) for u in units]  # type: ignore[arg-type]
         bias = self.can_carry_bias(units[0])
+        seen = _Seen()
         if self.ready(space):
             a = self.grouping(space)[0]
-            skip = torch.zeros((), dtype=torch.float64, device=y.device)
-            for f in fixed:
-                skip = skip + affine_output_rows(layer0, self.fused_value(f)).to(torch.float64)  # type: ignore[arg-type]
-            ls = self.accumulate(
-                layers,
-                xs,
-                bias,
-                lambda lo, hi: (
+
+            def grouped(y: Tensor, piece: Piece) -> Callable[[int, int], Tensor]:
+                skip = torch.zeros((), dtype=torch.float64, device=y.device)
+                for f in fixed:
+                    skip = skip + affine_output_rows(layer0, piece.fused(f)).to(torch.float64)
+                return lambda lo, hi: (
                     matmul_t(y[lo:hi].to(a.dtype), a) - (skip[lo:hi] if skip.dim() else 0.0)
-                ),
-            )
+                )
+
+            ls = self.accumulate(layers, self.unit_data(add, layer0, units, seen, grouped), bias)
             w = self.solve(ls, units, space)
         elif fixed:
             raise ValueError(
@@ -484,11 +511,15 @@ class _LinearFusion:
             )
         else:
             k = self.plan.spaces[space].size
-            ls = self.accumulate(layers, xs, bias, _row_slicer(y))
+            ls = self.accumulate(layers, self.unit_data(add, layer0, units, seen), bias)
             factor = ls.factor(self.opt.ridge)
             coords = ls.coordinates(factor)
             self.groupings[space] = a = self.group(
-                coords.T.contiguous(), self.scores(add, ys, widths), k, widths, add.name
+                coords.T.contiguous(),
+                self.scores(add, seen.ys, seen.widths),
+                k,
+                seen.widths,
+                add.name,
             )
             w = self.solve(ls, units, space, a, factor, coords)
         self.write(units, ls, w)
@@ -498,14 +529,24 @@ class _LinearFusion:
         """The base models' neurons of a residual stream as points: their values at every
         residual addition of the stream, each addition's block scaled to unit norm."""
         sp = self.plan.spaces[space]
+        adds = [
+            (name, axis)
+            for name, axis in zip(sp.nodes, sp.axes or [-1] * len(sp.nodes), strict=True)
+            if self.fnode[name].op == "call_function" and self.fnode[name].target in ADD_FUNCTIONS
+        ]
+        if self.values.chunked:  # the same geometry from each addition's Gram matrix
+            total = GramPoints()
+            for name, axis in adds:
+                block = GramPoints()
+                for piece in self.values.pieces():
+                    ys = piece.bases(name)
+                    block.add(torch.cat([to_neurons(y.detach(), axis) for y in ys]).T)
+                assert block.gram is not None
+                total.add_gram(block.gram, 1.0 / float(block.gram.trace().clamp_min(1e-24)))
+            return total.points()
         blocks = []
-        axes = sp.axes or [-1] * len(sp.nodes)
-        for name, axis in zip(sp.nodes, axes, strict=True):
-            node = self.fnode[name]
-            if not (node.op == "call_function" and node.target in ADD_FUNCTIONS):
-                continue
-            with self.ctx.timer("forward"):
-                ys = [r.value(self.bnode[i][name]).detach() for i, r in enumerate(self.bruns)]
+        for name, axis in adds:
+            ys = [y.detach() for y in self.values.whole.bases(name)]  # type: ignore[union-attr]
             rows = torch.cat([to_neurons(y, axis).to(torch.float64) for y in ys])
             blocks.append(rows / rows.norm().clamp_min(1e-12))
         return torch.cat(blocks, dim=1)
@@ -515,13 +556,20 @@ class _LinearFusion:
         ids, feeds every model, so its aligned average is the exact fit)."""
         if self.ready(space):
             return
-        with self.ctx.timer("forward"):
-            ys = [r.value(self.bnode[i][u.name]).detach() for i, r in enumerate(self.bruns)]
-        rows = [y.reshape(-1, y.shape[-1]).to(torch.float64) for y in ys]
-        widths = [r.shape[1] for r in rows]
-        points = torch.cat(rows, dim=1).T.contiguous()
+        if self.values.chunked:  # the same geometry from the Gram matrix of the outputs
+            gram = GramPoints()
+            for piece in self.values.pieces():
+                ys = [y.detach() for y in piece.bases(u.name)]
+                widths = [y.shape[-1] for y in ys]
+                gram.add(torch.cat([y.reshape(-1, y.shape[-1]) for y in ys], dim=1))
+            points, outs = gram.points(), None
+        else:
+            ys = [y.detach() for y in self.values.whole.bases(u.name)]  # type: ignore[union-attr]
+            rows = [y.reshape(-1, y.shape[-1]).to(torch.float64) for y in ys]
+            widths = [r.shape[1] for r in rows]
+            points, outs = torch.cat(rows, dim=1).T.contiguous(), ys
         k = self.plan.spaces[space].size
-        self.groupings[space] = self.group(points, self.scores(u, ys, widths), k, widths, u.name)
+        self.groupings[space] = self.group(points, self.scores(u, outs, widths), k, widths, u.name)
 
     def run(self) -> nn.Module:
         done: set[fx.Node] = set()
@@ -550,8 +598,7 @@ class _LinearFusion:
                         self.fit_unit(u, space)
                         done.add(u)
                     self.settle()
-                for r in (*self.bruns, self.frun):  # the fused model's too: a value
-                    r.release_consumed()  # whose users are all computed is not read again
+                self.values.release()  # (values whose readers all ran are not read again)
                 advance(len(done))
         left = [u.target for u in units if u not in done]
         if left:  # a residual sum that waited for a unit that never came

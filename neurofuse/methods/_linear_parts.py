@@ -5,7 +5,7 @@ space side by side."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -71,6 +71,16 @@ class LinearOptions:
             build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
             float32 is faster (most of all on GPUs) but, with the tiny default ridge, loses the
             1e-4 exactness of recovering a permuted model.
+        sample_chunk: if set, the models are evaluated on this many fusion samples at a time
+            and each unit's inputs and targets are recomputed from the inputs, chunk by chunk,
+            when it is fitted: the engine never holds a level's outputs for the whole fusion
+            set, so peak memory stops growing with the number of fusion samples beyond one
+            chunk (what remains per layer is ``X^T X``, ``p x p``, and the grouping's points,
+            at most ``p`` coordinates per neuron). It costs forward passes: a unit at depth
+            ``l`` reruns the ``l`` units before it, about ``L / 2`` forward passes of an
+            ``L``-unit network in all (``benchmarks/results/scale.md`` measures it). The fit is
+            the same up to the order of floating-point sums. ``None`` (default): the whole
+            fusion set at once, each value computed once.
     """
 
     ridge: float = 1e-9
@@ -85,8 +95,18 @@ class LinearOptions:
     stream: Literal["first", "all"] = "first"
     prior: Literal["aligned", "zero"] = "aligned"
     prior_strength: float | None = None
+    sample_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sample_chunk is not None and (
+            isinstance(self.sample_chunk, bool)
+            or not isinstance(self.sample_chunk, int)
+            or self.sample_chunk < 1
+        ):
+            raise ValueError(
+                f"sample_chunk must be a positive number of samples or None, got "
+                f"{self.sample_chunk!r}"
+            )
         if self.prior not in ("aligned", "zero"):
             raise ValueError(f"prior must be 'aligned' or 'zero', got {self.prior!r}")
         if self.prior_strength is not None and not self.prior_strength >= 0:
@@ -251,55 +271,74 @@ def _expand_sparse(a: Tensor, parts: int, sizes: list[int]) -> Tensor:
     return sparse_matrix(index, vals.repeat(parts), shape)
 
 
+#: One piece of a unit's least-squares data: the inputs ``xs`` of its layers on some samples,
+#: and ``y_rows(lo, hi)``, the target rows ``lo..hi`` of those samples.
+FitPiece = tuple[list[Tensor], Callable[[int, int], Tensor]]
+
+
 def normal_equations(
     layers: list[nn.Module],
-    xs: list[Tensor],
+    pieces: Iterable[FitPiece],
     bias: bool,
-    y_rows: Callable[[int, int], Tensor],
     opt: LinearOptions,
     seed: int,
+    n: int,
 ) -> LeastSquares:
-    """Normal equations of the joint fit ``sum_i X_i W_i (+ b) ~ Y`` over sample chunks, where
-    ``X_i`` are the rows ``layers[i]`` reads from its input ``xs[i]`` and ``y_rows(lo, hi)``
-    gives the target rows ``lo..hi`` (with ``opt.row_budget``, a uniform row sketch)."""
-    n = xs[0].shape[0]
-    feats = [affine_inputs(layer, x[:1]).shape for layer, x in zip(layers, xs, strict=True)]
-    per_sample = feats[0][0]
-    p = sum(f[1] for f in feats)
-    first = y_rows(0, per_sample)
-    ls = LeastSquares(
-        p,
-        first.shape[1],
-        bias,
-        xs[0].device,
-        torch.float64,
-        getattr(torch, opt.precision),
-        targets=opt.prior == "aligned" and opt.prior_strength is None,  # GCV reads Y^T Y
-    )
-    keep = 1.0
-    if opt.row_budget is not None:
-        keep = min(1.0, opt.row_budget * p / (n * per_sample))
-    if (
-        len(layers) == 1
-        and keep == 1.0
-        and patch_moments.applies(layers[0])
-        and n * per_sample > ls.unknowns  # (fewer rows: the dual form holds them)
-    ):
-        _conv_normal_equations(ls, layers[0], xs[0], y_rows, per_sample, opt)  # type: ignore[arg-type]
-        return ls
-    gen = torch.Generator(device="cpu").manual_seed(seed + p)
-    for lo in range(0, n, opt.chunk_size):
-        hi = min(lo + opt.chunk_size, n)
-        xr = torch.cat(
-            [affine_inputs(layer, x[lo:hi]) for layer, x in zip(layers, xs, strict=True)], dim=1
-        )
-        yr = y_rows(lo * per_sample, hi * per_sample)
-        if keep < 1.0:  # a uniform row sketch of the least-squares problem
-            rows = torch.rand(xr.shape[0], generator=gen) < keep
-            rows = rows.nonzero().squeeze(1).to(xr.device)
-            xr, yr = xr[rows], yr[rows]
-        ls.add(xr, yr)
+    """Normal equations of the joint fit ``sum_i X_i W_i (+ b) ~ Y`` over the ``n`` fusion
+    samples, which ``pieces`` give in consecutive parts (one, or chunks of ``opt.sample_chunk``),
+    each accumulated in chunks of ``opt.chunk_size``: ``X_i`` are the rows ``layers[i]`` reads
+    from its input ``xs[i]`` (with ``opt.row_budget``, a uniform row sketch)."""
+    ls: LeastSquares | None = None
+    conv, keep, per_sample = False, 1.0, 1
+    shifts: ConvShifts | None = None
+    gen = torch.Generator(device="cpu")
+    for xs, y_rows in pieces:
+        if ls is None:
+            feats = [affine_inputs(layer, x[:1]).shape for layer, x in zip(layers, xs, strict=True)]
+            per_sample = feats[0][0]
+            p = sum(f[1] for f in feats)
+            ls = LeastSquares(
+                p,
+                y_rows(0, per_sample).shape[1],
+                bias,
+                xs[0].device,
+                torch.float64,
+                getattr(torch, opt.precision),
+                targets=opt.prior == "aligned" and opt.prior_strength is None,  # GCV reads Y^T Y
+            )
+            if opt.row_budget is not None:
+                keep = min(1.0, opt.row_budget * p / (n * per_sample))
+            conv = (
+                len(layers) == 1
+                and keep == 1.0
+                and patch_moments.applies(layers[0])
+                and n * per_sample > ls.unknowns  # (fewer rows: the dual form holds them)
+            )
+            gen.manual_seed(seed + p)
+        if conv:
+            shifts = _conv_normal_equations(ls, layers[0], xs[0], y_rows, per_sample, opt, shifts)  # type: ignore[arg-type]
+            continue
+        m = xs[0].shape[0]
+        for lo in range(0, m, opt.chunk_size):
+            hi = min(lo + opt.chunk_size, m)
+            xr = torch.cat(
+                [affine_inputs(layer, x[lo:hi]) for layer, x in zip(layers, xs, strict=True)],
+                dim=1,
+            )
+            yr = y_rows(lo * per_sample, hi * per_sample)
+            if keep < 1.0:  # a uniform row sketch of the least-squares problem
+                rows = torch.rand(xr.shape[0], generator=gen) < keep
+                rows = rows.nonzero().squeeze(1).to(xr.device)
+                xr, yr = xr[rows], yr[rows]
+            ls.add(xr, yr)
+    if ls is None:
+        raise ValueError("normal_equations: no fusion samples")
     return ls
+
+
+#: The shifts that every chunk of a convolution's normal equations is centred on: per input
+#: channel, per column of ``X`` and per column of ``Y`` (the first chunk's means).
+ConvShifts = tuple[Tensor, Tensor, Tensor]
 
 
 def _conv_normal_equations(
@@ -309,13 +348,14 @@ def _conv_normal_equations(
     y_rows: Callable[[int, int], Tensor],
     per_sample: int,
     opt: LinearOptions,
-) -> None:
-    """The normal equations of a stride-1 convolution from shifted products of its input map,
-    without forming the patches (:mod:`neurofuse.patch_moments`), in chunks of samples whose
-    map copy holds about 2^22 elements (at least ``opt.chunk_size`` samples)."""
+    shifts: ConvShifts | None,
+) -> ConvShifts:
+    """Add the normal equations of a stride-1 convolution on the samples of ``x`` to ``ls``, from
+    shifted products of its input map, without forming the patches
+    (:mod:`neurofuse.patch_moments`), in chunks of samples whose map copy holds about 2^22
+    elements (at least ``opt.chunk_size`` samples); returns the shifts, which later calls reuse."""
     n = x.shape[0]
     chunk = max(opt.chunk_size, (1 << 22) // max(1, x[:1].numel()))
-    shifts: tuple[Tensor, Tensor, Tensor] | None = None  # per channel, per column, of Y
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         yr = y_rows(lo * per_sample, hi * per_sample)
@@ -327,3 +367,5 @@ def _conv_normal_equations(
             layer, x[lo:hi], yr, channel, target, ls.product_dtype, ls.dtype, ls.targets
         )
         ls.add_moments(m, column, target)
+    assert shifts is not None
+    return shifts

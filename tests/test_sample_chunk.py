@@ -1,0 +1,142 @@
+"""The Linear variants' ``sample_chunk``: the models evaluated chunk by chunk, never on the whole
+fusion set, with the fit of the whole set (issue 13: memory bounded in the fusion samples)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from toys import TinyResNet, cnn_bn, mlp, permuted_by_analysis, randomise_batchnorm, relative_error
+
+import neurofuse as nf
+from neurofuse.methods import _linear_values
+from neurofuse.models import build
+
+
+def _inputs(arch: str, n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if arch == "gpt":
+        return torch.randint(0, 13, (n, 6), generator=g).float()  # token ids
+    shape = {"mlp": (10,), "resmlp": (10,), "vit": (3, 8, 8)}.get(arch, (1, 8, 8))
+    return torch.randn(n, *shape, generator=g)
+
+
+def _model(arch: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    make = {
+        "mlp": lambda: mlp(),
+        "cnn_bn": lambda: randomise_batchnorm(cnn_bn(), seed),
+        "resnet": lambda: randomise_batchnorm(TinyResNet(), seed),
+        "resmlp": lambda: build("resmlp", in_features=10, dim=12, hidden=[16, 16], num_classes=4),
+        "vit": lambda: build(
+            "vit", image_size=8, patch_size=4, dim=16, depth=2, heads=4, mlp_dim=24
+        ),
+        "gpt": lambda: build("gpt", vocab_size=13, max_len=8, dim=16, depth=2, heads=4, mlp_dim=24),
+    }[arch]
+    return make().eval()
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+ARCHS = ["mlp", "cnn_bn", "resnet", "resmlp", "vit", "gpt"]
+
+
+@pytest.fixture
+def chunk_sizes(monkeypatch):
+    """The number of samples of every evaluation the engine makes."""
+    seen: list[int] = []
+    real = _linear_values.GraphRunner.__init__
+
+    def spy(self, gm, inputs):
+        seen.append(int(inputs.shape[0]))
+        real(self, gm, inputs)
+
+    monkeypatch.setattr(_linear_values.GraphRunner, "__init__", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["kf_linear", "hf_linear"])
+def test_chunks_give_the_whole_set_fit_and_never_see_more_samples(arch, method, chunk_sizes):
+    """Two independent models (groupings that are not a permutation): the fused model of
+    uneven chunks of 17 samples is that of the whole set, and no evaluation held more than one
+    chunk; transformers group their residual stream on every addition (``stream="all"``), which
+    chunks reach through Gram matrices. (K-means starts from a matching: greedy k-means++
+    meets exact ties, two mutually nearest points, that rounding in the last digit decides.)"""
+    a, b = _model(arch, 0), _model(arch, 1)
+    x, x_test = _inputs(arch, 80, 2), _inputs(arch, 40, 3)
+    extra: dict = {"stream": "all"} if arch in ("vit", "gpt", "resmlp") else {}
+    if method == "kf_linear":
+        extra["kmeans_seeding"] = "matching"
+    whole = nf.fuse([a, b], x, method=method, **extra)
+    chunk_sizes.clear()
+    chunked = nf.fuse([a, b], x, method=method, sample_chunk=17, **extra)
+    assert chunk_sizes and max(chunk_sizes) <= 17
+    assert relative_error(_logits(chunked, x_test), _logits(whole, x_test)) < 1e-6
+    assert whole.neurofuse_report["grouping_cost"] == pytest.approx(
+        chunked.neurofuse_report["grouping_cost"], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunks_recover_a_permuted_model(arch):
+    model = _model(arch, 0)
+    x, x_test = _inputs(arch, 60, 2), _inputs(arch, 40, 3)
+    twin = permuted_by_analysis(model, 1, example=x[:2])
+    fused = nf.fuse([model, twin], x, method="kf_linear", sample_chunk=16)
+    assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4
+
+
+def test_named_scores_come_from_the_inputs_and_a_callable_is_refused(chunk_sizes):
+    a, b = _model("cnn_bn", 0), _model("cnn_bn", 1)
+    x = _inputs("cnn_bn", 50, 2)
+    whole = nf.fuse([a, b], x, method="kf_linear", importance="activation")
+    chunked = nf.fuse([a, b], x, method="kf_linear", importance="activation", sample_chunk=12)
+    x_test = _inputs("cnn_bn", 30, 3)
+    assert relative_error(_logits(chunked, x_test), _logits(whole, x_test)) < 1e-6
+
+    def mean_abs(model: nn.Module, name: str, output: Tensor) -> Tensor:
+        return output.abs().transpose(0, 1).flatten(1).mean(1)  # per channel
+
+    with pytest.raises(ValueError, match="sample_chunk never holds"):
+        nf.fuse([a, b], x, method="kf_linear", importance=mean_abs, sample_chunk=12)
+    # without chunks the callable reads the values as before
+    nf.fuse([a, b], x[:20], method="hf_linear", importance=mean_abs)
+
+
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (0, ValueError, "sample_chunk must be a positive number"),
+        (-3, ValueError, "sample_chunk must be a positive number"),
+        (2.5, TypeError, "sample_chunk.*expected an int"),
+        ("64", TypeError, "sample_chunk.*expected an int"),
+    ],
+)
+def test_sample_chunk_is_checked(bad, error, match):
+    with pytest.raises(error, match=match):
+        nf.fuse([mlp(), mlp()], torch.randn(20, 10), method="kf_linear", sample_chunk=bad)
+
+
+def test_a_chunk_as_large_as_the_set_is_the_whole_set(chunk_sizes):
+    a, b = mlp(), mlp()
+    x = torch.randn(30, 10)
+    nf.fuse([a, b], x, method="kf_linear", sample_chunk=30)
+    assert 30 in chunk_sizes  # one evaluation of every sample: the default path
+
+
+def test_the_finite_check_reads_blocks_and_finds_a_nan_in_the_last_one():
+    from neurofuse.utils import all_finite
+
+    x = torch.randn(1000, 3, 4)
+    assert all_finite(x, block=50)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[-1, 2, 3] = bad  # the last row of the last block
+        assert not all_finite(y, block=50) and not all_finite(y)
+    assert all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nf.fuse([mlp(), mlp()], y.reshape(1000, 12)[:, 2:], method="kf_linear")
