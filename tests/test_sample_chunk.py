@@ -140,3 +140,37 @@ def test_the_finite_check_reads_blocks_and_finds_a_nan_in_the_last_one():
     assert all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))
     with pytest.raises(ValueError, match="NaN or Inf"):
         nf.fuse([mlp(), mlp()], y.reshape(1000, 12)[:, 2:], method="kf_linear")
+
+
+class _Rows(nn.Module):
+    """Reads several rows per sample through a reshape: ``fc1`` sees 8 rows of each sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(x.reshape(-1, 4)).relu()).reshape(-1, 24)
+
+
+def test_a_row_sketch_counts_the_rows_a_layer_reads_not_the_samples(monkeypatch):
+    """``row_budget`` keeps about ``budget x fan-in`` rows of the layer's input, whose rows
+    are samples x 8 here, in chunks as on the whole set."""
+    from neurofuse.fitting import LeastSquares
+
+    torch.manual_seed(0)
+    a, b = _Rows().eval(), _Rows().eval()
+    x = torch.randn(200, 8, 4)
+    rows: list[int] = []
+    real = LeastSquares.add
+    monkeypatch.setattr(
+        LeastSquares, "add", lambda self, xr, yr: (rows.append(len(xr)), real(self, xr, yr))
+    )
+    whole = nf.fuse([a, b], x, method="hf_linear", row_budget=4)
+    kept = sum(rows)
+    assert kept < 3 * 4 * (4 + 16 + 2)  # fc1: ~4 x 5 of 1,600 rows; fc2: ~4 x 17
+    rows.clear()
+    chunked = nf.fuse([a, b], x, method="hf_linear", row_budget=4, sample_chunk=64)
+    assert sum(rows) == kept
+    x_test = torch.randn(30, 8, 4)
+    assert relative_error(_logits(chunked, x_test), _logits(whole, x_test)) < 1e-6

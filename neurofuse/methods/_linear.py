@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 import torch.fx as fx
@@ -219,6 +220,7 @@ class _LinearFusion:
                 seen.widths = widths
                 seen.ys = None if self.values.chunked else ys
             yield xs, (target(y, piece) if target is not None else _row_slicer(y))
+            del xs, y, ys  # (not alive while the next piece is computed)
 
     def layer(self, unit: fx.Node) -> nn.Module:
         """The fused model's module that ``unit`` calls."""
@@ -229,7 +231,10 @@ class _LinearFusion:
     def accumulate(
         self, layers: list[nn.Module], pieces: Iterable[FitPiece], bias: bool
     ) -> LeastSquares:
-        return normal_equations(layers, pieces, bias, self.opt, self.ctx.seed, self.n)
+        it = iter(pieces)
+        first = next(it)
+        n = self.values.rows(first[0][0].shape[0])  # the input's rows over the whole set
+        return normal_equations(layers, chain([first], it), bias, self.opt, self.ctx.seed, n)
 
     def group(self, coords: Tensor, s: Tensor, k: int, widths: list[int], where: str) -> Tensor:
         with self.ctx.timer("grouping"):
@@ -535,12 +540,13 @@ class _LinearFusion:
             if self.fnode[name].op == "call_function" and self.fnode[name].target in ADD_FUNCTIONS
         ]
         if self.values.chunked:  # the same geometry from each addition's Gram matrix
-            total = GramPoints()
-            for name, axis in adds:
-                block = GramPoints()
-                for piece in self.values.pieces():
+            blocks_g = [GramPoints() for _ in adds]
+            for piece in self.values.pieces():
+                for (name, axis), block in zip(adds, blocks_g, strict=True):
                     ys = piece.bases(name)
                     block.add(torch.cat([to_neurons(y.detach(), axis) for y in ys]).T)
+            total = GramPoints()
+            for block in blocks_g:
                 assert block.gram is not None
                 total.add_gram(block.gram, 1.0 / float(block.gram.trace().clamp_min(1e-24)))
             return total.points()

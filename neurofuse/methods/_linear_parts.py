@@ -79,8 +79,10 @@ class LinearOptions:
             at most ``p`` coordinates per neuron). It costs forward passes: a unit at depth
             ``l`` reruns the ``l`` units before it, about ``L / 2`` forward passes of an
             ``L``-unit network in all (``benchmarks/results/scale.md`` measures it). The fit is
-            the same up to the order of floating-point sums. ``None`` (default): the whole
-            fusion set at once, each value computed once.
+            the same up to the order of floating-point sums (k-means++ seeding may break an
+            exact tie the other way, as it may for a reordered fusion set). Importance scores
+            are computed from the inputs in the scores' own batches. ``None`` (default): the
+            whole fusion set at once, each value computed once.
     """
 
     ridge: float = 1e-9
@@ -284,10 +286,11 @@ def normal_equations(
     seed: int,
     n: int,
 ) -> LeastSquares:
-    """Normal equations of the joint fit ``sum_i X_i W_i (+ b) ~ Y`` over the ``n`` fusion
-    samples, which ``pieces`` give in consecutive parts (one, or chunks of ``opt.sample_chunk``),
-    each accumulated in chunks of ``opt.chunk_size``: ``X_i`` are the rows ``layers[i]`` reads
-    from its input ``xs[i]`` (with ``opt.row_budget``, a uniform row sketch)."""
+    """Normal equations of the joint fit ``sum_i X_i W_i (+ b) ~ Y`` over the fusion set, which
+    ``pieces`` give in consecutive parts (one, or chunks of ``opt.sample_chunk``), each
+    accumulated in chunks of ``opt.chunk_size``: ``X_i`` are the rows ``layers[i]`` reads from
+    its input ``xs[i]`` (with ``opt.row_budget``, a uniform row sketch); ``n`` is the number of
+    rows of ``xs[0]`` over the whole set (samples, or samples x tokens after a reshape)."""
     ls: LeastSquares | None = None
     conv, keep, per_sample = False, 1.0, 1
     shifts: ConvShifts | None = None
@@ -317,23 +320,38 @@ def normal_equations(
             gen.manual_seed(seed + p)
         if conv:
             shifts = _conv_normal_equations(ls, layers[0], xs[0], y_rows, per_sample, opt, shifts)  # type: ignore[arg-type]
-            continue
-        m = xs[0].shape[0]
-        for lo in range(0, m, opt.chunk_size):
-            hi = min(lo + opt.chunk_size, m)
-            xr = torch.cat(
-                [affine_inputs(layer, x[lo:hi]) for layer, x in zip(layers, xs, strict=True)],
-                dim=1,
-            )
-            yr = y_rows(lo * per_sample, hi * per_sample)
-            if keep < 1.0:  # a uniform row sketch of the least-squares problem
-                rows = torch.rand(xr.shape[0], generator=gen) < keep
-                rows = rows.nonzero().squeeze(1).to(xr.device)
-                xr, yr = xr[rows], yr[rows]
-            ls.add(xr, yr)
+        else:
+            _add_rows(ls, layers, xs, y_rows, per_sample, keep, gen, opt.chunk_size)
+        del xs, y_rows  # (not alive while the next piece is computed)
     if ls is None:
         raise ValueError("normal_equations: no fusion samples")
     return ls
+
+
+def _add_rows(
+    ls: LeastSquares,
+    layers: list[nn.Module],
+    xs: list[Tensor],
+    y_rows: Callable[[int, int], Tensor],
+    per_sample: int,
+    keep: float,
+    gen: torch.Generator,
+    chunk: int,
+) -> None:
+    """Add the rows of one piece to ``ls`` in chunks of ``chunk`` inputs (a uniform sketch of
+    them when ``keep < 1``)."""
+    m = xs[0].shape[0]
+    for lo in range(0, m, chunk):
+        hi = min(lo + chunk, m)
+        xr = torch.cat(
+            [affine_inputs(layer, x[lo:hi]) for layer, x in zip(layers, xs, strict=True)], dim=1
+        )
+        yr = y_rows(lo * per_sample, hi * per_sample)
+        if keep < 1.0:  # a uniform row sketch of the least-squares problem
+            rows = torch.rand(xr.shape[0], generator=gen) < keep
+            rows = rows.nonzero().squeeze(1).to(xr.device)
+            xr, yr = xr[rows], yr[rows]
+        ls.add(xr, yr)
 
 
 #: The shifts that every chunk of a convolution's normal equations is centred on: per input

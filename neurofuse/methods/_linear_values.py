@@ -33,13 +33,12 @@ class Piece:
         self.size = inputs.shape[0]
         self._timer = timer
 
-    def base(self, model: int, name: str) -> Any:
-        """Model ``model``'s value at its node ``name``."""
-        with self._timer():
-            return self.base_runs[model].value(self.nodes[model][name])
-
     def bases(self, name: str) -> list[Any]:
-        return [self.base(i, name) for i in range(len(self.base_runs))]
+        """Every base model's value at its node ``name`` (one timer: one device sync)."""
+        with self._timer():
+            return [
+                r.value(nodes[name]) for r, nodes in zip(self.base_runs, self.nodes, strict=True)
+            ]
 
     def fused(self, node: fx.Node) -> Any:
         """The fused model's value at ``node`` (as fitted so far)."""
@@ -72,6 +71,12 @@ class Values:
     @property
     def chunked(self) -> bool:
         return self.whole is None
+
+    def rows(self, first_piece_rows: int) -> int:
+        """The rows a value has over the whole fusion set, from its rows in the first piece
+        (a layer may read several rows per sample: positions, tokens, a reshape)."""
+        first = self.chunk if self.chunk is not None else self.inputs.shape[0]
+        return first_piece_rows * self.inputs.shape[0] // first
 
     def pieces(self) -> Iterator[Piece]:
         """The whole set, or its chunks in order (each chunk's values dropped after it)."""
