@@ -498,3 +498,47 @@ def test_otfusion_lets_the_exact_solver_run_to_optimality_and_warns_when_it_cann
     calls.clear()
     _emd(np.full(200, 1 / 200), np.full(300, 1 / 300), big, OTFusionOptions())
     assert calls == [10 * 200 * 300]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["mlp", "cnn_bn", "widths", "sinkhorn", "resnet18"],
+)
+def test_otfusion_activation_costs_in_chunks_give_the_plans_of_the_whole_set(case, monkeypatch):
+    """A fusion set of more than ``ACTS_CHUNK`` samples is evaluated chunk by chunk (squared
+    distances add up over samples): the same fused model as the whole set at once, soft maps
+    (other widths, Sinkhorn) reloaded into the chunks' copies too, and no evaluation of more
+    than one chunk."""
+    torch.manual_seed(0)
+    kw: dict = {}
+    if case == "mlp":
+        models = [build("mlp", in_features=12, hidden=[16, 16]) for _ in range(3)]
+        x = torch.randn(70, 12)
+    elif case == "resnet18":
+        models = [randomise_batchnorm(build("resnet18", width=4)).eval() for _ in range(2)]
+        x = torch.randn(40, 3, 8, 8)
+    else:
+        cfg = dict(input_size=8, batch_norm=True, classifier=[12])
+        models = [build("vgg", config=[8, "M", 16, "M"], **cfg) for _ in range(2)]
+        if case == "widths":
+            models[1] = build("vgg", config=[12, "M", 20, "M"], **{**cfg, "classifier": [16]})
+        if case == "sinkhorn":
+            kw = {"solver": "sinkhorn", "reg": 0.05}
+        models = [randomise_batchnorm(m).eval() for m in models]
+        x = torch.randn(40, 3, 8, 8)
+    whole = nf.fuse(models, x, method="otfusion", **kw)
+    seen: list[int] = []
+    real = otfusion_module.GraphRunner.__init__
+
+    def spy(self, gm, inputs):
+        seen.append(int(inputs.shape[0]))
+        real(self, gm, inputs)
+
+    monkeypatch.setattr(otfusion_module, "ACTS_CHUNK", 16)
+    monkeypatch.setattr(otfusion_module.GraphRunner, "__init__", spy)
+    chunked = nf.fuse(models, x, method="otfusion", **kw)
+    assert seen and max(seen) <= 16
+    assert relative_error(logits(chunked, x), logits(whole, x)) < 1e-5
+    assert chunked.neurofuse_report["transport_cost"] == pytest.approx(
+        whole.neurofuse_report["transport_cost"], rel=1e-5
+    )

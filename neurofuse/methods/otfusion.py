@@ -17,7 +17,8 @@ exact permutation; with different widths model ``k`` is carried into the referen
 
 Ground metrics: ``"acts"`` (squared distance of the neurons' activations on the fusion set, taken
 from the aligned-so-far model, summed over every node that carries the space; residual streams
-are aligned once for the whole stream) or ``"weights"`` (squared distance of the neurons'
+are aligned once for the whole stream; a fusion set of more than :data:`ACTS_CHUNK` samples is
+evaluated chunk by chunk, the distances summed over the chunks) or ``"weights"`` (squared distance of the neurons'
 incoming weight rows, after the earlier spaces' maps were applied to the incoming axes). The
 aligned models are then averaged (``weights``: model weights, default uniform).
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,6 +54,13 @@ from neurofuse.methods._averaging import (
 from neurofuse.methods._plan import is_incoming, map_axis
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 from neurofuse.progress import progress_bar
+from neurofuse.utils import even_chunks
+
+#: Samples per chunk of the activation costs: a fusion set of more is evaluated chunk by chunk
+#: (squared distances add up over samples), both models rerun for every space and chunk, so
+#: that memory holds one chunk's activations and not the whole set's; a set of at most this
+#: many is evaluated once and its values kept (each node computed once).
+ACTS_CHUNK = 512
 
 
 def _pot() -> Any:
@@ -164,13 +172,19 @@ class _Aligner:
         spaces: list[Space],
         ref_spaces: list[Space],
         ref_runner: GraphRunner | None,
+        ref_gm: fx.GraphModule | None = None,
     ) -> None:
+        """``ref_runner``: the reference's values on the whole fusion set (activation costs on
+        one chunk); ``ref_gm``: its graph, evaluated chunk by chunk (on more than one); both
+        ``None``: weight costs."""
         self.ctx, self.opt = ctx, ctx.options
         self.spaces, self.ref_spaces, self.ref_runner = spaces, ref_spaces, ref_runner
+        self.ref_gm = ref_gm
         self.model = copy.deepcopy(ctx.models[k])
         self.gm = trace(self.model)
         self.state: State = dict(self.model.state_dict())
         self.ref_state: State = dict(ctx.models[self.opt.reference].state_dict())
+        self.acts = ref_runner is not None or ref_gm is not None
         self.runner = GraphRunner(self.gm, ctx.inputs) if ref_runner is not None else None
         self.where = {(m.key, m.axis): s for s in spaces for m in s.members}
         self.aligned: set[str] = set()
@@ -182,7 +196,7 @@ class _Aligner:
     def apply(self, space: Space, q: Tensor) -> None:
         self.state = map_space(self.state, space, q)
         self.aligned.add(space.name)
-        if self.runner is None:
+        if not self.acts:
             return
         self.pending.update(m.key for m in space.members)
         if not _is_permutation(q):
@@ -219,8 +233,8 @@ class _Aligner:
             if n not in stale:
                 stale.add(n)
                 stack.extend(n.users)
-        assert self.runner is not None
-        self.runner.forget(stale)
+        if self.runner is not None:  # (chunks are evaluated afresh)
+            self.runner.forget(stale)
 
 
 def _is_permutation(q: Tensor, tol: float = 1e-9) -> bool:
@@ -238,19 +252,37 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
             f"space {space.name!r} has no nodes to take activations from; use "
             "ground_metric='weights'"
         )
-    assert al.runner is not None and al.ref_runner is not None
+    pieces: Iterable[tuple[GraphRunner, GraphRunner]]
+    if al.runner is not None and al.ref_runner is not None:
+        pieces = [(al.runner, al.ref_runner)]
+    else:  # chunk by chunk: each chunk's runners are made, read and dropped in turn
+        assert al.ref_gm is not None
+        x_all = al.ctx.inputs
+        pieces = (
+            (GraphRunner(al.gm, x_all[rows]), GraphRunner(al.ref_gm, x_all[rows]))
+            for rows in even_chunks(x_all.shape[0], ACTS_CHUNK)
+        )
+    sums: list[Tensor | None] = [None] * len(space.nodes)
+    lengths = [0] * len(space.nodes)
+    for runner, ref_runner in pieces:
+        for i in range(len(space.nodes)):
+            # in the activations' dtype: a float64 copy of every activation would cost more
+            # than the distances; the cost only ranks pairs of neurons
+            xm, ym = _channel_maps(runner, space, i), _channel_maps(ref_runner, ref, i)
+            if xm is not None and ym is not None:
+                d, length = map_distances(xm, ym)
+            else:
+                x = node_features(runner, space, i, dtype=None)
+                y = node_features(ref_runner, ref, i, dtype=None)
+                d, length = squared_distances(x, y), x.shape[1]
+            d = d.to(torch.float64).cpu()  # squared distances add up over samples
+            sums[i] = d if sums[i] is None else sums[i].add_(d)  # type: ignore[union-attr]
+            lengths[i] += length
+        del runner, ref_runner
     total: Tensor | None = None
-    for i in range(len(space.nodes)):
-        # in the activations' dtype: a float64 copy of every activation would cost more than
-        # the distances; the cost only ranks pairs of neurons
-        xm, ym = _channel_maps(al.runner, space, i), _channel_maps(al.ref_runner, ref, i)
-        if xm is not None and ym is not None:
-            d, length = map_distances(xm, ym)
-        else:
-            x = node_features(al.runner, space, i, dtype=None)
-            y = node_features(al.ref_runner, ref, i, dtype=None)
-            d, length = squared_distances(x, y), x.shape[1]
-        d = d.to(torch.float64).cpu().div_(length)  # d is this call's own: divided in place
+    for node_sum, length in zip(sums, lengths, strict=True):  # each node's mean distance
+        assert node_sum is not None
+        d = node_sum.div_(length)  # d is this call's own: divided in place
         total = d if total is None else total.add_(d)
     assert total is not None
     return total
@@ -345,9 +377,11 @@ def otfusion(ctx: FusionContext) -> nn.Module:
         ctx, "otfusion", opt.reference, opt.weights, equal_widths=False
     )
     free = [i for i, s in enumerate(spaces[ref]) if not s.fixed]
-    ref_runner = None
+    ref_runner, ref_gm = None, None
     if opt.ground_metric == "acts":
-        ref_runner = GraphRunner(ctx.trace(ctx.models[ref]), ctx.inputs)
+        ref_gm = ctx.trace(ctx.models[ref])
+        if ctx.inputs.shape[0] <= ACTS_CHUNK:  # one chunk: the reference's values kept
+            ref_runner, ref_gm = GraphRunner(ref_gm, ctx.inputs), None
     ref_scores = _scores(ctx, ref, spaces[ref])
     aligned: list[State] = []
     costs: list[float] = []
@@ -357,7 +391,7 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 aligned.append(states[k])
                 costs.append(0.0)
                 continue
-            al = _Aligner(ctx, k, spaces[k], spaces[ref], ref_runner)
+            al = _Aligner(ctx, k, spaces[k], spaces[ref], ref_runner, ref_gm)
             scores = _scores(ctx, k, spaces[k])
             total = 0.0
             for j, i in enumerate(free):
