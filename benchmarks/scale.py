@@ -143,15 +143,18 @@ def _reset_peak() -> bool:
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,key=value"`` -> the method's name and its options (integers where the
-    value is one)."""
+    """``"name:key=value,key=value"`` -> the method's name and its options (integers and
+    ``true`` / ``false`` where the value is one)."""
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"method option {item!r} of {spec!r} is not key=value")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
+        if value.lower() in ("true", "false"):
+            options[key] = value.lower() == "true"
+        else:
+            options[key] = int(value) if value.lstrip("-").isdigit() else value
     return name, options
 
 

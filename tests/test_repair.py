@@ -83,9 +83,9 @@ def test_repair_never_touches_the_base_models():
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])
 def test_repair_gathers_the_base_statistics_in_chunks(arch, monkeypatch):
-    """The aligned base models' statistics are summed over chunks of the data, one model at a
-    time: chunks of 7 samples give the repair of the whole set at once, and the chunked sums
-    keep a neuron whose mean is far above its spread exact."""
+    """The aligned base models' statistics, and the fused model's, are summed over chunks of
+    the data, one model at a time: chunks of 7 samples give the repair of the whole set at
+    once, and the chunked sums keep a neuron whose mean is far above its spread exact."""
     from neurofuse.alignment import repair as module
 
     def build(seed: int) -> nn.Module:
@@ -106,15 +106,23 @@ def test_repair_gathers_the_base_statistics_in_chunks(arch, monkeypatch):
     assert chunked.neurofuse_report["repair_collapse"] == pytest.approx(
         whole.neurofuse_report["repair_collapse"], rel=1e-9
     )
-    # chunking really happened: 50 samples in eight even chunks of at most 7, per unit and model
-    added = []
-    real_add = module._MomentSums.add
+    # chunking really happened: 50 samples in eight even chunks of at most 7, per unit and
+    # model, and per unit on the fused side (rerun up to the unit on each chunk); no
+    # evaluation of more than a chunk
+    added, seen = [], []
+    real_add, real_runner = module._MomentSums.add, module.GraphRunner.__init__
     monkeypatch.setattr(
         module._MomentSums, "add", lambda self, r: added.append(r.shape[1]) or real_add(self, r)
     )
+    monkeypatch.setattr(
+        module.GraphRunner,
+        "__init__",
+        lambda self, gm, inputs: seen.append(len(inputs)) or real_runner(self, gm, inputs),
+    )
     nf.fuse(models[:1] * 2, x, method="vanilla", repair=True)
     units = len(chunked.neurofuse_report["repair_collapse"])
-    assert len(added) == 8 * 2 * units
+    assert len(added) == 8 * (2 + 1) * units
+    assert seen and max(seen) <= 7
     rows = torch.randn(3, 50, dtype=torch.float64)
     rows[1] = 1e7 + 1e-3 * rows[1]
     sums = module._MomentSums()

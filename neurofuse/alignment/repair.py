@@ -189,27 +189,66 @@ def repair_to(fused: nn.Module, inputs: Tensor, target: StatsTarget) -> dict[str
     standard deviation on ``inputs`` are what ``target`` asks (the general form of
     :func:`repair`, for merges whose targets are not one neuron per base model: ZipIt!'s merged
     features, Neuron Transplantation's kept neurons). Returns the collapse ratios of
-    :func:`repair` for the units ``target`` gave statistics for."""
+    :func:`repair` for the units ``target`` gave statistics for.
+
+    A fusion set of at most :data:`STATS_CHUNK` samples is evaluated once (each value kept until
+    a repair changes it); a larger one chunk by chunk for every unit, the fused model rerun up
+    to the unit, so that no value of the whole set is held."""
     fused.eval()
     gm = trace(fused)
-    fused_run = GraphRunner(gm, inputs)
+    chunks = list(even_chunks(len(inputs), STATS_CHUNK))
+    fused_run = GraphRunner(gm, inputs) if len(chunks) == 1 else None
     collapse: dict[str, float] = {}
     for unit, end in _repair_points(gm):
-        value = fused_run.value(end)  # after the units before it are repaired
-        axis = _axis(gm, unit, end, value)
-        wanted = target(end, axis)
-        if wanted is None:
-            continue
-        mu_t, sd_t = (t.to(value.device, torch.float64) for t in wanted)
-        mu_f, sd_f = neuron_stats(value, axis)
+        if fused_run is not None:
+            value = fused_run.value(end)  # after the units before it are repaired
+            axis = _axis(gm, unit, end, value)
+            wanted = target(end, axis)
+            if wanted is None:
+                continue
+            mu_f, sd_f = neuron_stats(value, axis)
+        else:
+            found = _chunked_stats(gm, unit, end, inputs, chunks, target)
+            if found is None:
+                continue
+            wanted, (mu_f, sd_f) = found
+        mu_t, sd_t = (t.to(mu_f.device, torch.float64) for t in wanted)
         scale = sd_t / sd_f.clamp_min(_EPS)
         shift = mu_t - mu_f * scale
         _fold(module_of(gm, unit), module_of(gm, end) if end is not unit else None, scale, shift)
-        fused_run.forget(_downstream(unit))  # the values the repaired unit changes
+        if fused_run is not None:
+            fused_run.forget(_downstream(unit))  # the values the repaired unit changes
         collapse[str(end.target if end.op == "call_module" else end.name)] = float(
             (sd_f / sd_t.clamp_min(_EPS)).mean()
         )
     return collapse
+
+
+def _chunked_stats(
+    gm: fx.GraphModule,
+    unit: fx.Node,
+    end: fx.Node,
+    inputs: Tensor,
+    chunks: list[slice],
+    target: StatsTarget,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """``target``'s statistics for the unit ending at ``end`` and the fused neurons' own, over
+    ``chunks`` of ``inputs`` (the model run afresh up to ``end`` on each); ``None`` when
+    ``target`` leaves the unit alone (seen on the first chunk)."""
+    sums, axis = _MomentSums(), -1
+    wanted: tuple[Tensor, Tensor] | None = None
+    for c, rows in enumerate(chunks):
+        run = GraphRunner(gm, inputs[rows])
+        value = run.value(end)
+        if c == 0:
+            axis = _axis(gm, unit, end, value)
+            wanted = target(end, axis)
+            if wanted is None:
+                return None
+        sums.add(to_neurons(value.detach(), axis).to(torch.float64))
+        del run, value
+    assert wanted is not None
+    return wanted, sums.stats()
 
 
 def _fold(layer: nn.Module | None, norm: nn.Module | None, scale: Tensor, shift: Tensor) -> None:
