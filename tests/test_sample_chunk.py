@@ -174,3 +174,26 @@ def test_a_row_sketch_counts_the_rows_a_layer_reads_not_the_samples(monkeypatch)
     assert sum(rows) == kept
     x_test = torch.randn(30, 8, 4)
     assert relative_error(_logits(chunked, x_test), _logits(whole, x_test)) < 1e-6
+
+
+def test_a_lean_pass_keeps_only_its_targets():
+    """``GraphRunner.compute(lean=True)`` (what a chunk uses) gives the values of a memoised
+    pass but holds, afterwards, only the inputs, the targets and what it knew before."""
+    from neurofuse.graph import GraphRunner, trace
+
+    model = _model("vit", 0)
+    x = _inputs("vit", 6, 1)
+    gm = trace(model)
+    nodes = list(gm.graph.nodes)
+    targets = [nodes[len(nodes) // 3], nodes[-2]]
+    full = GraphRunner(gm, x)
+    want = [full.value(n) for n in targets]
+    lean = GraphRunner(gm, x)
+    known = nodes[5]
+    lean.value(known)
+    before = set(lean.values)
+    got = lean.compute(targets, lean=True)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert set(lean.values) == before | set(targets)
+    assert len(full.values) > len(lean.values) + 10  # the memoised pass kept its ancestors

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch.fx as fx
@@ -45,6 +45,33 @@ class GraphRunner:
             if n in needed:
                 self.values[n] = self._run(n)
         return self.values[node]
+
+    def compute(self, nodes: Sequence[fx.Node], lean: bool = False) -> list[Any]:
+        """The values of ``nodes``, computed in one pass over their not-yet-known ancestors.
+        With ``lean``, an ancestor computed here is dropped as soon as every node of the pass
+        that reads it has run (only ``nodes``, and values known before, are kept): the peak is
+        then about the widest cut of the graph, not every intermediate value (a transient
+        evaluation on a chunk of samples)."""
+        needed: set[fx.Node] = set()
+        stack = list(nodes)
+        while stack:
+            n = stack.pop()
+            if n in needed or n in self.values:
+                continue
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+        keep = set(nodes)
+        readers = {n: sum(1 for u in n.users if u in needed) for n in needed} if lean else {}
+        for n in self.gm.graph.nodes:  # graph order is a topological order
+            if n not in needed:
+                continue
+            self.values[n] = self._run(n)
+            for a in n.all_input_nodes if lean else ():
+                if a in readers:
+                    readers[a] -= 1
+                    if readers[a] == 0 and a not in keep:
+                        del self.values[a]
+        return [self.values[n] for n in nodes]
 
     def release_consumed(self) -> None:
         """Drop values whose every user has been computed (they will not be needed again)."""

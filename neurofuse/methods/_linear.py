@@ -37,7 +37,7 @@ fx-traceable model is covered:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -209,13 +209,16 @@ class _LinearFusion:
         units: list[fx.Node],
         seen: _Seen,
         target: Callable[[Tensor, Piece], Callable[[int, int], Tensor]] | None = None,
+        extra: Sequence[fx.Node] = (),
     ) -> Iterator[tuple[list[Tensor], Callable[[int, int], Tensor]]]:
         """The pieces of a fit: the fused inputs of ``units`` and the target rows, the base
         models' outputs at ``end`` as ``layer`` writes them (or ``target(y, piece)`` of them).
-        ``seen`` receives the models' widths and, on the whole set, their values (scores)."""
+        ``seen`` receives the models' widths and, on the whole set, their values (scores);
+        ``extra``: fused-model nodes that ``target`` reads, computed with the inputs."""
         for piece in self.values.pieces():
             y, widths, ys = self.base_rows(end, layer, piece)
-            xs = [piece.fused(u.args[0]) for u in units]  # type: ignore[arg-type]
+            # the inputs and the fused values ``target`` reads (``extra``) in one pass
+            xs = piece.fused_at([u.args[0] for u in units] + list(extra))[: len(units)]  # type: ignore[arg-type]
             if not seen.widths:
                 seen.widths = widths
                 seen.ys = None if self.values.chunked else ys
@@ -507,7 +510,8 @@ class _LinearFusion:
                     matmul_t(y[lo:hi].to(a.dtype), a) - (skip[lo:hi] if skip.dim() else 0.0)
                 )
 
-            ls = self.accumulate(layers, self.unit_data(add, layer0, units, seen, grouped), bias)
+            data = self.unit_data(add, layer0, units, seen, grouped, extra=fixed)
+            ls = self.accumulate(layers, data, bias)
             w = self.solve(ls, units, space)
         elif fixed:
             raise ValueError(
@@ -542,9 +546,11 @@ class _LinearFusion:
         if self.values.chunked:  # the same geometry from each addition's Gram matrix
             blocks_g = [GramPoints() for _ in adds]
             for piece in self.values.pieces():
-                for (name, axis), block in zip(adds, blocks_g, strict=True):
-                    ys = piece.bases(name)
+                per_model = piece.bases_at([name for name, _ in adds])  # one pass per model
+                for j, ((_, axis), block) in enumerate(zip(adds, blocks_g, strict=True)):
+                    ys = [values[j] for values in per_model]
                     block.add(torch.cat([to_neurons(y.detach(), axis) for y in ys]).T)
+                del per_model
             total = GramPoints()
             for block in blocks_g:
                 assert block.gram is not None

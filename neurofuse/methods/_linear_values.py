@@ -6,7 +6,7 @@ samples)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -18,7 +18,10 @@ from neurofuse.graph import GraphRunner
 
 
 class Piece:
-    """The base models' and the fused model's values on some consecutive fusion samples."""
+    """The base models' and the fused model's values on some consecutive fusion samples.
+
+    A ``lean`` piece (a chunk, read once and dropped) keeps only the values asked for: every
+    intermediate value is dropped as soon as the pass no longer needs it."""
 
     def __init__(
         self,
@@ -26,24 +29,36 @@ class Piece:
         bgms: list[fx.GraphModule],
         inputs: Tensor,
         timer: Callable[[], AbstractContextManager[Any]],
+        lean: bool = False,
     ) -> None:
         self.fused_run = GraphRunner(fgm, inputs)
         self.base_runs = [GraphRunner(g, inputs) for g in bgms]
         self.nodes = [{n.name: n for n in g.graph.nodes} for g in bgms]
         self.size = inputs.shape[0]
+        self.lean = lean
         self._timer = timer
 
     def bases(self, name: str) -> list[Any]:
         """Every base model's value at its node ``name`` (one timer: one device sync)."""
+        return [values[0] for values in self.bases_at([name])]
+
+    def bases_at(self, names: Sequence[str]) -> list[list[Any]]:
+        """Per base model, its values at the nodes ``names``, computed in one pass."""
         with self._timer():
             return [
-                r.value(nodes[name]) for r, nodes in zip(self.base_runs, self.nodes, strict=True)
+                r.compute([nodes[n] for n in names], self.lean)
+                for r, nodes in zip(self.base_runs, self.nodes, strict=True)
             ]
 
     def fused(self, node: fx.Node) -> Any:
         """The fused model's value at ``node`` (as fitted so far)."""
+        return self.fused_at([node])[0]
+
+    def fused_at(self, nodes: Sequence[fx.Node]) -> list[Any]:
+        """The fused model's values at ``nodes``, computed in one pass (values computed before
+        on this piece are reused)."""
         with self._timer():
-            return self.fused_run.value(node)
+            return self.fused_run.compute(nodes, self.lean)
 
     def release(self) -> None:
         """Drop the values that no node still to be computed reads."""
@@ -85,7 +100,9 @@ class Values:
             return
         assert self.chunk is not None
         for lo in range(0, self.inputs.shape[0], self.chunk):
-            yield Piece(self.fgm, self.bgms, self.inputs[lo : lo + self.chunk], self.timer)
+            yield Piece(
+                self.fgm, self.bgms, self.inputs[lo : lo + self.chunk], self.timer, lean=True
+            )
 
     def example(self, node: fx.Node) -> Any:
         """The fused model's value at ``node`` on one sample (for shapes)."""
