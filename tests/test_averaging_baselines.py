@@ -38,6 +38,23 @@ ALIGNING = [
 ALIGNING_IDS = ["ot-acts", "ot-weights", "rebasin-acts", "rebasin-weights"]
 
 
+def _evaluated_batches(monkeypatch) -> list[int]:
+    """The batch sizes of every graph node the alignment methods evaluate from now on (a
+    runner made on the whole set but never read does not count)."""
+    from neurofuse.graph import GraphRunner
+
+    sizes: list[int] = []
+    real = GraphRunner._run
+
+    def spy(self, n):
+        placeholder = next(iter(self.values.values()))
+        sizes.append(int(placeholder.shape[0]))
+        return real(self, n)
+
+    monkeypatch.setattr(GraphRunner, "_run", spy)
+    return sizes
+
+
 def logits(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return model(x)
@@ -444,11 +461,15 @@ def test_git_rebasin_correlation_sums_over_chunks_equal_the_one_shot_correlation
     )
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg_bn", "vit"])
-def test_git_rebasin_activation_matching_in_chunks_equals_one_chunk(name, monkeypatch):
+@pytest.mark.parametrize(
+    "name,importance",
+    [("mlp", "uniform"), ("vgg_bn", "uniform"), ("vit", "uniform"), ("mlp", "activation")],
+)
+def test_git_rebasin_activation_matching_in_chunks_equals_one_chunk(name, importance, monkeypatch):
     """Activation matching accumulates its correlations over chunks of the fusion set: chunks of
     5 samples give the same permutations and fused model as the whole set at once, for three
-    models of unrelated weights (a non-trivial matching)."""
+    models of unrelated weights (a non-trivial matching); importance scores then come from the
+    inputs in batches, not from values of the whole set."""
     from neurofuse.methods import git_rebasin as module
 
     a, _, x = zoo_pair(name)
@@ -457,9 +478,11 @@ def test_git_rebasin_activation_matching_in_chunks_equals_one_chunk(name, monkey
     for m in models[1:]:
         for p in m.parameters():
             p.data.add_(torch.randn_like(p), alpha=0.5)
-    whole = nf.fuse(models, x, method="git_rebasin")
+    whole = nf.fuse(models, x, method="git_rebasin", importance=importance)
     monkeypatch.setattr(module, "ACTS_CHUNK", 5)
-    chunked = nf.fuse(models, x, method="git_rebasin")
+    sizes = _evaluated_batches(monkeypatch)
+    chunked = nf.fuse(models, x, method="git_rebasin", importance=importance)
+    assert sizes and max(sizes) <= 5
     assert chunked.neurofuse_report["moved_neurons"] == whole.neurofuse_report["moved_neurons"]
     assert sum(whole.neurofuse_report["moved_neurons"]) > 0
     for (k, v), (k2, v2) in zip(
@@ -502,7 +525,7 @@ def test_otfusion_lets_the_exact_solver_run_to_optimality_and_warns_when_it_cann
 
 @pytest.mark.parametrize(
     "case",
-    ["mlp", "cnn_bn", "widths", "sinkhorn", "resnet18"],
+    ["mlp", "cnn_bn", "widths", "sinkhorn", "resnet18", "importance"],
 )
 def test_otfusion_activation_costs_in_chunks_give_the_plans_of_the_whole_set(case, monkeypatch):
     """A fusion set of more than ``ACTS_CHUNK`` samples is evaluated chunk by chunk (squared
@@ -511,9 +534,11 @@ def test_otfusion_activation_costs_in_chunks_give_the_plans_of_the_whole_set(cas
     than one chunk."""
     torch.manual_seed(0)
     kw: dict = {}
-    if case == "mlp":
+    if case in ("mlp", "importance"):
         models = [build("mlp", in_features=12, hidden=[16, 16]) for _ in range(3)]
         x = torch.randn(70, 12)
+        if case == "importance":  # scores from the inputs in batches, not from whole-set values
+            kw = {"importance": "activation"}
     elif case == "resnet18":
         models = [randomise_batchnorm(build("resnet18", width=4)).eval() for _ in range(2)]
         x = torch.randn(40, 3, 8, 8)
@@ -527,15 +552,8 @@ def test_otfusion_activation_costs_in_chunks_give_the_plans_of_the_whole_set(cas
         models = [randomise_batchnorm(m).eval() for m in models]
         x = torch.randn(40, 3, 8, 8)
     whole = nf.fuse(models, x, method="otfusion", **kw)
-    seen: list[int] = []
-    real = otfusion_module.GraphRunner.__init__
-
-    def spy(self, gm, inputs):
-        seen.append(int(inputs.shape[0]))
-        real(self, gm, inputs)
-
     monkeypatch.setattr(otfusion_module, "ACTS_CHUNK", 16)
-    monkeypatch.setattr(otfusion_module.GraphRunner, "__init__", spy)
+    seen = _evaluated_batches(monkeypatch)
     chunked = nf.fuse(models, x, method="otfusion", **kw)
     assert seen and max(seen) <= 16
     assert relative_error(logits(chunked, x), logits(whole, x)) < 1e-5

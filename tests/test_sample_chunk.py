@@ -101,7 +101,7 @@ def test_named_scores_come_from_the_inputs_and_a_callable_is_refused(chunk_sizes
     def mean_abs(model: nn.Module, name: str, output: Tensor) -> Tensor:
         return output.abs().transpose(0, 1).flatten(1).mean(1)  # per channel
 
-    with pytest.raises(ValueError, match="sample_chunk never holds"):
+    with pytest.raises(ValueError, match="this fusion never holds"):
         nf.fuse([a, b], x, method="kf_linear", importance=mean_abs, sample_chunk=12)
     # without chunks the callable reads the values as before
     nf.fuse([a, b], x[:20], method="hf_linear", importance=mean_abs)

@@ -232,9 +232,10 @@ class ImportanceProvider:
         if output is None and not getattr(self._fn, "computes_from_inputs", False):
             raise ValueError(
                 "an importance function f(model, name, output) reads each level's values on the "
-                "whole fusion set, which sample_chunk never holds; pass its scores as a table "
-                "(one {node_name: scores} dict per model, e.g. from neurofuse.importance."
-                "compute_importance) or leave sample_chunk unset"
+                "whole fusion set, which this fusion never holds (the Linear variants' "
+                "sample_chunk, or OTFusion and Git Re-Basin on more than 512 samples); pass its "
+                "scores as a table (one {node_name: scores} dict per model, e.g. from "
+                "neurofuse.importance.compute_importance), or leave sample_chunk unset"
             )
         return torch.as_tensor(self._fn(self.models[model_index], name, output))  # type: ignore[arg-type]  # (None: checked above)
 

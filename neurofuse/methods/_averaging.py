@@ -301,9 +301,13 @@ def space_features(runner: GraphRunner, space: Space) -> Tensor:
     return torch.cat([node_features(runner, space, i) for i in range(len(space.nodes))], 1)
 
 
-def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) -> Tensor | None:
+def space_scores(
+    ctx: FusionContext, k: int, runner: GraphRunner, space: Space, values: bool = True
+) -> Tensor | None:
     """Model ``k``'s importance scores (float64, ``(size,)``) for ``space``, looked up at the
-    node that names it; ``None`` for uniform importance."""
+    node that names it; ``None`` for uniform importance. ``values=False``: the node's values
+    on ``runner``'s inputs are not computed (a fusion set too large to hold them): a built-in
+    score then comes from the inputs in batches, a score function that reads them is refused."""
     if ctx.importance.uniform:
         return None
     try:
@@ -313,7 +317,7 @@ def space_scores(ctx: FusionContext, k: int, runner: GraphRunner, space: Space) 
             f"space {space.name!r} is not a node of model {k}'s graph; importance scores are "
             "looked up at the node that names each space"
         ) from None
-    out = runner.value(node)
+    out = runner.value(node) if values else None
     parts = 1
     if space.node_parts and space.name in space.nodes:
         parts = space.node_parts[space.nodes.index(space.name)]

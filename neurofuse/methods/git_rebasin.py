@@ -268,8 +268,9 @@ def _per_neuron(
     coeffs: dict[str, list[Tensor]] = {}
     for k, gm in enumerate(gms):
         runner = GraphRunner(gm, ctx.inputs)
+        whole = ctx.inputs.shape[0] <= ACTS_CHUNK  # else: scores from the inputs, in batches
         for s in scored:
-            scores = space_scores(ctx, k, runner, s)
+            scores = space_scores(ctx, k, runner, s, whole)
             assert scores is not None
             if s.name in perms[k]:
                 scores = scores[perms[k][s.name]]

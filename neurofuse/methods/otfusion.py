@@ -361,7 +361,8 @@ def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor
     if ctx.importance.uniform:
         return {s.name: None for s in spaces}
     runner = GraphRunner(ctx.trace(ctx.models[k]), ctx.inputs)
-    return {s.name: space_scores(ctx, k, runner, s) for s in spaces if not s.fixed}
+    whole = ctx.inputs.shape[0] <= ACTS_CHUNK  # else: scores from the inputs, in batches
+    return {s.name: space_scores(ctx, k, runner, s, whole) for s in spaces if not s.fixed}
 
 
 @register_method(
