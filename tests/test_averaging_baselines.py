@@ -560,3 +560,29 @@ def test_otfusion_activation_costs_in_chunks_give_the_plans_of_the_whole_set(cas
     assert chunked.neurofuse_report["transport_cost"] == pytest.approx(
         whole.neurofuse_report["transport_cost"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize("method", ["zipit", "cca_merge"])
+@pytest.mark.parametrize("options", [{}, {"repair": True}])
+def test_merges_read_a_large_fusion_set_in_chunks(method, options, monkeypatch):
+    """ZipIt! and CCA Merge on more than ``ACTS_CHUNK`` samples: correlations (covariances)
+    summed over chunks give the whole set's merge, the REPAIR targets too, and no node is
+    evaluated on more than a chunk."""
+    from neurofuse.alignment import repair
+    from neurofuse.methods import _averaging
+
+    torch.manual_seed(0)
+    models = [randomise_batchnorm(cnn_bn(), s).eval() for s in range(3)]
+    x = torch.randn(60, 1, 8, 8)
+    whole = nf.fuse(models, x, method=method, **options)
+    monkeypatch.setattr(_averaging, "ACTS_CHUNK", 16)
+    monkeypatch.setattr(repair, "STATS_CHUNK", 16)  # (REPAIR's own chunks)
+    sizes = _evaluated_batches(monkeypatch)
+    chunked = nf.fuse(models, x, method=method, **options)
+    assert sizes and max(sizes) <= 16
+    assert relative_error(logits(chunked, x), logits(whole, x)) < 1e-5
+    if method == "cca_merge":
+        got, want = (m.neurofuse_report["aligned_similarity"] for m in (chunked, whole))
+        assert got.keys() == want.keys() and got
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-6)

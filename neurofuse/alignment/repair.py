@@ -53,7 +53,7 @@ def neuron_stats(value: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     return rows.mean(1), rows.std(1, unbiased=False)
 
 
-class _MomentSums:
+class MomentSums:
     """Each neuron's mean and standard deviation (float64) over columns that arrive in chunks,
     summed about the first chunk's means so that the variance does not cancel."""
 
@@ -169,7 +169,7 @@ def _unit_stats_of(
             f"an aligned model's graph has no node(s) {missing} of the fused model's graph; "
             "REPAIR needs base models of the fused model's architecture"
         )
-    sums = {end: _MomentSums() for _, end in points}
+    sums = {end: MomentSums() for _, end in points}
     axes: dict[str, int] = {}
     for rows in even_chunks(len(inputs), STATS_CHUNK):
         run = GraphRunner(gm, inputs[rows])
@@ -235,7 +235,7 @@ def _chunked_stats(
     """``target``'s statistics for the unit ending at ``end`` and the fused neurons' own, over
     ``chunks`` of ``inputs`` (the model run afresh up to ``end`` on each); ``None`` when
     ``target`` leaves the unit alone (seen on the first chunk)."""
-    sums, axis = _MomentSums(), -1
+    sums, axis = MomentSums(), -1
     wanted: tuple[Tensor, Tensor] | None = None
     for c, rows in enumerate(chunks):
         run = GraphRunner(gm, inputs[rows])

@@ -12,11 +12,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, permutation_spaces, reestimate_batchnorm
-from neurofuse.alignment.repair import StatsTarget, repair_to
+from neurofuse.alignment.repair import MomentSums, StatsTarget, repair_to
+from neurofuse.alignment.repair import neuron_stats as _neuron_stats
 from neurofuse.alignment.repair import repair as repair_statistics
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons, trace
 from neurofuse.methods._plan import LazySequence
 from neurofuse.methods.registry import FusionContext
+from neurofuse.utils import even_chunks
 
 State = dict[str, Tensor]
 
@@ -325,7 +327,89 @@ def space_scores(
     return scores.reshape(parts, space.size).mean(0).cpu()  # [q | k | v]: one score per neuron
 
 
+#: Samples per chunk of the activation-based merges (ZipIt!, CCA Merge): a fusion set of more
+#: is evaluated chunk by chunk for every space (the models rerun up to it), so that one chunk's
+#: values are held, not the whole set's; a set of at most this many is evaluated once.
+ACTS_CHUNK = 512
+
+
+class CovarianceSums:
+    """``sum (z - mean)(z - mean)^T`` over the columns of neuron rows ``z`` (``(d, N)``) that
+    arrive in chunks, float64, accumulated about the first chunk's means (so that a neuron whose
+    mean is large against its spread does not cancel)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, z: Tensor) -> None:
+        z = z.to(torch.float64)
+        if self.count == 0:
+            self.shift = z.mean(1, keepdim=True)
+            self.s1 = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+            self.s2 = torch.zeros(z.shape[0], z.shape[0], dtype=torch.float64, device=z.device)
+        z = z - self.shift
+        self.s1 += z.sum(1)
+        self.s2.addmm_(z, z.T)
+        self.count += z.shape[1]
+
+    def centred(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no samples were added")
+        return self.s2 - torch.outer(self.s1, self.s1) / self.count
+
+
+class Activations:
+    """The base models' values on the fusion set, as the activation-based merges read them:
+    ``runners`` on the whole set (evaluated once, each node kept) when it holds at most
+    :data:`ACTS_CHUNK` samples, else ``None`` and every question answered chunk by chunk."""
+
+    def __init__(self, ctx: FusionContext) -> None:
+        self.ctx = ctx
+        self.gms = [ctx.trace(m) for m in ctx.models]
+        self.chunks = list(even_chunks(len(ctx.inputs), ACTS_CHUNK))
+        self.runners: list[GraphRunner] | None = (
+            [GraphRunner(g, ctx.inputs) for g in self.gms] if len(self.chunks) == 1 else None
+        )
+
+    def covariance(self, models: Sequence[int], spaces: Sequence[Space]) -> tuple[Tensor, int]:
+        """The centred second moments of the features of ``spaces[i]`` of model ``models[i]``
+        stacked in that order (:func:`space_features`), over every chunk; and the number of
+        columns (samples x positions)."""
+        sums = CovarianceSums()
+        for rows in self.chunks:
+            feats = []
+            for k, space in zip(models, spaces, strict=True):
+                run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
+                run.compute([run.node(n) for n in space.nodes], lean=True)
+                feats.append(space_features(run, space))
+                del run
+            sums.add(torch.cat(feats))
+            del feats
+        return sums.centred(), sums.count
+
+    def scores(self, k: int, space: Space) -> Tensor | None:
+        """:func:`space_scores` of model ``k`` (from the inputs in batches in chunks)."""
+        runner = self.runners[k] if self.runners else GraphRunner(self.gms[k], self.ctx.inputs)
+        return space_scores(self.ctx, k, runner, space, self.runners is not None)
+
+    def neuron_stats(self, k: int, name: str, axis: int) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation (float64) of model ``k``'s neurons at node ``name``."""
+        if self.runners is not None:
+            r = self.runners[k]
+            return _neuron_stats(r.value(r.node(name)), axis)
+        sums = MomentSums()
+        for rows in self.chunks:
+            run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
+            (value,) = run.compute([run.node(name)], lean=True)
+            sums.add(to_neurons(value.detach(), axis).to(torch.float64))
+            del run, value
+        return sums.stats()
+
+
 __all__ = [
+    "ACTS_CHUNK",
+    "Activations",
+    "CovarianceSums",
     "State",
     "alignment_setup",
     "average_states",

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space
-from neurofuse.graph import GraphRunner
 from neurofuse.methods._averaging import (
+    Activations,
     State,
     alignment_setup,
     average_states,
@@ -79,12 +79,17 @@ def cca_transform(za: Tensor, zb: Tensor, reg: float) -> Tensor:
     za = za - za.mean(1, keepdim=True)
     zb = zb - zb.mean(1, keepdim=True)
     n = za.shape[1]
-    eye = torch.eye(za.shape[0], dtype=torch.float64, device=za.device)
-    saa, sbb = za @ za.T / n, zb @ zb.T / n
+    return cca_from_covariances(za @ za.T / n, zb @ zb.T / n, za @ zb.T / n, reg)
+
+
+def cca_from_covariances(saa: Tensor, sbb: Tensor, sab: Tensor, reg: float) -> Tensor:
+    """:func:`cca_transform` from the covariances of A's and B's neurons and their cross
+    covariance (what a fusion set too large to hold gives, summed over chunks)."""
+    eye = torch.eye(saa.shape[0], dtype=torch.float64, device=saa.device)
     saa = saa + reg * max(float(saa.diagonal().mean()), 1e-12) * eye
     sbb = sbb + reg * max(float(sbb.diagonal().mean()), 1e-12) * eye
     ia, ib = _inverse_sqrt(saa), _inverse_sqrt(sbb)
-    u, _, vt = torch.linalg.svd(ia @ (za @ zb.T / n) @ ib)
+    u, _, vt = torch.linalg.svd(ia @ sab @ ib)
     pa, pb = ia @ u, ib @ vt.T
     return torch.linalg.solve(pa.T, pb.T)  # P_A^{-T} P_B^T
 
@@ -125,7 +130,7 @@ def cca_merge(ctx: FusionContext) -> nn.Module:
         ctx, "cca_merge", opt.reference, opt.weights, equal_widths=True
     )
     gm = ctx.trace(ctx.models[ref])
-    runners = [GraphRunner(ctx.trace(m), ctx.inputs) for m in ctx.models]
+    acts = Activations(ctx)
     aligned: list[State] = []
     correlations: dict[str, float] = {}
     for k, state in enumerate(states):
@@ -135,19 +140,31 @@ def cca_merge(ctx: FusionContext) -> nn.Module:
         for space, ref_space in zip(spaces[k], spaces[ref], strict=True):
             if space.fixed:
                 continue
-            za = space_features(runners[ref], ref_space)
-            zb = space_features(runners[k], space)
-            t = cca_transform(za, zb, opt.reg)
-            reads = {(m.key, m.axis) for m in space.members if is_incoming(gm, m.key, m.axis)}
-            state = map_space_linear(state, space, t, reads)
-            if k == (1 if ref == 0 else 0):
-                correlations[space.name] = float(
+            if acts.runners is not None:
+                za = space_features(acts.runners[ref], ref_space)
+                zb = space_features(acts.runners[k], space)
+                t = cca_transform(za, zb, opt.reg)
+                similarity = float(
                     torch.nn.functional.cosine_similarity(
                         (t @ (zb - zb.mean(1, keepdim=True))).flatten(),
                         (za - za.mean(1, keepdim=True)).flatten(),
                         dim=0,
                     )
                 )
+            else:  # a large fusion set: the covariances summed over chunks
+                cov, count = acts.covariance([ref, k], [ref_space, space])
+                d = ref_space.size
+                caa, cbb, cab = cov[:d, :d], cov[d:, d:], cov[:d, d:]
+                t = cca_from_covariances(caa / count, cbb / count, cab / count, opt.reg)
+                # the cosine of (T z_B) and z_A, centred, from the same sums
+                # <T z_B, z_A> = sum T * C_AB; |T z_B|^2 = sum (T C_BB) * T; |z_A|^2 = tr C_AA
+                dot = float((t * cab).sum())
+                tb = max(float(((t @ cbb) * t).sum()), 0.0) ** 0.5
+                similarity = dot / max(tb * max(float(caa.trace()), 0.0) ** 0.5, 1e-8)
+            reads = {(m.key, m.axis) for m in space.members if is_incoming(gm, m.key, m.axis)}
+            state = map_space_linear(state, space, t, reads)
+            if k == (1 if ref == 0 else 0):
+                correlations[space.name] = similarity
         aligned.append(state)
     ctx.report["aligned_similarity"] = correlations
     fused = average_states(aligned, weights)

@@ -41,13 +41,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space
-from neurofuse.alignment.repair import StatsTarget, neuron_stats
+from neurofuse.alignment.repair import StatsTarget
 from neurofuse.graph import GraphRunner, affine_nodes
 from neurofuse.methods._averaging import (
+    Activations,
     alignment_setup,
     finish,
     space_features,
-    space_scores,
 )
 from neurofuse.methods._multihead import build_multihead, inference_cost
 from neurofuse.methods._plan import FusionPlan, aligned_average
@@ -156,7 +156,7 @@ def zipit(ctx: FusionContext) -> nn.Module:
     fused = ctx.target
     fgm = ctx.trace(fused)
     plan = FusionPlan(fgm, fused, ctx.inputs[:2])
-    runners = [GraphRunner(ctx.trace(m), ctx.inputs) for m in ctx.models]
+    acts = Activations(ctx)
     groupings: dict[int, Tensor] = {}
     merged_within: dict[str, int] = {}
     for i, space in enumerate(plan.spaces):
@@ -165,7 +165,7 @@ def zipit(ctx: FusionContext) -> nn.Module:
             eye = torch.eye(space.size, dtype=torch.float64) / n
             groupings[i] = torch.cat([eye] * n, dim=1)
             continue
-        groupings[i] = _zip_space(ctx, opt, runners, [spaces[k][i] for k in range(n)], space)
+        groupings[i] = _zip_space(ctx, opt, acts, [spaces[k][i] for k in range(n)], space)
         owners = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
         per_feature = (groupings[i] > 0).to(torch.float64) @ torch.nn.functional.one_hot(
             owners, n
@@ -189,7 +189,7 @@ def zipit(ctx: FusionContext) -> nn.Module:
         fused,
         opt.reset_bn,
         opt.repair,
-        target=lambda: _feature_statistics(plan, groupings, runners),
+        target=lambda: _feature_statistics(plan, groupings, acts),
     )
     units = len(affine_nodes(fgm))
     merged = opt.merge_layers
@@ -216,7 +216,7 @@ def zipit(ctx: FusionContext) -> nn.Module:
 
 
 def _feature_statistics(
-    plan: FusionPlan, groupings: dict[int, Tensor], runners: list[GraphRunner]
+    plan: FusionPlan, groupings: dict[int, Tensor], acts: Activations
 ) -> StatsTarget:
     """REPAIR's targets for zipped features: each feature's grouping applied to its members'
     means and standard deviations (the base models' neurons stacked like the grouping's
@@ -226,7 +226,7 @@ def _feature_statistics(
         where = plan.node_space.get(end.name)
         if where is None:
             return None
-        stats = [neuron_stats(r.value(r.node(end.name)), axis) for r in runners]
+        stats = [acts.neuron_stats(k, end.name, axis) for k in range(len(acts.gms))]
         grouping = groupings[where.index].to(torch.float64).cpu()
         mu = torch.cat([m.cpu() for m, _ in stats])
         sd = torch.cat([s.cpu() for _, s in stats])
@@ -274,22 +274,27 @@ def _bridge(
 def _zip_space(
     ctx: FusionContext,
     opt: ZipItOptions,
-    runners: list[GraphRunner],
+    acts: Activations,
     spaces: list[Space],
     fused_space: Space,
 ) -> Tensor:
-    n = len(runners)
+    n = len(spaces)
     if any(s.heads > 1 for s in spaces):
         raise ValueError(
             f"space {fused_space.name!r} is split into attention heads; zipit merges single "
             "neurons and would split heads. Use git_rebasin or transformer_otfusion."
         )
-    feats = [space_features(runners[k], spaces[k]) for k in range(n)]
-    corr = correlation_matrix(torch.cat(feats))
+    if acts.runners is not None:
+        feats = [space_features(acts.runners[k], spaces[k]) for k in range(n)]
+        corr = correlation_matrix(torch.cat(feats))
+    else:  # a large fusion set: the same correlations from sums over chunks
+        cov, _ = acts.covariance(range(n), spaces)
+        norm = cov.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
+        corr = cov / norm[:, None] / norm[None, :]
     sizes = [s.size for s in spaces]
     owners = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
     labels = zip_groups(corr.cpu(), owners, fused_space.size, n, opt.within)
-    scores = [space_scores(ctx, k, runners[k], spaces[k]) for k in range(n)]
+    scores = [acts.scores(k, spaces[k]) for k in range(n)]
     weights = torch.cat(
         [
             torch.ones(sizes[k], dtype=torch.float64) if s is None else s
