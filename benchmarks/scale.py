@@ -162,7 +162,6 @@ def run_point(spec: str, point: dict[str, int], threads: int) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
     import torch
 
-    import neurofuse as nf
     from neurofuse.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
@@ -173,17 +172,39 @@ def run_point(spec: str, point: dict[str, int], threads: int) -> dict[str, Any]:
         load_checkpoint(_model_path(point["width"], k).with_suffix(""))[0].eval()
         for k in range(point["models"])
     ]
+    out, _ = measure_fusions(models, x, method, options, once_above=2.0, forward_calls=4)
+    return out
+
+
+def measure_fusions(
+    models: list[Any],
+    x: Any,
+    method: str,
+    options: dict[str, Any],
+    once_above: float,
+    forward_calls: int,
+) -> tuple[dict[str, Any], Any]:
+    """Fuse ``models`` on ``x`` up to 3 times (once when the first call takes ``once_above``
+    seconds or more) and time the models' forward pass on ``x`` afterwards (the median of
+    ``forward_calls`` calls but the first): the median wall time, the fusions' own peak
+    resident memory and that peak above what the process held before; and the last fused
+    model."""
+    import torch
+
+    import neurofuse as nf
+
     before = _rss_mib()
     own_peak = _reset_peak()
     times = []
+    fused = None
     for _ in range(3):
+        fused = None  # (the previous result is not held during the next fusion)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the small-fusion-set warning at large widths
             fused = nf.fuse(models, x, method=method, **options)
         times.append(time.perf_counter() - start)
-        del fused
-        if times[0] >= 2.0:
+        if times[0] >= once_above:
             break
     if own_peak:
         peak = _status_mib("VmHWM")
@@ -193,12 +214,12 @@ def run_point(spec: str, point: dict[str, int], threads: int) -> dict[str, Any]:
     # otherwise serve the fusion without showing in its peak
     forward = []
     with torch.no_grad():
-        for _ in range(4):
+        for _ in range(forward_calls):
             start = time.perf_counter()
             for m in models:
                 m(x)
             forward.append(time.perf_counter() - start)
-    return {
+    result = {
         "seconds": statistics.median(times),
         "forward_seconds": statistics.median(forward[1:]),
         "peak_mib": peak,
@@ -206,6 +227,28 @@ def run_point(spec: str, point: dict[str, int], threads: int) -> dict[str, Any]:
         "calls": len(times),
         "peak": "fusion" if own_peak else "process",
     }
+    return result, fused
+
+
+def run_in_subprocess(script: str, spec: dict[str, Any], threads: int, budget: int) -> dict:
+    """Run ``script --point spec`` in a fresh process and return its measurement, or a row
+    whose ``status`` says it ran past ``budget`` seconds or failed (printed)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, script, "--point", json.dumps(spec), "--threads", str(threads)],
+            capture_output=True,
+            text=True,
+            timeout=budget,
+            check=True,
+        )
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    except subprocess.TimeoutExpired:
+        print(f"  over the budget of {budget} s", flush=True)
+        return {"status": f"> {budget} s"}
+    except subprocess.CalledProcessError as err:
+        reason = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
+        print(f"  failed: {reason[0]}", flush=True)
+        return {"status": f"failed: {reason[0][:80]}"}
 
 
 def _warm_up(method: str, count: int, x: Any) -> None:
@@ -374,32 +417,17 @@ def main() -> None:
                     rows[key] = {"status": "skipped"}
                     continue
                 ensure_models(point["width"], point["models"], args.threads)
-                spec = json.dumps({"method": method, "point": point})
                 print(f"[{axis}={x}] {method} ...", flush=True)
-                try:
-                    done = subprocess.run(
-                        [sys.executable, __file__, "--point", spec, "--threads", str(args.threads)],
-                        capture_output=True,
-                        text=True,
-                        timeout=args.budget,
-                        check=True,
-                    )
-                    rows[key] = json.loads(done.stdout.strip().splitlines()[-1])
-                    r = rows[key]
+                spec = {"method": method, "point": point}
+                r = rows[key] = run_in_subprocess(__file__, spec, args.threads, args.budget)
+                if "seconds" in r:
                     print(
                         f"  {r['seconds']:.2f} s ({r['seconds'] / r['forward_seconds']:.1f}x the "
                         f"forward pass), peak {r['peak_mib']:.0f} MiB (+{r['extra_mib']:.0f})",
                         flush=True,
                     )
-                except subprocess.TimeoutExpired:
-                    rows[key] = {"status": f"> {args.budget} s"}
+                else:  # over the budget, or out of memory (killed) / an error: larger fail too
                     over = True
-                    print(f"  over the budget of {args.budget} s", flush=True)
-                except subprocess.CalledProcessError as err:
-                    reason = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
-                    rows[key] = {"status": f"failed: {reason[0][:80]}"}
-                    over = True  # out of memory (killed) or an error: larger points fail too
-                    print(f"  failed: {reason[0]}", flush=True)
                 atomic_write_text(store, json.dumps(rows, indent=1))
     text = report(rows, axes, methods, args)
     atomic_write_text(args.out / "scale.md", text + "\n")

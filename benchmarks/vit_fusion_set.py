@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,35 +74,10 @@ def run_point(spec: str, n: int, threads: int) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nf.fuse(models, x[:64], method=method, **options)  # first-call costs out of the timings
-    before = scale._rss_mib()
-    own_peak = scale._reset_peak()
-    times = []
-    fused = None
-    for _ in range(3):
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fused = nf.fuse(models, x, method=method, **options)
-        times.append(time.perf_counter() - start)
-        if times[0] >= 5.0:
-            break
-    peak = scale._status_mib("VmHWM") if own_peak else float("nan")
-    forward = []
+    out, fused = scale.measure_fusions(models, x, method, options, once_above=5.0, forward_calls=3)
     with torch.no_grad():
-        for _ in range(3):
-            start = time.perf_counter()
-            for m in models:
-                m(x)
-            forward.append(time.perf_counter() - start)
-        assert fused is not None
-        acc = float((fused(data.x_test).argmax(1) == data.y_test).float().mean())
-    return {
-        "seconds": statistics.median(times),
-        "forward_seconds": statistics.median(forward[1:]),
-        "extra_mib": peak - before,
-        "accuracy": acc,
-        "calls": len(times),
-    }
+        out["accuracy"] = float((fused(data.x_test).argmax(1) == data.y_test).float().mean())
+    return out
 
 
 def report(rows: dict[str, Any], sizes: list[int], methods: list[str], args: Any) -> str:
@@ -185,6 +157,8 @@ def main() -> None:
         print(json.dumps(run_point(spec["method"], spec["n"], args.threads)))
         return
 
+    import scale
+
     from neurofuse.utils import atomic_write_text
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -201,29 +175,14 @@ def main() -> None:
             if key in rows:
                 continue
             print(f"[N={n}] {method} ...", flush=True)
-            spec = json.dumps({"method": method, "n": n})
-            try:
-                done = subprocess.run(
-                    [sys.executable, __file__, "--point", spec, "--threads", str(args.threads)],
-                    capture_output=True,
-                    text=True,
-                    timeout=args.budget,
-                    check=True,
-                )
-                rows[key] = json.loads(done.stdout.strip().splitlines()[-1])
-                r = rows[key]
+            spec = {"method": method, "n": n}
+            r = rows[key] = scale.run_in_subprocess(__file__, spec, args.threads, args.budget)
+            if "seconds" in r:
                 print(
                     f"  {r['seconds']:.1f} s, +{r['extra_mib']:.0f} MiB, "
                     f"acc {100 * r['accuracy']:.1f}",
                     flush=True,
                 )
-            except subprocess.TimeoutExpired:
-                rows[key] = {"status": f"> {args.budget} s"}
-                print(f"  over the budget of {args.budget} s", flush=True)
-            except subprocess.CalledProcessError as err:
-                reason = (err.stderr or "").strip().splitlines()[-1:] or ["failed"]
-                rows[key] = {"status": f"failed: {reason[0][:80]}"}
-                print(f"  failed: {reason[0]}", flush=True)
             atomic_write_text(store, json.dumps(rows, indent=1))
     text = report(rows, sizes, methods, args)
     atomic_write_text(args.out / "vit_fusion_set.md", text + "\n")

@@ -33,18 +33,7 @@ class GraphRunner:
         """The value of ``node``, computing only its not-yet-known ancestors."""
         if node in self.values:
             return self.values[node]
-        needed: set[fx.Node] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n in needed or n in self.values:
-                continue
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
-        for n in self.gm.graph.nodes:  # graph order is a topological order
-            if n in needed:
-                self.values[n] = self._run(n)
-        return self.values[node]
+        return self.compute([node])[0]
 
     def compute(self, nodes: Sequence[fx.Node], lean: bool = False) -> list[Any]:
         """The values of ``nodes``, computed in one pass over their not-yet-known ancestors.
