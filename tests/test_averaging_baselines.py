@@ -569,13 +569,13 @@ def test_merges_read_a_large_fusion_set_in_chunks(method, options, monkeypatch):
     summed over chunks give the whole set's merge, the REPAIR targets too, and no node is
     evaluated on more than a chunk."""
     from neurofuse.alignment import repair
-    from neurofuse.methods import _averaging
+    from neurofuse.methods import _activations
 
     torch.manual_seed(0)
     models = [randomise_batchnorm(cnn_bn(), s).eval() for s in range(3)]
     x = torch.randn(60, 1, 8, 8)
     whole = nf.fuse(models, x, method=method, **options)
-    monkeypatch.setattr(_averaging, "ACTS_CHUNK", 16)
+    monkeypatch.setattr(_activations, "ACTS_CHUNK", 16)
     monkeypatch.setattr(repair, "STATS_CHUNK", 16)  # (REPAIR's own chunks)
     sizes = _evaluated_batches(monkeypatch)
     chunked = nf.fuse(models, x, method=method, **options)

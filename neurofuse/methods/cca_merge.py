@@ -27,13 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space
-from neurofuse.methods._averaging import (
+from neurofuse.methods._activations import (
     Activations,
+    space_features,
+)
+from neurofuse.methods._averaging import (
     State,
     alignment_setup,
     average_states,
     finish,
-    space_features,
     write_state,
 )
 from neurofuse.methods._plan import is_incoming, map_axis

@@ -39,13 +39,15 @@ from neurofuse.alignment.space import neuron_rows
 from neurofuse.graph import GraphRunner
 from neurofuse.grouping.heads import block_assignment
 from neurofuse.grouping.hungarian import SPARSE_NEIGHBOURS, assign_pairs
+from neurofuse.methods._activations import (
+    node_features,
+    space_scores,
+)
 from neurofuse.methods._averaging import (
     State,
     alignment_setup,
     average_states,
     finish,
-    node_features,
-    space_scores,
     write_state,
 )
 from neurofuse.methods._plan import LazySequence

@@ -39,15 +39,17 @@ from torch import Tensor, nn
 from neurofuse.alignment import Space
 from neurofuse.alignment.space import neuron_rows
 from neurofuse.graph import GraphRunner, trace
+from neurofuse.methods._activations import (
+    node_features,
+    node_value,
+    space_scores,
+)
 from neurofuse.methods._averaging import (
     State,
     alignment_setup,
     average_states,
     check_aligned_shapes,
     finish,
-    node_features,
-    node_value,
-    space_scores,
     template_for,
     write_state,
 )

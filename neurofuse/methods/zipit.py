@@ -43,11 +43,13 @@ from torch import Tensor, nn
 from neurofuse.alignment import Space
 from neurofuse.alignment.repair import StatsTarget
 from neurofuse.graph import GraphRunner, affine_nodes
-from neurofuse.methods._averaging import (
+from neurofuse.methods._activations import (
     Activations,
+    space_features,
+)
+from neurofuse.methods._averaging import (
     alignment_setup,
     finish,
-    space_features,
 )
 from neurofuse.methods._multihead import build_multihead, inference_cost
 from neurofuse.methods._plan import FusionPlan, aligned_average

@@ -1,0 +1,162 @@
+"""The base models' values on the fusion set as the activation-based alignments and merges read
+them (OTFusion, Git Re-Basin, ZipIt!, CCA Merge): a permutation space's neuron features and
+importance scores, and, for fusion sets larger than :data:`ACTS_CHUNK`, their second moments
+and statistics summed over chunks of samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from neurofuse.alignment import Space
+from neurofuse.alignment.repair import MomentSums
+from neurofuse.alignment.repair import neuron_stats as _neuron_stats
+from neurofuse.graph import GraphRunner, neuron_axis, to_neurons
+from neurofuse.methods.registry import FusionContext
+from neurofuse.utils import even_chunks
+
+
+def node_value(runner: GraphRunner, space: Space, i: int) -> tuple[Tensor, int, int]:
+    """The space's ``i``-th node value (detached), the axis that holds its neurons and the
+    number of parts of the space it holds side by side (``[q | k | v]``: 3)."""
+    out = runner.value(runner.node(space.nodes[i])).detach()
+    axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
+    return out, axis, space.node_parts[i] if space.node_parts else 1
+
+
+def node_features(
+    runner: GraphRunner, space: Space, i: int, dtype: torch.dtype | None = torch.float64
+) -> Tensor:
+    """(d, N) in ``dtype`` (``None``: the values' own): the values of the space's ``i``-th node,
+    one row per neuron (a node that holds several parts of the space, ``[q | k | v]``, gives
+    each neuron all its parts)."""
+    out, axis, parts = node_value(runner, space, i)
+    rows = to_neurons(out, axis)
+    rows = rows if dtype is None else rows.to(dtype)
+    if parts > 1:
+        rows = rows.reshape(parts, space.size, -1).transpose(0, 1).reshape(space.size, -1)
+    return rows
+
+
+def space_features(runner: GraphRunner, space: Space) -> Tensor:
+    """(d, N) float64: the values of every node of the space side by side, one row per neuron
+    (what the activation-based merges compare)."""
+    if not space.nodes:
+        raise ValueError(f"space {space.name!r} has no graph node to measure")
+    return torch.cat([node_features(runner, space, i) for i in range(len(space.nodes))], 1)
+
+
+def space_scores(
+    ctx: FusionContext, k: int, runner: GraphRunner, space: Space, values: bool = True
+) -> Tensor | None:
+    """Model ``k``'s importance scores (float64, ``(size,)``) for ``space``, looked up at the
+    node that names it; ``None`` for uniform importance. ``values=False``: the node's values
+    on ``runner``'s inputs are not computed (a fusion set too large to hold them): a built-in
+    score then comes from the inputs in batches, a score function that reads them is refused."""
+    if ctx.importance.uniform:
+        return None
+    try:
+        node = runner.node(space.name)
+    except KeyError:
+        raise ValueError(
+            f"space {space.name!r} is not a node of model {k}'s graph; importance scores are "
+            "looked up at the node that names each space"
+        ) from None
+    out = runner.value(node) if values else None
+    parts = 1
+    if space.node_parts and space.name in space.nodes:
+        parts = space.node_parts[space.nodes.index(space.name)]
+    scores = ctx.importance.scores(k, space.name, out, parts * space.size).to(torch.float64)
+    return scores.reshape(parts, space.size).mean(0).cpu()  # [q | k | v]: one score per neuron
+
+
+#: Samples per chunk of the activation-based merges (ZipIt!, CCA Merge): a fusion set of more
+#: is evaluated chunk by chunk for every space (the models rerun up to it), so that one chunk's
+#: values are held, not the whole set's; a set of at most this many is evaluated once.
+ACTS_CHUNK = 512
+
+
+class CovarianceSums:
+    """``sum (z - mean)(z - mean)^T`` over the columns of neuron rows ``z`` (``(d, N)``) that
+    arrive in chunks, float64, accumulated about the first chunk's means (so that a neuron whose
+    mean is large against its spread does not cancel)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, z: Tensor) -> None:
+        z = z.to(torch.float64)
+        if self.count == 0:
+            self.shift = z.mean(1, keepdim=True)
+            self.s1 = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+            self.s2 = torch.zeros(z.shape[0], z.shape[0], dtype=torch.float64, device=z.device)
+        z = z - self.shift
+        self.s1 += z.sum(1)
+        self.s2.addmm_(z, z.T)
+        self.count += z.shape[1]
+
+    def centred(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no samples were added")
+        return self.s2 - torch.outer(self.s1, self.s1) / self.count
+
+
+class Activations:
+    """The base models' values on the fusion set, as the activation-based merges read them:
+    ``runners`` on the whole set (evaluated once, each node kept) when it holds at most
+    :data:`ACTS_CHUNK` samples, else ``None`` and every question answered chunk by chunk."""
+
+    def __init__(self, ctx: FusionContext) -> None:
+        self.ctx = ctx
+        self.gms = [ctx.trace(m) for m in ctx.models]
+        self.chunks = list(even_chunks(len(ctx.inputs), ACTS_CHUNK))
+        self.runners: list[GraphRunner] | None = (
+            [GraphRunner(g, ctx.inputs) for g in self.gms] if len(self.chunks) == 1 else None
+        )
+
+    def covariance(self, models: Sequence[int], spaces: Sequence[Space]) -> tuple[Tensor, int]:
+        """The centred second moments of the features of ``spaces[i]`` of model ``models[i]``
+        stacked in that order (:func:`space_features`), over every chunk; and the number of
+        columns (samples x positions)."""
+        sums = CovarianceSums()
+        for rows in self.chunks:
+            feats = []
+            for k, space in zip(models, spaces, strict=True):
+                run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
+                run.compute([run.node(n) for n in space.nodes], lean=True)
+                feats.append(space_features(run, space))
+                del run
+            sums.add(torch.cat(feats))
+            del feats
+        return sums.centred(), sums.count
+
+    def scores(self, k: int, space: Space) -> Tensor | None:
+        """:func:`space_scores` of model ``k`` (from the inputs in batches in chunks)."""
+        runner = self.runners[k] if self.runners else GraphRunner(self.gms[k], self.ctx.inputs)
+        return space_scores(self.ctx, k, runner, space, self.runners is not None)
+
+    def neuron_stats(self, k: int, name: str, axis: int) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation (float64) of model ``k``'s neurons at node ``name``."""
+        if self.runners is not None:
+            r = self.runners[k]
+            return _neuron_stats(r.value(r.node(name)), axis)
+        sums = MomentSums()
+        for rows in self.chunks:
+            run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
+            (value,) = run.compute([run.node(name)], lean=True)
+            sums.add(to_neurons(value.detach(), axis).to(torch.float64))
+            del run, value
+        return sums.stats()
+
+
+__all__ = [
+    "ACTS_CHUNK",
+    "Activations",
+    "CovarianceSums",
+    "node_features",
+    "node_value",
+    "space_features",
+    "space_scores",
+]
