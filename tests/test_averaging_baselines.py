@@ -26,6 +26,7 @@ from toys import (
 import neurofuse as nf
 from neurofuse import api
 from neurofuse.alignment import apply_permutation, permutation_spaces
+from neurofuse.graph import trace
 from neurofuse.methods import otfusion as otfusion_module
 from neurofuse.models import build
 
@@ -586,3 +587,50 @@ def test_merges_read_a_large_fusion_set_in_chunks(method, options, monkeypatch):
         assert got.keys() == want.keys() and got
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn", "resnet18"])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_otfusion_streams_its_activation_costs_in_one_pass_per_model(case, chunk, monkeypatch):
+    """Where every transport is a permutation (exact EMD, equal widths, uniform marginals) the
+    activation costs of every space come from one pass of each model over each chunk, with the
+    plans, transport costs and fused model of the space-by-space path, bit for bit."""
+    torch.manual_seed(0)
+    if case == "mlp":
+        models = [build("mlp", in_features=12, hidden=[16, 16]) for _ in range(3)]
+        x = torch.randn(40, 12)
+    elif case == "resnet18":
+        models = [randomise_batchnorm(build("resnet18", width=4)).eval() for _ in range(2)]
+        x = torch.randn(40, 3, 8, 8)
+    else:
+        models = [randomise_batchnorm(cnn_bn()).eval() for _ in range(2)]
+        x = torch.randn(40, 1, 8, 8)
+    if chunk is not None:
+        monkeypatch.setattr(otfusion_module, "ACTS_CHUNK", chunk)
+    kw = {"reference": 1} if case == "mlp" else {}
+    streams = []
+    real = otfusion_module._streamed_acts_costs
+
+    def counting(*args):
+        streams.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(otfusion_module, "_streamed_acts_costs", counting)
+    seen = _evaluated_batches(monkeypatch)
+    streamed = nf.fuse(models, x, method="otfusion", **kw)
+    assert streams == [1]
+    n_nodes = sum(len([n for n in trace(m).graph.nodes if n.op != "output"]) for m in models)
+    chunks = 1 if chunk is None else -(-x.shape[0] // chunk)
+    # one evaluation of every node of every model per chunk (the checks run on 2-sample batches)
+    assert sum(1 for s in seen if s > 2) <= n_nodes * chunks
+    monkeypatch.setattr(otfusion_module, "_expect_permutations", lambda *a: False)
+    seen.clear()
+    spaced = nf.fuse(models, x, method="otfusion", **kw)
+    assert streams == [1]
+    if chunk is not None:  # the space-by-space path reruns the models for every space
+        assert sum(1 for s in seen if s > 2) > n_nodes * chunks
+    assert streamed.neurofuse_report["transport_cost"] == spaced.neurofuse_report["transport_cost"]
+    for (k, a), (_, b) in zip(
+        streamed.state_dict().items(), spaced.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k

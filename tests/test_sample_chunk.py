@@ -197,3 +197,33 @@ def test_a_lean_pass_keeps_only_its_targets():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert set(lean.values) == before | set(targets)
     assert len(full.values) > len(lean.values) + 10  # the memoised pass kept its ancestors
+
+
+def test_a_streamed_pass_gives_every_value_and_holds_only_what_is_still_read():
+    """``GraphRunner.stream()`` yields each node's value in graph order, equal to the memoised
+    pass, and after each step holds only values that a node not yet run still reads (a
+    residual block's input stays until its skip is added, a plain chain's does not)."""
+    from neurofuse.graph import GraphRunner, trace
+
+    model = _model("vit", 0)
+    x = _inputs("vit", 6, 1)
+    gm = trace(model)
+    full = GraphRunner(gm, x)
+    streamed = GraphRunner(gm, x)
+    order = [n for n in gm.graph.nodes if n.op != "output"]
+    seen = []
+    widest = 0
+    for node, value in streamed.stream():
+        seen.append(node)
+        want = full.value(node)
+        if isinstance(want, Tensor):
+            torch.testing.assert_close(value, want, rtol=0, atol=0)
+        ran = set(seen)
+        for held in streamed.values:
+            # (the current node's inputs go when the walk moves on)
+            current = held is node or held in node.all_input_nodes
+            assert current or any(u not in ran for u in held.users), held.name
+        widest = max(widest, len(streamed.values))
+    assert seen == order
+    assert widest < len(order) // 4  # not every value: about the widest cut of the graph
+    assert streamed.values == {}

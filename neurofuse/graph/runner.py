@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch.fx as fx
@@ -61,6 +61,27 @@ class GraphRunner:
                     if readers[a] == 0 and a not in keep:
                         del self.values[a]
         return [self.values[n] for n in nodes]
+
+    def stream(self) -> Iterator[tuple[fx.Node, Any]]:
+        """Every node with its value, in graph order, each value dropped as soon as the nodes
+        that read it have run: one pass over the whole graph in about the memory of its widest
+        cut (a caller that wants a value past its readers keeps its own reference). Several
+        runners of the same graph structure can be zipped to walk models side by side."""
+        readers = {n: len(n.users) for n in self.gm.graph.nodes}
+        for n in self.gm.graph.nodes:  # graph order is a topological order
+            if n.op == "output":  # the graph's return value: its inputs were all yielded
+                for a in n.all_input_nodes:
+                    self.values.pop(a, None)
+                return
+            if n not in self.values:
+                self.values[n] = self._run(n)
+            yield n, self.values[n]
+            for a in n.all_input_nodes:
+                readers[a] -= 1
+                if readers[a] == 0:
+                    self.values.pop(a, None)
+            if readers[n] == 0:  # read by nothing
+                self.values.pop(n, None)
 
     def release_consumed(self) -> None:
         """Drop values whose every user has been computed (they will not be needed again)."""

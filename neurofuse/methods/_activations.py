@@ -22,8 +22,14 @@ def node_value(runner: GraphRunner, space: Space, i: int) -> tuple[Tensor, int, 
     """The space's ``i``-th node value (detached), the axis that holds its neurons and the
     number of parts of the space it holds side by side (``[q | k | v]``: 3)."""
     out = runner.value(runner.node(space.nodes[i])).detach()
+    return (out, *value_layout(out, space, i))
+
+
+def value_layout(out: Tensor, space: Space, i: int) -> tuple[int, int]:
+    """Where the neurons of ``out``, the value of the space's ``i``-th node, lie: their axis
+    and the number of parts of the space side by side."""
     axis = space.axes[i] if space.axes else neuron_axis(out, hint_size=space.size)
-    return out, axis, space.node_parts[i] if space.node_parts else 1
+    return axis, space.node_parts[i] if space.node_parts else 1
 
 
 def node_features(
@@ -32,7 +38,14 @@ def node_features(
     """(d, N) in ``dtype`` (``None``: the values' own): the values of the space's ``i``-th node,
     one row per neuron (a node that holds several parts of the space, ``[q | k | v]``, gives
     each neuron all its parts)."""
-    out, axis, parts = node_value(runner, space, i)
+    return value_features(runner.value(runner.node(space.nodes[i])).detach(), space, i, dtype)
+
+
+def value_features(
+    out: Tensor, space: Space, i: int, dtype: torch.dtype | None = torch.float64
+) -> Tensor:
+    """:func:`node_features` of a value already computed (``out``, the ``i``-th node's)."""
+    axis, parts = value_layout(out, space, i)
     rows = to_neurons(out, axis)
     rows = rows if dtype is None else rows.to(dtype)
     if parts > 1:
@@ -159,4 +172,6 @@ __all__ = [
     "node_value",
     "space_features",
     "space_scores",
+    "value_features",
+    "value_layout",
 ]

@@ -18,7 +18,9 @@ exact permutation; with different widths model ``k`` is carried into the referen
 Ground metrics: ``"acts"`` (squared distance of the neurons' activations on the fusion set, taken
 from the aligned-so-far model, summed over every node that carries the space; residual streams
 are aligned once for the whole stream; a fusion set of more than :data:`ACTS_CHUNK` samples is
-evaluated chunk by chunk, the distances summed over the chunks) or ``"weights"`` (squared distance of the neurons'
+evaluated chunk by chunk, the distances summed over the chunks; where the transports are
+permutations, which leave every activation as it was, all the costs come from one pass of the
+models, value by value) or ``"weights"`` (squared distance of the neurons'
 incoming weight rows, after the earlier spaces' maps were applied to the incoming axes). The
 aligned models are then averaged (``weights``: model weights, default uniform).
 """
@@ -40,9 +42,9 @@ from neurofuse.alignment import Space
 from neurofuse.alignment.space import neuron_rows
 from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods._activations import (
-    node_features,
-    node_value,
     space_scores,
+    value_features,
+    value_layout,
 )
 from neurofuse.methods._averaging import (
     State,
@@ -59,9 +61,9 @@ from neurofuse.progress import progress_bar
 from neurofuse.utils import even_chunks
 
 #: Samples per chunk of the activation costs: a fusion set of more is evaluated chunk by chunk
-#: (squared distances add up over samples), both models rerun for every space and chunk, so
-#: that memory holds one chunk's activations and not the whole set's; a set of at most this
-#: many is evaluated once and its values kept (each node computed once).
+#: (squared distances add up over samples), so that memory holds one chunk's activations and
+#: not the whole set's: in one pass per chunk where the transports are permutations, else both
+#: models rerun for every space and chunk; a set of at most this many is evaluated at once.
 ACTS_CHUNK = 512
 
 
@@ -182,15 +184,33 @@ class _Aligner:
         self.ctx, self.opt = ctx, ctx.options
         self.spaces, self.ref_spaces, self.ref_runner = spaces, ref_spaces, ref_runner
         self.ref_gm = ref_gm
-        self.model = copy.deepcopy(ctx.models[k])
-        self.gm = trace(self.model)
-        self.state: State = dict(self.model.state_dict())
+        self.k = k
+        self.graph = ctx.trace(ctx.models[k])  # its structure (the model itself: read only)
+        # the maps make new tensors: the state starts as the model's own, never changed
+        self.state: State = dict(ctx.models[k].state_dict())
         self.ref_state: State = dict(ctx.models[self.opt.reference].state_dict())
         self.acts = ref_runner is not None or ref_gm is not None
-        self.runner = GraphRunner(self.gm, ctx.inputs) if ref_runner is not None else None
+        self._copy: fx.GraphModule | None = None
+        self._runner: GraphRunner | None = None
         self.where = {(m.key, m.axis): s for s in spaces for m in s.members}
         self.aligned: set[str] = set()
         self.pending: set[str] = set()  # mapped keys not yet loaded into the runner's copy
+        self.soft = False  # has a map other than a permutation been applied?
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        """The model copy that the activation costs evaluate and the soft maps are loaded
+        into, made on first use (costs streamed from one pass and permutations need none)."""
+        if self._copy is None:
+            self._copy = trace(copy.deepcopy(self.ctx.models[self.k]))
+        return self._copy
+
+    @property
+    def runner(self) -> GraphRunner | None:
+        """The copy's values on the whole fusion set (activation costs on one chunk)."""
+        if self._runner is None and self.ref_runner is not None:
+            self._runner = GraphRunner(self.gm, self.ctx.inputs)
+        return self._runner
 
     def cost(self, space: Space, ref: Space) -> Tensor:
         return GROUND_METRICS[self.opt.ground_metric](self, space, ref)
@@ -202,6 +222,7 @@ class _Aligner:
             return
         self.pending.update(m.key for m in space.members)
         if not _is_permutation(q):
+            self.soft = True
             # A permutation leaves the model's function, and the values of every space not
             # aligned yet, as they were: the copy that computes them is brought up to date
             # only when a map changes values (a soft or uneven transport).
@@ -235,8 +256,8 @@ class _Aligner:
             if n not in stale:
                 stale.add(n)
                 stack.extend(n.users)
-        if self.runner is not None:  # (chunks are evaluated afresh)
-            self.runner.forget(stale)
+        if self._runner is not None:  # (chunks, and a runner made later, start afresh)
+            self._runner.forget(stale)
 
 
 def _is_permutation(q: Tensor, tol: float = 1e-9) -> bool:
@@ -248,12 +269,52 @@ def _is_permutation(q: Tensor, tol: float = 1e-9) -> bool:
     return bool((nonzero.sum(0) == 1).all() and (nonzero.sum(1) == 1).all() and ones.all())
 
 
-def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
+class _NodeSums:
+    """One space's activation cost, summed over the nodes that carry it and over chunks of
+    samples: each node's squared distances (float64) and their length, added chunk by chunk;
+    the cost is the sum over nodes, in node order, of each node's mean distance."""
+
+    def __init__(self, n_nodes: int) -> None:
+        self.sums: list[Tensor | None] = [None] * n_nodes
+        self.lengths = [0] * n_nodes
+
+    def add(self, i: int, x: Tensor, y: Tensor, space: Space, ref: Space) -> None:
+        """Add the distances between the values ``x`` (the model's) and ``y`` (the
+        reference's) of the ``i``-th node of ``space`` / ``ref``."""
+        xm, ym = _channel_maps(x, space, i), _channel_maps(y, ref, i)
+        if xm is not None and ym is not None:
+            d, length = map_distances(xm, ym)
+        else:
+            # in the activations' dtype: a float64 copy of every activation would cost more
+            # than the distances; the cost only ranks pairs of neurons
+            xf = value_features(x, space, i, dtype=None)
+            yf = value_features(y, ref, i, dtype=None)
+            d, length = squared_distances(xf, yf), xf.shape[1]
+        d = d.to(torch.float64).cpu()  # squared distances add up over samples
+        s = self.sums[i]
+        self.sums[i] = d if s is None else s.add_(d)
+        self.lengths[i] += length
+
+    def total(self) -> Tensor:
+        total: Tensor | None = None
+        for node_sum, length in zip(self.sums, self.lengths, strict=True):
+            assert node_sum is not None
+            d = node_sum.div_(length)  # the sums are this object's own: divided in place
+            total = d if total is None else total.add_(d)
+        assert total is not None
+        return total
+
+
+def _check_nodes(space: Space) -> None:
     if not space.nodes:
         raise ValueError(
             f"space {space.name!r} has no nodes to take activations from; use "
             "ground_metric='weights'"
         )
+
+
+def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
+    _check_nodes(space)
     pieces: Iterable[tuple[GraphRunner, GraphRunner]]
     if al.runner is not None and al.ref_runner is not None:
         pieces = [(al.runner, al.ref_runner)]
@@ -264,37 +325,61 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
             (GraphRunner(al.gm, x_all[rows]), GraphRunner(al.ref_gm, x_all[rows]))
             for rows in even_chunks(x_all.shape[0], ACTS_CHUNK)
         )
-    sums: list[Tensor | None] = [None] * len(space.nodes)
-    lengths = [0] * len(space.nodes)
+    sums = _NodeSums(len(space.nodes))
     for runner, ref_runner in pieces:
         for i in range(len(space.nodes)):
-            # in the activations' dtype: a float64 copy of every activation would cost more
-            # than the distances; the cost only ranks pairs of neurons
-            xm, ym = _channel_maps(runner, space, i), _channel_maps(ref_runner, ref, i)
-            if xm is not None and ym is not None:
-                d, length = map_distances(xm, ym)
-            else:
-                x = node_features(runner, space, i, dtype=None)
-                y = node_features(ref_runner, ref, i, dtype=None)
-                d, length = squared_distances(x, y), x.shape[1]
-            d = d.to(torch.float64).cpu()  # squared distances add up over samples
-            sums[i] = d if sums[i] is None else sums[i].add_(d)  # type: ignore[union-attr]
-            lengths[i] += length
+            x = runner.value(runner.node(space.nodes[i])).detach()
+            y = ref_runner.value(ref_runner.node(ref.nodes[i])).detach()
+            sums.add(i, x, y, space, ref)
         del runner, ref_runner
-    total: Tensor | None = None
-    for node_sum, length in zip(sums, lengths, strict=True):  # each node's mean distance
-        assert node_sum is not None
-        d = node_sum.div_(length)  # d is this call's own: divided in place
-        total = d if total is None else total.add_(d)
-    assert total is not None
-    return total
+    return sums.total()
 
 
-def _channel_maps(runner: GraphRunner, space: Space, i: int) -> Tensor | None:
-    """The space's ``i``-th node value as ``(B, C, positions)`` when its neurons are the
-    channels of a channels-first map laid out contiguously (a convolution's output), else
-    ``None``."""
-    out, axis, parts = node_value(runner, space, i)
+def _streamed_acts_costs(
+    ctx: FusionContext, ref: int, spaces: list[list[Space]], free: list[int]
+) -> dict[int, list[Tensor]]:
+    """Every model's activation cost for every free space (``{k: [cost per free space]}``,
+    the reference left out), from one pass over each chunk of the fusion set: the models run
+    side by side, node by node, each node's distances taken while its values are fresh and
+    every value dropped once the nodes that read it have run (about the memory of the models'
+    widest cuts; keeping the reference's values and running the models one after the other
+    was 7% slower). Equal to :func:`_acts_cost` on a model whose earlier spaces were mapped by
+    permutations, which leave every activation as it was (the costs of a model after a soft
+    map are computed afresh)."""
+    wanted: dict[str, list[tuple[int, int]]] = {}  # node name -> (free space, node index)
+    for j, i in enumerate(free):
+        _check_nodes(spaces[ref][i])
+        for t, name in enumerate(spaces[ref][i].nodes):
+            wanted.setdefault(name, []).append((j, t))
+    gms = [ctx.trace(m) for m in ctx.models]
+    others = [k for k in range(len(gms)) if k != ref]
+    sums = {k: [_NodeSums(len(spaces[ref][i].nodes)) for i in free] for k in others}
+    x_all = ctx.inputs
+    n = x_all.shape[0]
+    for rows in [slice(None)] if n <= ACTS_CHUNK else even_chunks(n, ACTS_CHUNK):
+        x = x_all if n <= ACTS_CHUNK else x_all[rows]
+        # the graphs have the same nodes in the same order (alignment_setup checked them)
+        for step in zip(*(GraphRunner(gm, x).stream() for gm in gms), strict=True):
+            node, value = step[ref]
+            for j, t in wanted.get(node.name, ()):
+                r_space = spaces[ref][free[j]]
+                for k in others:
+                    space = spaces[k][free[j]]
+                    if step[k][0].name != space.nodes[t]:
+                        raise RuntimeError(
+                            f"model {k} computes {step[k][0].name!r} where its space "
+                            f"{space.name!r} reads {space.nodes[t]!r}"
+                        )
+                    sums[k][j].add(t, step[k][1].detach(), value.detach(), space, r_space)
+            del step, node, value
+    return {k: [s.total() for s in sums[k]] for k in others}
+
+
+def _channel_maps(out: Tensor, space: Space, i: int) -> Tensor | None:
+    """``out``, the value of the space's ``i``-th node, as ``(B, C, positions)`` when its
+    neurons are the channels of a channels-first map laid out contiguously (a convolution's
+    output), else ``None``."""
+    axis, parts = value_layout(out, space, i)
     if out.dim() < 3 or parts != 1 or axis != 1 or not out.is_contiguous():
         return None
     return out.reshape(out.shape[0], out.shape[1], -1)
@@ -321,7 +406,7 @@ def _weights_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
     for member in space.members:
         key, axis = member.key, member.axis
         t = al.state[key]
-        if is_incoming(al.gm, key, axis) or t.dim() < 2:
+        if is_incoming(al.graph, key, axis) or t.dim() < 2:
             continue  # weight rows of producers (an embedding's columns), not readers
         x = neuron_rows(t, member, space.size).to(torch.float64)
         y = neuron_rows(al.ref_state[key], member, ref.size).to(torch.float64)
@@ -352,6 +437,17 @@ GROUND_METRICS: dict[str, Callable[[_Aligner, Space, Space], Tensor]] = {
     "acts": _acts_cost,
     "weights": _weights_cost,
 }
+
+
+def _expect_permutations(
+    ctx: FusionContext, ref: int, spaces: list[list[Space]], free: list[int]
+) -> bool:
+    """Whether the transports will be permutations (exact EMD between equal widths with
+    uniform marginals): then no map changes an activation and every cost can be taken from one
+    pass over the models (:func:`_streamed_acts_costs`); a map that turns out soft all the
+    same only sends that model's later costs back to the space-by-space path."""
+    same = all(spaces[k][i].size == spaces[ref][i].size for k in range(len(spaces)) for i in free)
+    return ctx.options.solver == "emd" and ctx.importance.uniform and same
 
 
 def _marginal(scores: Tensor | None, size: int) -> np.ndarray:
@@ -386,6 +482,9 @@ def otfusion(ctx: FusionContext) -> nn.Module:
         if ctx.inputs.shape[0] <= ACTS_CHUNK:  # one chunk: the reference's values kept
             ref_runner, ref_gm = GraphRunner(ref_gm, ctx.inputs), None
     ref_scores = _scores(ctx, ref, spaces[ref])
+    streamed: dict[int, list[Tensor]] = {}
+    if opt.ground_metric == "acts" and _expect_permutations(ctx, ref, spaces, free):
+        streamed = _streamed_acts_costs(ctx, ref, spaces, free)
     aligned: list[State] = []
     costs: list[float] = []
     with progress_bar(ctx.progress, "otfusion", n * len(free)) as advance:
@@ -401,7 +500,10 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 space, target = spaces[k][i], spaces[ref][i]
                 # the cost, the plan and the map are (n, m) float64 arrays: each is made once
                 # and changed in place (two width-16384 layers: 2 GiB apiece)
-                cost = al.cost(space, target).to(torch.float64)
+                if k in streamed and not al.soft:  # every earlier map a permutation
+                    cost = streamed[k][j]
+                else:
+                    cost = al.cost(space, target).to(torch.float64)
                 top = float(cost.max())
                 if top > 0:
                     cost.div_(top)
