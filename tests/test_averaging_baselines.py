@@ -462,6 +462,57 @@ def test_git_rebasin_correlation_sums_over_chunks_equal_the_one_shot_correlation
     )
 
 
+def test_git_rebasin_correlation_sums_of_channel_maps_equal_those_of_neuron_rows():
+    """``add_maps`` (float32 products on the maps as they lie, summed in float64) gives the
+    correlations of the float64 neuron rows, over uneven chunks, with a channel whose mean is
+    far above its spread, a dead channel and a perfectly correlated pair."""
+    from neurofuse.graph import to_neurons
+    from neurofuse.methods.git_rebasin import CorrelationSums, correlation
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 5, 4, 3, generator=g)
+    y = torch.randn(30, 6, 4, 3, generator=g)
+    x[:, 0] = 300.0 + 0.5 * x[:, 0]  # large mean against its spread
+    y[:, 1] = 2.0 * x[:, 3] - 1.0  # perfectly correlated with channel 3
+    y[:, 2] = 4.0  # dead
+    want = correlation(to_neurons(x, 1).double(), to_neurons(y, 1).double())
+    sums = CorrelationSums()
+    for lo in range(0, 30, 7):
+        sums.add_maps(x[lo : lo + 7].reshape(-1, 5, 12), y[lo : lo + 7].reshape(-1, 6, 12))
+    got = sums.correlation()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert got[3, 1] == pytest.approx(1.0, abs=1e-5)
+    assert torch.all(got[:, 2].abs() < 1e-5)
+    assert not torch.equal(x[:, 0], torch.full_like(x[:, 0], 300.0))  # inputs left intact
+
+
+def test_git_rebasin_matches_activations_in_one_pass_of_each_model(monkeypatch):
+    """Activation matching evaluates every node of every model once per chunk (the reference
+    too: not once per model matched to it), and a CNN's correlations take the channel-map
+    path."""
+    from neurofuse.methods import git_rebasin as module
+    from neurofuse.methods.git_rebasin import CorrelationSums
+
+    torch.manual_seed(0)
+    models = [randomise_batchnorm(cnn_bn()).eval() for _ in range(3)]
+    x = torch.randn(40, 1, 8, 8)
+    maps = []
+    real = CorrelationSums.add_maps
+
+    def spy(self, a, b):
+        maps.append(a.shape)
+        return real(self, a, b)
+
+    monkeypatch.setattr(CorrelationSums, "add_maps", spy)
+    monkeypatch.setattr(module, "ACTS_CHUNK", 16)
+    seen = _evaluated_batches(monkeypatch)
+    nf.fuse(models, x, method="git_rebasin")
+    n_nodes = sum(len([n for n in trace(m).graph.nodes if n.op != "output"]) for m in models)
+    assert sum(1 for s in seen if s > 2) <= n_nodes * 3  # 3 chunks of at most 16 samples
+    assert maps and all(len(s) == 3 for s in maps)
+
+
 @pytest.mark.parametrize(
     "name,importance",
     [("mlp", "uniform"), ("vgg_bn", "uniform"), ("vit", "uniform"), ("mlp", "activation")],

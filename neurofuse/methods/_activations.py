@@ -5,7 +5,7 @@ and statistics summed over chunks of samples."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +51,46 @@ def value_features(
     if parts > 1:
         rows = rows.reshape(parts, space.size, -1).transpose(0, 1).reshape(space.size, -1)
     return rows
+
+
+def channel_maps(out: Tensor, space: Space, i: int) -> Tensor | None:
+    """``out``, the value of the space's ``i``-th node, as ``(B, C, positions)`` when its
+    neurons are the channels of a channels-first map laid out contiguously (a convolution's
+    output), else ``None``: products over samples and positions can then be batched over the
+    maps as they lie, without copying them into neuron rows."""
+    axis, parts = value_layout(out, space, i)
+    if out.dim() < 3 or parts != 1 or axis != 1 or not out.is_contiguous():
+        return None
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def stream_against_reference(
+    ctx: FusionContext, ref: int, names: set[str], chunk: int
+) -> Iterator[tuple[str, Tensor, list[tuple[int, Tensor]]]]:
+    """The models' values at the nodes ``names``, in one pass over each chunk of ``chunk``
+    fusion samples (one when the set is no larger): every model runs side by side, node by
+    node (:meth:`GraphRunner.stream`), and each value is dropped once the nodes that read it
+    have run, so a pass holds about the models' widest cuts. Yields ``(node name, the
+    reference's value, [(k, model k's value) for every other model])``, values detached; the
+    next step may drop them. The models must have the same graph (their nodes are walked in
+    lockstep; a name that differs is an error)."""
+    gms = [ctx.trace(m) for m in ctx.models]
+    x_all = ctx.inputs
+    n = x_all.shape[0]
+    for rows in [slice(None)] if n <= chunk else even_chunks(n, chunk):
+        x = x_all if n <= chunk else x_all[rows]
+        for step in zip(*(GraphRunner(gm, x).stream() for gm in gms), strict=True):
+            node, value = step[ref]
+            if node.name in names:
+                for k, (theirs, _) in enumerate(step):
+                    if theirs.name != node.name:
+                        raise RuntimeError(
+                            f"model {k} computes node {theirs.name!r} where model {ref} "
+                            f"computes {node.name!r}: the models' graphs differ"
+                        )
+                others = [(k, v.detach()) for k, (_, v) in enumerate(step) if k != ref]
+                yield node.name, value.detach(), others
+            del step, node, value
 
 
 def space_features(runner: GraphRunner, space: Space) -> Tensor:
@@ -166,12 +206,14 @@ class Activations:
 
 __all__ = [
     "ACTS_CHUNK",
+    "channel_maps",
     "Activations",
     "CovarianceSums",
     "node_features",
     "node_value",
     "space_features",
     "space_scores",
+    "stream_against_reference",
     "value_features",
     "value_layout",
 ]

@@ -41,10 +41,11 @@ from torch import Tensor, nn
 from neurofuse.alignment import Space
 from neurofuse.alignment.space import neuron_rows
 from neurofuse.graph import GraphRunner, trace
+from neurofuse.methods._activations import channel_maps as _channel_maps
 from neurofuse.methods._activations import (
     space_scores,
+    stream_against_reference,
     value_features,
-    value_layout,
 )
 from neurofuse.methods._averaging import (
     State,
@@ -339,50 +340,24 @@ def _streamed_acts_costs(
     ctx: FusionContext, ref: int, spaces: list[list[Space]], free: list[int]
 ) -> dict[int, list[Tensor]]:
     """Every model's activation cost for every free space (``{k: [cost per free space]}``,
-    the reference left out), from one pass over each chunk of the fusion set: the models run
-    side by side, node by node, each node's distances taken while its values are fresh and
-    every value dropped once the nodes that read it have run (about the memory of the models'
-    widest cuts; keeping the reference's values and running the models one after the other
-    was 7% slower). Equal to :func:`_acts_cost` on a model whose earlier spaces were mapped by
-    permutations, which leave every activation as it was (the costs of a model after a soft
-    map are computed afresh)."""
+    the reference left out), from one pass over each chunk of the fusion set, the models side
+    by side (:func:`~neurofuse.methods._activations.stream_against_reference`: each node's
+    distances taken while its values are fresh; keeping the reference's values and running
+    the models one after the other was 7% slower). Equal to :func:`_acts_cost` on a model
+    whose earlier spaces were mapped by permutations, which leave every activation as it was
+    (the costs of a model after a soft map are computed afresh)."""
     wanted: dict[str, list[tuple[int, int]]] = {}  # node name -> (free space, node index)
     for j, i in enumerate(free):
         _check_nodes(spaces[ref][i])
         for t, name in enumerate(spaces[ref][i].nodes):
             wanted.setdefault(name, []).append((j, t))
-    gms = [ctx.trace(m) for m in ctx.models]
-    others = [k for k in range(len(gms)) if k != ref]
+    others = [k for k in range(len(ctx.models)) if k != ref]
     sums = {k: [_NodeSums(len(spaces[ref][i].nodes)) for i in free] for k in others}
-    x_all = ctx.inputs
-    n = x_all.shape[0]
-    for rows in [slice(None)] if n <= ACTS_CHUNK else even_chunks(n, ACTS_CHUNK):
-        x = x_all if n <= ACTS_CHUNK else x_all[rows]
-        # the graphs have the same nodes in the same order (alignment_setup checked them)
-        for step in zip(*(GraphRunner(gm, x).stream() for gm in gms), strict=True):
-            node, value = step[ref]
-            for j, t in wanted.get(node.name, ()):
-                r_space = spaces[ref][free[j]]
-                for k in others:
-                    space = spaces[k][free[j]]
-                    if step[k][0].name != space.nodes[t]:
-                        raise RuntimeError(
-                            f"model {k} computes {step[k][0].name!r} where its space "
-                            f"{space.name!r} reads {space.nodes[t]!r}"
-                        )
-                    sums[k][j].add(t, step[k][1].detach(), value.detach(), space, r_space)
-            del step, node, value
+    for name, y, values in stream_against_reference(ctx, ref, set(wanted), ACTS_CHUNK):
+        for j, t in wanted[name]:
+            for k, x in values:
+                sums[k][j].add(t, x, y, spaces[k][free[j]], spaces[ref][free[j]])
     return {k: [s.total() for s in sums[k]] for k in others}
-
-
-def _channel_maps(out: Tensor, space: Space, i: int) -> Tensor | None:
-    """``out``, the value of the space's ``i``-th node, as ``(B, C, positions)`` when its
-    neurons are the channels of a channels-first map laid out contiguously (a convolution's
-    output), else ``None``."""
-    axis, parts = value_layout(out, space, i)
-    if out.dim() < 3 or parts != 1 or axis != 1 or not out.is_contiguous():
-        return None
-    return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 def map_distances(x: Tensor, y: Tensor) -> tuple[Tensor, int]:
