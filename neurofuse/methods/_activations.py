@@ -65,32 +65,33 @@ def channel_maps(out: Tensor, space: Space, i: int) -> Tensor | None:
 
 
 def stream_against_reference(
-    ctx: FusionContext, ref: int, names: set[str], chunk: int
-) -> Iterator[tuple[str, Tensor, list[tuple[int, Tensor]]]]:
-    """The models' values at the nodes ``names``, in one pass over each chunk of ``chunk``
-    fusion samples (one when the set is no larger): every model runs side by side, node by
-    node (:meth:`GraphRunner.stream`), and each value is dropped once the nodes that read it
-    have run, so a pass holds about the models' widest cuts. Yields ``(node name, the
-    reference's value, [(k, model k's value) for every other model])``, values detached; the
-    next step may drop them. The models must have the same graph (their nodes are walked in
-    lockstep; a name that differs is an error)."""
-    gms = [ctx.trace(m) for m in ctx.models]
+    ctx: FusionContext, ref: int, k: int, names: set[str], chunk: int
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Model ``k``'s and the reference's values at the nodes ``names``, in one pass over each
+    chunk of ``chunk`` fusion samples (one when the set is no larger): the two models run side
+    by side, node by node (:meth:`GraphRunner.stream`), each value dropped once the nodes that
+    read it have run, so a pass holds about the two models' widest cuts (and each model's
+    products are taken while its values are fresh). Yields ``(node name, the reference's
+    value, model k's value)``, detached; the next step may drop them. One model at a time, so
+    that what a caller sums per model is held for one model (the reference reruns for each:
+    a forward pass costs less than the products). The two graphs must be the same (walked in
+    lockstep; a node name that differs is an error)."""
+    gms = [ctx.trace(ctx.models[ref]), ctx.trace(ctx.models[k])]
     x_all = ctx.inputs
     n = x_all.shape[0]
     for rows in [slice(None)] if n <= chunk else even_chunks(n, chunk):
         x = x_all if n <= chunk else x_all[rows]
-        for step in zip(*(GraphRunner(gm, x).stream() for gm in gms), strict=True):
-            node, value = step[ref]
+        for (node, y), (theirs, v) in zip(
+            *(GraphRunner(gm, x).stream() for gm in gms), strict=True
+        ):
+            if theirs.name != node.name:
+                raise RuntimeError(
+                    f"model {k} computes node {theirs.name!r} where model {ref} computes "
+                    f"{node.name!r}: the models' graphs differ"
+                )
             if node.name in names:
-                for k, (theirs, _) in enumerate(step):
-                    if theirs.name != node.name:
-                        raise RuntimeError(
-                            f"model {k} computes node {theirs.name!r} where model {ref} "
-                            f"computes {node.name!r}: the models' graphs differ"
-                        )
-                others = [(k, v.detach()) for k, (_, v) in enumerate(step) if k != ref]
-                yield node.name, value.detach(), others
-            del step, node, value
+                yield node.name, y.detach(), v.detach()
+            del y, v
 
 
 def space_features(runner: GraphRunner, space: Space) -> Tensor:

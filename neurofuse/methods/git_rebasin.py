@@ -199,49 +199,45 @@ ACTS_CHUNK = 512
 def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list[dict[str, Tensor]]:
     """Every model's permutations onto model ``ref``, from activation correlations summed over
     the nodes that carry each space and accumulated over chunks of :data:`ACTS_CHUNK` samples:
-    one pass of the models over each chunk, side by side, each node's correlation sums taken
-    while its values are fresh and every value dropped once it has been read
+    one model after the other (so only one model's sums are held), each in one pass over each
+    chunk beside the reference, its correlation sums taken while the values are fresh and
+    every value dropped once read
     (:func:`~neurofuse.methods._activations.stream_against_reference`)."""
-    wanted: dict[str, list[tuple[int, int]]] = {}  # node name -> (space index, node index)
     for k in range(len(ctx.models)):
         for space in spaces[k]:
             if k != ref and not space.fixed and not space.nodes:
                 raise ValueError(f"space {space.name!r} has no nodes; use match='weights'")
     free = [i for i, s in enumerate(spaces[ref]) if not s.fixed]
+    wanted: dict[str, list[tuple[int, int]]] = {}  # node name -> (space index, node index)
     for i in free:
         for t, name in enumerate(spaces[ref][i].nodes):
             wanted.setdefault(name, []).append((i, t))
-    others = [k for k in range(len(ctx.models)) if k != ref]
-    sums = {
-        (k, i, t): CorrelationSums()
-        for k in others
-        for i in free
-        for t in range(len(spaces[ref][i].nodes))
-    }
-    for name, y, values in stream_against_reference(ctx, ref, set(wanted), ACTS_CHUNK):
-        for i, t in wanted[name]:
-            r_space = spaces[ref][i]
-            ym = channel_maps(y, r_space, t)
-            for k, x in values:
-                space = spaces[k][i]
-                xm = channel_maps(x, space, t)
+    perms: list[dict[str, Tensor]] = []
+    for k in range(len(ctx.models)):
+        if k == ref:
+            perms.append({})
+            continue
+        sums = {(i, t): CorrelationSums() for i in free for t in range(len(spaces[ref][i].nodes))}
+        for name, y, x in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
+            for i, t in wanted[name]:
+                space, r_space = spaces[k][i], spaces[ref][i]
+                xm, ym = channel_maps(x, space, t), channel_maps(y, r_space, t)
                 if xm is not None and ym is not None:
-                    sums[k, i, t].add_maps(ym, xm)
+                    sums[i, t].add_maps(ym, xm)
                 else:
-                    sums[k, i, t].add(value_features(y, r_space, t), value_features(x, space, t))
-    return [
-        {}
-        if k == ref
-        else {
-            spaces[k][i].name: assign(
-                tensor_sum(sums[k, i, t].correlation() for t in range(len(spaces[ref][i].nodes))),
-                spaces[k][i].heads,
-                _neighbours(ctx),
-            )
-            for i in free
-        }
-        for k in range(len(ctx.models))
-    ]
+                    sums[i, t].add(value_features(y, r_space, t), value_features(x, space, t))
+        perms.append(
+            {
+                spaces[k][i].name: assign(
+                    tensor_sum(sums[i, t].correlation() for t in range(len(spaces[ref][i].nodes))),
+                    spaces[k][i].heads,
+                    _neighbours(ctx),
+                )
+                for i in free
+            }
+        )
+        del sums
+    return perms
 
 
 def _match_weights(

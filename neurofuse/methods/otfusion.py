@@ -270,18 +270,19 @@ def _is_permutation(q: Tensor, tol: float = 1e-9) -> bool:
     return bool((nonzero.sum(0) == 1).all() and (nonzero.sum(1) == 1).all() and ones.all())
 
 
-class _NodeSums:
-    """One space's activation cost, summed over the nodes that carry it and over chunks of
-    samples: each node's squared distances (float64) and their length, added chunk by chunk;
-    the cost is the sum over nodes, in node order, of each node's mean distance."""
+class _SpaceCost:
+    """One space's activation cost, the sum over the nodes that carry it of each node's mean
+    squared distance, accumulated over chunks of samples into one (n, m) float64 matrix: each
+    chunk's distances are divided by the node's length over the whole set (``samples`` times
+    its positions) as they arrive, so no node's sums are held apart."""
 
-    def __init__(self, n_nodes: int) -> None:
-        self.sums: list[Tensor | None] = [None] * n_nodes
-        self.lengths = [0] * n_nodes
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+        self.total: Tensor | None = None
 
     def add(self, i: int, x: Tensor, y: Tensor, space: Space, ref: Space) -> None:
         """Add the distances between the values ``x`` (the model's) and ``y`` (the
-        reference's) of the ``i``-th node of ``space`` / ``ref``."""
+        reference's) of the ``i``-th node of ``space`` / ``ref`` on a chunk of samples."""
         xm, ym = _channel_maps(x, space, i), _channel_maps(y, ref, i)
         if xm is not None and ym is not None:
             d, length = map_distances(xm, ym)
@@ -291,19 +292,13 @@ class _NodeSums:
             xf = value_features(x, space, i, dtype=None)
             yf = value_features(y, ref, i, dtype=None)
             d, length = squared_distances(xf, yf), xf.shape[1]
-        d = d.to(torch.float64).cpu()  # squared distances add up over samples
-        s = self.sums[i]
-        self.sums[i] = d if s is None else s.add_(d)
-        self.lengths[i] += length
+        # squared distances add up over samples: this chunk's share of the node's mean
+        d = d.to(torch.float64).cpu().div_(self.samples * (length // x.shape[0]))
+        self.total = d if self.total is None else self.total.add_(d)
 
-    def total(self) -> Tensor:
-        total: Tensor | None = None
-        for node_sum, length in zip(self.sums, self.lengths, strict=True):
-            assert node_sum is not None
-            d = node_sum.div_(length)  # the sums are this object's own: divided in place
-            total = d if total is None else total.add_(d)
-        assert total is not None
-        return total
+    def cost(self) -> Tensor:
+        assert self.total is not None
+        return self.total
 
 
 def _check_nodes(space: Space) -> None:
@@ -326,38 +321,35 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
             (GraphRunner(al.gm, x_all[rows]), GraphRunner(al.ref_gm, x_all[rows]))
             for rows in even_chunks(x_all.shape[0], ACTS_CHUNK)
         )
-    sums = _NodeSums(len(space.nodes))
+    total = _SpaceCost(al.ctx.inputs.shape[0])
     for runner, ref_runner in pieces:
         for i in range(len(space.nodes)):
             x = runner.value(runner.node(space.nodes[i])).detach()
             y = ref_runner.value(ref_runner.node(ref.nodes[i])).detach()
-            sums.add(i, x, y, space, ref)
+            total.add(i, x, y, space, ref)
         del runner, ref_runner
-    return sums.total()
+    return total.cost()
 
 
 def _streamed_acts_costs(
-    ctx: FusionContext, ref: int, spaces: list[list[Space]], free: list[int]
-) -> dict[int, list[Tensor]]:
-    """Every model's activation cost for every free space (``{k: [cost per free space]}``,
-    the reference left out), from one pass over each chunk of the fusion set, the models side
-    by side (:func:`~neurofuse.methods._activations.stream_against_reference`: each node's
-    distances taken while its values are fresh; keeping the reference's values and running
-    the models one after the other was 7% slower). Equal to :func:`_acts_cost` on a model
-    whose earlier spaces were mapped by permutations, which leave every activation as it was
-    (the costs of a model after a soft map are computed afresh)."""
+    ctx: FusionContext, ref: int, k: int, spaces: list[list[Space]], free: list[int]
+) -> list[Tensor | None]:
+    """Model ``k``'s activation cost for every free space, from one pass over each chunk of
+    the fusion set beside the reference
+    (:func:`~neurofuse.methods._activations.stream_against_reference`: each node's distances
+    taken while its values are fresh). Equal to :func:`_acts_cost` on a model whose earlier
+    spaces were mapped by permutations, which leave every activation as it was (the costs of
+    a model after a soft map are computed afresh)."""
     wanted: dict[str, list[tuple[int, int]]] = {}  # node name -> (free space, node index)
     for j, i in enumerate(free):
         _check_nodes(spaces[ref][i])
         for t, name in enumerate(spaces[ref][i].nodes):
             wanted.setdefault(name, []).append((j, t))
-    others = [k for k in range(len(ctx.models)) if k != ref]
-    sums = {k: [_NodeSums(len(spaces[ref][i].nodes)) for i in free] for k in others}
-    for name, y, values in stream_against_reference(ctx, ref, set(wanted), ACTS_CHUNK):
+    costs = [_SpaceCost(ctx.inputs.shape[0]) for _ in free]
+    for name, y, x in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
         for j, t in wanted[name]:
-            for k, x in values:
-                sums[k][j].add(t, x, y, spaces[k][free[j]], spaces[ref][free[j]])
-    return {k: [s.total() for s in sums[k]] for k in others}
+            costs[j].add(t, x, y, spaces[k][free[j]], spaces[ref][free[j]])
+    return [c.cost() for c in costs]
 
 
 def map_distances(x: Tensor, y: Tensor) -> tuple[Tensor, int]:
@@ -457,9 +449,7 @@ def otfusion(ctx: FusionContext) -> nn.Module:
         if ctx.inputs.shape[0] <= ACTS_CHUNK:  # one chunk: the reference's values kept
             ref_runner, ref_gm = GraphRunner(ref_gm, ctx.inputs), None
     ref_scores = _scores(ctx, ref, spaces[ref])
-    streamed: dict[int, list[Tensor]] = {}
-    if opt.ground_metric == "acts" and _expect_permutations(ctx, ref, spaces, free):
-        streamed = _streamed_acts_costs(ctx, ref, spaces, free)
+    stream = opt.ground_metric == "acts" and _expect_permutations(ctx, ref, spaces, free)
     aligned: list[State] = []
     costs: list[float] = []
     with progress_bar(ctx.progress, "otfusion", n * len(free)) as advance:
@@ -470,13 +460,15 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 continue
             al = _Aligner(ctx, k, spaces[k], spaces[ref], ref_runner, ref_gm)
             scores = _scores(ctx, k, spaces[k])
+            streamed = _streamed_acts_costs(ctx, ref, k, spaces, free) if stream else None
             total = 0.0
             for j, i in enumerate(free):
                 space, target = spaces[k][i], spaces[ref][i]
                 # the cost, the plan and the map are (n, m) float64 arrays: each is made once
                 # and changed in place (two width-16384 layers: 2 GiB apiece)
-                if k in streamed and not al.soft:  # every earlier map a permutation
-                    cost = streamed[k][j]
+                if streamed is not None and not al.soft:  # every earlier map a permutation
+                    cost, streamed[j] = streamed[j], None  # (held until its plan is made)
+                    assert cost is not None
                 else:
                     cost = al.cost(space, target).to(torch.float64)
                 top = float(cost.max())
@@ -491,6 +483,8 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 del cost
                 al.apply(space, plan.div_(torch.as_tensor(b)[None, :]))
                 del plan
+                if al.soft:  # the later costs are computed afresh
+                    streamed = None
                 advance(k * len(free) + j + 1)
             aligned.append(al.state)
             costs.append(total)
