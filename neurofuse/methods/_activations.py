@@ -135,26 +135,51 @@ ACTS_CHUNK = 512
 class CovarianceSums:
     """``sum (z - mean)(z - mean)^T`` over the columns of neuron rows ``z`` (``(d, N)``) that
     arrive in chunks, float64, accumulated about the first chunk's means (so that a neuron whose
-    mean is large against its spread does not cancel)."""
+    mean is large against its spread does not cancel). Channel maps (``(B, d, P)``, the
+    neurons' values over samples and positions) are added as they lie (:meth:`add_maps`);
+    rows and maps may be mixed: the shift is kept as the maps' float32 holds it, so that every
+    chunk subtracts the same."""
 
     def __init__(self) -> None:
         self.count = 0
 
+    def _start(self, means: Tensor, device: torch.device) -> None:
+        d = means.shape[0]
+        self.shift = means.to(torch.float32).to(torch.float64)
+        self.s1 = torch.zeros(d, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(d, d, dtype=torch.float64, device=device)
+
     def add(self, z: Tensor) -> None:
         z = z.to(torch.float64)
         if self.count == 0:
-            self.shift = z.mean(1, keepdim=True)
-            self.s1 = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-            self.s2 = torch.zeros(z.shape[0], z.shape[0], dtype=torch.float64, device=z.device)
-        z = z - self.shift
+            self._start(z.mean(1), z.device)
+        z = z - self.shift[:, None]
         self.s1 += z.sum(1)
         self.s2.addmm_(z, z.T)
         self.count += z.shape[1]
+
+    def add_maps(self, z: Tensor) -> None:
+        """Add the maps ``z`` (B, d, P): centred in their own dtype, the products batched over
+        samples and each sample's summed in float64 (float64 neuron rows cost several times
+        as much on a CNN's maps)."""
+        if self.count == 0:
+            self._start(channel_sums(z) / (z.shape[0] * z.shape[2]), z.device)
+        z = z - self.shift.to(z.dtype).view(1, -1, 1)
+        self.s1 += channel_sums(z)
+        self.s2 += torch.bmm(z, z.transpose(1, 2)).sum(0, dtype=torch.float64)
+        self.count += z.shape[0] * z.shape[2]
 
     def centred(self) -> Tensor:
         if self.count == 0:
             raise ValueError("no samples were added")
         return self.s2 - torch.outer(self.s1, self.s1) / self.count
+
+
+def channel_sums(x: Tensor) -> Tensor:
+    """Sums of the maps ``x`` (B, C, P) per channel, in float64: over the contiguous
+    positions first, then over samples (a float64 sum over dims (0, 2) at once reduces across
+    strides, 100 times slower on a VGG-small map)."""
+    return x.sum(2).sum(0, dtype=torch.float64)
 
 
 class Activations:
@@ -173,17 +198,38 @@ class Activations:
     def covariance(self, models: Sequence[int], spaces: Sequence[Space]) -> tuple[Tensor, int]:
         """The centred second moments of the features of ``spaces[i]`` of model ``models[i]``
         stacked in that order (:func:`space_features`), over every chunk; and the number of
-        columns (samples x positions)."""
+        columns (samples x positions). Node by node: the models' maps side by side when every
+        model's value is a channel map (:func:`channel_maps`), else their neuron rows."""
         sums = CovarianceSums()
+        nodes = len(spaces[0].nodes)
+        if not nodes or any(len(s.nodes) != nodes for s in spaces):
+            raise ValueError(f"space {spaces[0].name!r} has no graph node to measure")
         for rows in self.chunks:
-            feats = []
+            values = []
             for k, space in zip(models, spaces, strict=True):
-                run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
-                run.compute([run.node(n) for n in space.nodes], lean=True)
-                feats.append(space_features(run, space))
+                if self.runners is not None:
+                    run = self.runners[k]
+                    values.append([run.value(run.node(n)).detach() for n in space.nodes])
+                else:
+                    run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
+                    got = run.compute([run.node(n) for n in space.nodes], lean=True)
+                    values.append([v.detach() for v in got])
                 del run
-            sums.add(torch.cat(feats))
-            del feats
+            for t in range(nodes):
+                maps = [channel_maps(v[t], s, t) for v, s in zip(values, spaces, strict=True)]
+                if all(m is not None for m in maps):
+                    sums.add_maps(torch.cat(maps, 1))  # type: ignore[arg-type]
+                else:
+                    sums.add(
+                        torch.cat(
+                            [
+                                value_features(v[t], s, t)
+                                for v, s in zip(values, spaces, strict=True)
+                            ]
+                        )
+                    )
+                del maps
+            del values
         return sums.centred(), sums.count
 
     def scores(self, k: int, space: Space) -> Tensor | None:
@@ -208,6 +254,7 @@ class Activations:
 __all__ = [
     "ACTS_CHUNK",
     "channel_maps",
+    "channel_sums",
     "Activations",
     "CovarianceSums",
     "node_features",

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from neurofuse.alignment import Space
 from neurofuse.methods._activations import (
     Activations,
-    space_features,
 )
 from neurofuse.methods._averaging import (
     State,
@@ -142,27 +141,16 @@ def cca_merge(ctx: FusionContext) -> nn.Module:
         for space, ref_space in zip(spaces[k], spaces[ref], strict=True):
             if space.fixed:
                 continue
-            if acts.runners is not None:
-                za = space_features(acts.runners[ref], ref_space)
-                zb = space_features(acts.runners[k], space)
-                t = cca_transform(za, zb, opt.reg)
-                similarity = float(
-                    torch.nn.functional.cosine_similarity(
-                        (t @ (zb - zb.mean(1, keepdim=True))).flatten(),
-                        (za - za.mean(1, keepdim=True)).flatten(),
-                        dim=0,
-                    )
-                )
-            else:  # a large fusion set: the covariances summed over chunks
-                cov, count = acts.covariance([ref, k], [ref_space, space])
-                d = ref_space.size
-                caa, cbb, cab = cov[:d, :d], cov[d:, d:], cov[:d, d:]
-                t = cca_from_covariances(caa / count, cbb / count, cab / count, opt.reg)
-                # the cosine of (T z_B) and z_A, centred, from the same sums
-                # <T z_B, z_A> = sum T * C_AB; |T z_B|^2 = sum (T C_BB) * T; |z_A|^2 = tr C_AA
-                dot = float((t * cab).sum())
-                tb = max(float(((t @ cbb) * t).sum()), 0.0) ** 0.5
-                similarity = dot / max(tb * max(float(caa.trace()), 0.0) ** 0.5, 1e-8)
+            # the covariances over the whole set (or summed over chunks of it)
+            cov, count = acts.covariance([ref, k], [ref_space, space])
+            d = ref_space.size
+            caa, cbb, cab = cov[:d, :d], cov[d:, d:], cov[:d, d:]
+            t = cca_from_covariances(caa / count, cbb / count, cab / count, opt.reg)
+            # the cosine of (T z_B) and z_A, centred, from the same sums
+            # <T z_B, z_A> = sum T * C_AB; |T z_B|^2 = sum (T C_BB) * T; |z_A|^2 = tr C_AA
+            dot = float((t * cab).sum())
+            tb = max(float(((t @ cbb) * t).sum()), 0.0) ** 0.5
+            similarity = dot / max(tb * max(float(caa.trace()), 0.0) ** 0.5, 1e-8)
             reads = {(m.key, m.axis) for m in space.members if is_incoming(gm, m.key, m.axis)}
             state = map_space_linear(state, space, t, reads)
             if k == (1 if ref == 0 else 0):

@@ -43,6 +43,7 @@ from neurofuse.grouping.heads import block_assignment
 from neurofuse.grouping.hungarian import SPARSE_NEIGHBOURS, assign_pairs
 from neurofuse.methods._activations import (
     channel_maps,
+    channel_sums,
     space_scores,
     stream_against_reference,
     value_features,
@@ -135,16 +136,16 @@ class CorrelationSums:
         if self.count == 0:
             # the shift as the maps' dtype holds it, so that every chunk subtracts the same
             length = x.shape[0] * x.shape[2]
-            self.x0 = (_channel_sums(x) / length).to(x.dtype).view(1, -1, 1)
-            self.y0 = (_channel_sums(y) / length).to(y.dtype).view(1, -1, 1)
+            self.x0 = (channel_sums(x) / length).to(x.dtype).view(1, -1, 1)
+            self.y0 = (channel_sums(y) / length).to(y.dtype).view(1, -1, 1)
             self.sx = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self.sy = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
             self.sxx, self.syy = torch.zeros_like(self.sx), torch.zeros_like(self.sy)
             self.sxy = self.sx.new_zeros(x.shape[1], y.shape[1])
         x = x - self.x0  # new tensors: the inputs (a runner's values) stay intact
         y = y - self.y0
-        self.sx += _channel_sums(x)
-        self.sy += _channel_sums(y)
+        self.sx += channel_sums(x)
+        self.sy += channel_sums(y)
         # norms over the contiguous positions first (see otfusion.map_distances)
         self.sxx += torch.linalg.vector_norm(x, dim=2).square().sum(0, dtype=torch.float64)
         self.syy += torch.linalg.vector_norm(y, dim=2).square().sum(0, dtype=torch.float64)
@@ -159,13 +160,6 @@ class CorrelationSums:
         x_norm = (self.sxx - self.sx.square() / n).clamp_min(0).sqrt() + eps
         y_norm = (self.syy - self.sy.square() / n).clamp_min(0).sqrt() + eps
         return cov.div_(x_norm[:, None]).div_(y_norm[None, :])
-
-
-def _channel_sums(x: Tensor) -> Tensor:
-    """Sums of the maps ``x`` (B, C, P) per channel, in float64: over the contiguous
-    positions first, then over samples (a float64 sum over dims (0, 2) at once reduces across
-    strides, 100 times slower on a VGG-small map)."""
-    return x.sum(2).sum(0, dtype=torch.float64)
 
 
 def correlation(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:

@@ -45,7 +45,6 @@ from neurofuse.alignment.repair import StatsTarget
 from neurofuse.graph import GraphRunner, affine_nodes
 from neurofuse.methods._activations import (
     Activations,
-    space_features,
 )
 from neurofuse.methods._averaging import (
     alignment_setup,
@@ -286,13 +285,10 @@ def _zip_space(
             f"space {fused_space.name!r} is split into attention heads; zipit merges single "
             "neurons and would split heads. Use git_rebasin or transformer_otfusion."
         )
-    if acts.runners is not None:
-        feats = [space_features(acts.runners[k], spaces[k]) for k in range(n)]
-        corr = correlation_matrix(torch.cat(feats))
-    else:  # a large fusion set: the same correlations from sums over chunks
-        cov, _ = acts.covariance(range(n), spaces)
-        norm = cov.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
-        corr = cov / norm[:, None] / norm[None, :]
+    # the correlations of every model's neurons (over the whole set, or summed over chunks)
+    cov, _ = acts.covariance(range(n), spaces)
+    norm = cov.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
+    corr = cov / norm[:, None] / norm[None, :]
     sizes = [s.size for s in spaces]
     owners = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
     labels = zip_groups(corr.cpu(), owners, fused_space.size, n, opt.within)
