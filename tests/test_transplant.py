@@ -288,6 +288,42 @@ def test_repair_gives_every_kept_neuron_the_statistics_of_its_own_model() -> Non
     assert len(fused.neurofuse_report["repair_collapse"]) == 2
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])
+def test_repair_targets_of_a_large_fusion_set_are_gathered_in_chunks(arch, monkeypatch) -> None:
+    """Above ``STATS_CHUNK`` samples the kept neurons' statistics in the concatenated model are
+    summed over chunks, like the fused side's: the repair of the whole set at once, and no
+    graph evaluated on more than a chunk (but the concatenation's check on 256 samples)."""
+    from neurofuse.alignment import repair as module
+    from neurofuse.graph import GraphRunner
+
+    torch.manual_seed(0)
+    if arch == "mlp":
+        models = [mlp(d_in=10, hidden=(12, 12)).eval() for _ in range(2)]
+        x = torch.randn(300, 10)
+    else:
+        models = [randomise_batchnorm(cnn_bn(), seed).eval() for seed in range(2)]
+        x = torch.randn(300, 1, 8, 8)
+    whole = nf.fuse(models, x, method="transplant", finetune_epochs=0, repair=True)
+    monkeypatch.setattr(module, "STATS_CHUNK", 64)
+    seen: list[int] = []
+    real = GraphRunner.__init__
+
+    def spy(self, gm, inputs):
+        seen.append(len(inputs))
+        real(self, gm, inputs)
+
+    monkeypatch.setattr(GraphRunner, "__init__", spy)
+    chunked = nf.fuse(models, x, method="transplant", finetune_epochs=0, repair=True)
+    assert seen and all(n <= 64 or n == 256 for n in seen)
+    assert chunked.neurofuse_report["repair_collapse"] == pytest.approx(
+        whole.neurofuse_report["repair_collapse"], rel=1e-6
+    )
+    for (k, v), (_, v2) in zip(
+        whole.state_dict().items(), chunked.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(v2, v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_reset_bn_reestimates_the_pruned_models_batchnorm_statistics() -> None:
     torch.manual_seed(0)
     models = [randomise_batchnorm(cnn_bn(), s) for s in (1, 2)]

@@ -53,6 +53,21 @@ def neuron_stats(value: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     return rows.mean(1), rows.std(1, unbiased=False)
 
 
+def neuron_stats_in_chunks(
+    gm: fx.GraphModule, name: str, axis: int, inputs: Tensor, chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`neuron_stats` of the node ``name`` of ``gm`` on ``inputs``, gathered over chunks
+    of ``chunk`` samples (default :data:`STATS_CHUNK`), the graph run up to the node on each (a
+    lean pass: only one chunk's value of the node is held, not the whole set's)."""
+    sums = MomentSums()
+    for rows in even_chunks(len(inputs), STATS_CHUNK if chunk is None else chunk):
+        run = GraphRunner(gm, inputs[rows])
+        (value,) = run.compute([run.node(name)], lean=True)
+        sums.add(to_neurons(value.detach(), axis).to(torch.float64))
+        del run, value
+    return sums.stats()
+
+
 class MomentSums:
     """Each neuron's mean and standard deviation (float64) over columns that arrive in chunks,
     summed about the first chunk's means so that the variance does not cancel."""

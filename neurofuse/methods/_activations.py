@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from neurofuse.alignment import Space
-from neurofuse.alignment.repair import MomentSums
 from neurofuse.alignment.repair import neuron_stats as _neuron_stats
+from neurofuse.alignment.repair import neuron_stats_in_chunks
 from neurofuse.graph import GraphRunner, neuron_axis, to_neurons
 from neurofuse.methods.registry import FusionContext
 from neurofuse.utils import even_chunks
@@ -242,13 +242,7 @@ class Activations:
         if self.runners is not None:
             r = self.runners[k]
             return _neuron_stats(r.value(r.node(name)), axis)
-        sums = MomentSums()
-        for rows in self.chunks:
-            run = GraphRunner(self.gms[k], self.ctx.inputs[rows])
-            (value,) = run.compute([run.node(name)], lean=True)
-            sums.add(to_neurons(value.detach(), axis).to(torch.float64))
-            del run, value
-        return sums.stats()
+        return neuron_stats_in_chunks(self.gms[k], name, axis, self.ctx.inputs, ACTS_CHUNK)
 
 
 __all__ = [

@@ -42,8 +42,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from neurofuse.alignment import Space
-from neurofuse.alignment.repair import StatsTarget, neuron_stats
+from neurofuse.alignment import Space, repair
+from neurofuse.alignment.repair import StatsTarget, neuron_stats, neuron_stats_in_chunks
 from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods._averaging import finish
@@ -226,15 +226,22 @@ def kept_statistics(
     wide: nn.Module, spaces: Sequence[Space], keep: dict[str, Tensor], inputs: Tensor
 ) -> StatsTarget:
     """REPAIR's targets after pruning: each kept neuron's mean and standard deviation in the
-    concatenated model, i.e. in the model it came from (pruning the others shifts them)."""
-    runner = GraphRunner(trace(wide.eval()), inputs)
+    concatenated model, i.e. in the model it came from (pruning the others shifts them). A
+    fusion set of at most :data:`~neurofuse.alignment.repair.STATS_CHUNK` samples is evaluated
+    once (every value kept); a larger one chunk by chunk for each unit, so that no value of the
+    whole set is held (as REPAIR measures the fused side)."""
+    gm = trace(wide.eval())
+    runner = GraphRunner(gm, inputs) if len(inputs) <= repair.STATS_CHUNK else None
     space_of = {node: s.name for s in spaces for node in s.nodes}
 
     def target(end: fx.Node, axis: int) -> tuple[Tensor, Tensor] | None:
         name = space_of.get(end.name)
         if name is None:
             return None
-        mu, sd = neuron_stats(runner.value(runner.node(end.name)), axis)
+        if runner is not None:
+            mu, sd = neuron_stats(runner.value(runner.node(end.name)), axis)
+        else:
+            mu, sd = neuron_stats_in_chunks(gm, end.name, axis, inputs)
         idx = keep[name].to(mu.device)
         return mu[idx], sd[idx]
 
