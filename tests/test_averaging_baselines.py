@@ -662,13 +662,13 @@ def test_otfusion_streams_its_activation_costs_in_one_pass_per_model(case, chunk
         monkeypatch.setattr(otfusion_module, "ACTS_CHUNK", chunk)
     kw = {"reference": 1} if case == "mlp" else {}
     streams = []
-    real = otfusion_module._streamed_acts_costs
+    real = otfusion_module._StreamedCosts
 
     def counting(*args):
         streams.append(1)
         return real(*args)
 
-    monkeypatch.setattr(otfusion_module, "_streamed_acts_costs", counting)
+    monkeypatch.setattr(otfusion_module, "_StreamedCosts", counting)
     seen = _evaluated_batches(monkeypatch)
     streamed = nf.fuse(models, x, method="otfusion", **kw)
     assert len(streams) == len(models) - 1  # once per model aligned
@@ -678,7 +678,7 @@ def test_otfusion_streams_its_activation_costs_in_one_pass_per_model(case, chunk
     # run on 2-sample batches)
     passes = 2 * (len(models) - 1) * chunks
     assert sum(1 for s in seen if s > 2) <= n_nodes * passes
-    monkeypatch.setattr(otfusion_module, "_expect_permutations", lambda *a: False)
+    monkeypatch.setattr(otfusion_module, "_stream_costs", lambda *a: False)
     seen.clear()
     spaced = nf.fuse(models, x, method="otfusion", **kw)
     assert len(streams) == len(models) - 1
@@ -689,3 +689,38 @@ def test_otfusion_streams_its_activation_costs_in_one_pass_per_model(case, chunk
         streamed.state_dict().items(), spaced.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), k
+
+
+class _SequenceFirst(nn.Module):
+    """Tokens laid out ``(T, B, D)``: the samples on axis 1 of the residual stream's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc1 = nn.Linear(4, 8), nn.Linear(8, 16)
+        self.fc2, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x).transpose(0, 1)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h.mean(0))
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_otfusion_costs_of_sequence_first_values_do_not_depend_on_the_chunks(streamed, monkeypatch):
+    """Each node's distances are averaged over the samples and positions of the whole set,
+    whichever axis holds the samples: uneven chunks of 7 samples give the transport costs of
+    the whole set at once, streamed or space by space (dividing by the chunk's first axis,
+    the tokens here, weighted the nodes by the chunks' sizes)."""
+    torch.manual_seed(0)
+    models = [_SequenceFirst().eval() for _ in range(3)]
+    x = torch.randn(40, 5, 4)
+    if not streamed:
+        monkeypatch.setattr(otfusion_module, "_stream_costs", lambda *a: False)
+    whole = nf.fuse(models, x, method="otfusion")
+    monkeypatch.setattr(otfusion_module, "ACTS_CHUNK", 7)
+    chunked = nf.fuse(models, x, method="otfusion")
+    assert chunked.neurofuse_report["transport_cost"] == pytest.approx(
+        whole.neurofuse_report["transport_cost"],
+        rel=1e-6,  # float32 distances per chunk
+    )
+    assert sum(whole.neurofuse_report["transport_cost"]) > 0

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import neurofuse as nf
 from neurofuse.graph import (
     GraphRunner,
     Levels,
@@ -155,3 +156,60 @@ def test_graph_runner_computes_each_node_once():
     assert out is again
     assert calls["n"] == 1
     torch.testing.assert_close(out, model(runner.values[nodes[0]]))
+
+
+class _InPlace(nn.Module):
+    """Every way a network writes into a value that fusion reads: an in-place module, an
+    in-place operator, an in-place method, a functional with ``inplace`` by position."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.a = nn.Linear(4, 6)
+        self.act = nn.ReLU(inplace=inplace)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = self.act(h)
+        z = self.b(h)
+        if self.inplace:
+            z += h
+            z = z.tanh_()
+            z = torch.nn.functional.leaky_relu(z, 0.1, True)
+        else:
+            z = z + h
+            z = z.tanh()
+            z = torch.nn.functional.leaky_relu(z, 0.1)
+        return self.c(z)
+
+
+def test_graph_runner_keeps_values_that_later_nodes_would_overwrite_in_place():
+    """A node that writes into its input (``nn.ReLU(inplace=True)``, ``+=``, ``tanh_()``,
+    ``leaky_relu(..., True)``) runs on a copy: every kept value is the one the network
+    computed at that node, as in the same network without in-place operations, and the fused
+    models of both agree."""
+    torch.manual_seed(0)
+    inplace, plain = _InPlace(True).eval(), _InPlace(False).eval()
+    plain.load_state_dict(inplace.state_dict())
+    x = torch.randn(16, 4)
+    runs = []
+    for model in (inplace, plain):
+        gm = trace(model)
+        runner = GraphRunner(gm, x)
+        nodes = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder")]
+        runner.compute(nodes)
+        runs.append([runner.values[n] for n in nodes])
+    assert len(runs[0]) == len(runs[1])
+    for a, b in zip(*runs, strict=True):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = _InPlace(True).eval()
+    other_plain = _InPlace(False).eval()
+    other_plain.load_state_dict(other.state_dict())
+    for method in ("otfusion", "zipit", "kf_linear"):
+        a = nf.fuse([inplace, other], x, method=method)
+        b = nf.fuse([plain, other_plain], x, method=method)
+        for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-7, msg=f"{method} {k}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -96,6 +99,11 @@ class GraphRunner:
     def _run(self, n: fx.Node) -> Any:
         args = fx.node.map_arg(n.args, lambda a: self.values[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a])
+        if args and isinstance(args[0], Tensor) and _writes_into_input(self.gm, n, args, kwargs):
+            # a node that overwrites its input (``nn.ReLU(inplace=True)``, ``x += y``,
+            # ``x.relu_()``) would change the value kept for the node before it, which fusion
+            # reads too (a BatchNorm's output under its in-place ReLU): it gets a copy
+            args = (args[0].clone(), *args[1:])
         if n.op == "get_attr":
             obj: Any = self.gm
             for part in str(n.target).split("."):
@@ -109,3 +117,51 @@ class GraphRunner:
             self_obj, *rest = args
             return getattr(self_obj, str(n.target))(*rest, **kwargs)
         raise RuntimeError(f"unexpected node {n.op}")
+
+
+#: In-place operators of Python (``x += y`` traces to ``operator.iadd``).
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in (
+        "iadd isub imul imatmul itruediv ifloordiv imod ipow iand ior ixor ilshift irshift".split()
+    )
+)
+
+
+def _writes_into_input(gm: fx.GraphModule, n: fx.Node, args: tuple, kwargs: dict) -> bool:
+    """Whether the node ``n`` writes into its first argument: a module with ``inplace=True``,
+    an in-place operator or a function or method named with a trailing underscore
+    (``torch.relu_``, ``x.add_``), or a function called with ``inplace=True``."""
+    if n.op == "call_module":
+        return getattr(gm.get_submodule(str(n.target)), "inplace", False) is True
+    if n.op == "call_method":
+        name = str(n.target)
+        return name.endswith("_") and not name.startswith("_")
+    if n.op != "call_function":
+        return False
+    if n.target in _INPLACE_OPERATORS:
+        return True
+    name = getattr(n.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        return True
+    return _inplace_argument(n.target, args, kwargs)
+
+
+def _inplace_argument(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """``fn(*args, **kwargs)`` is called with ``inplace=True`` (by keyword or position: the
+    ``torch.nn.functional`` activations and dropouts take it positionally too)."""
+    if kwargs.get("inplace") is True:
+        return True
+    params = _parameters(fn)
+    if params is None or "inplace" not in params:
+        return False
+    at = params.index("inplace")
+    return len(args) > at and args[at] is True
+
+
+@functools.cache
+def _parameters(fn: Any) -> list[str] | None:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None

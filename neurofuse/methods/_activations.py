@@ -66,16 +66,17 @@ def channel_maps(out: Tensor, space: Space, i: int) -> Tensor | None:
 
 def stream_against_reference(
     ctx: FusionContext, ref: int, k: int, names: set[str], chunk: int
-) -> Iterator[tuple[str, Tensor, Tensor]]:
+) -> Iterator[tuple[str, Tensor, Tensor, int]]:
     """Model ``k``'s and the reference's values at the nodes ``names``, in one pass over each
     chunk of ``chunk`` fusion samples (one when the set is no larger): the two models run side
     by side, node by node (:meth:`GraphRunner.stream`), each value dropped once the nodes that
     read it have run, so a pass holds about the two models' widest cuts (and each model's
     products are taken while its values are fresh). Yields ``(node name, the reference's
-    value, model k's value)``, detached; the next step may drop them. One model at a time, so
-    that what a caller sums per model is held for one model (the reference reruns for each:
-    a forward pass costs less than the products). The two graphs must be the same (walked in
-    lockstep; a node name that differs is an error)."""
+    value, model k's value, samples in the chunk)``, detached; read them before asking for the
+    next step, which may drop them. One model at a time, so that what a caller sums per model
+    is held for one model (the reference reruns for each: a forward pass costs less than the
+    products). The two graphs must be the same (walked in lockstep; a node name that differs
+    is an error)."""
     gms = [ctx.trace(ctx.models[ref]), ctx.trace(ctx.models[k])]
     x_all = ctx.inputs
     n = x_all.shape[0]
@@ -90,7 +91,7 @@ def stream_against_reference(
                     f"{node.name!r}: the models' graphs differ"
                 )
             if node.name in names:
-                yield node.name, y.detach(), v.detach()
+                yield node.name, y.detach(), v.detach(), x.shape[0]
             del y, v
 
 
@@ -202,8 +203,13 @@ class Activations:
         model's value is a channel map (:func:`channel_maps`), else their neuron rows."""
         sums = CovarianceSums()
         nodes = len(spaces[0].nodes)
-        if not nodes or any(len(s.nodes) != nodes for s in spaces):
+        if not nodes:
             raise ValueError(f"space {spaces[0].name!r} has no graph node to measure")
+        if any(len(s.nodes) != nodes for s in spaces):
+            raise ValueError(
+                f"space {spaces[0].name!r} is carried by {[len(s.nodes) for s in spaces]} graph "
+                "nodes in the models: the models need the same architecture"
+            )
         for rows in self.chunks:
             values = []
             for k, space in zip(models, spaces, strict=True):

@@ -212,7 +212,7 @@ def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list
             perms.append({})
             continue
         sums = {(i, t): CorrelationSums() for i in free for t in range(len(spaces[ref][i].nodes))}
-        for name, y, x in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
+        for name, y, x, _ in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
             for i, t in wanted[name]:
                 space, r_space = spaces[k][i], spaces[ref][i]
                 xm, ym = channel_maps(x, space, t), channel_maps(y, r_space, t)
@@ -220,6 +220,8 @@ def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list
                     sums[i, t].add_maps(ym, xm)
                 else:
                     sums[i, t].add(value_features(y, r_space, t), value_features(x, space, t))
+                del xm, ym
+            del y, x  # (not held while the next node is computed)
         perms.append(
             {
                 spaces[k][i].name: assign(

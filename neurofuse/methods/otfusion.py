@@ -280,9 +280,10 @@ class _SpaceCost:
         self.samples = samples
         self.total: Tensor | None = None
 
-    def add(self, i: int, x: Tensor, y: Tensor, space: Space, ref: Space) -> None:
+    def add(self, i: int, x: Tensor, y: Tensor, space: Space, ref: Space, rows: int) -> None:
         """Add the distances between the values ``x`` (the model's) and ``y`` (the
-        reference's) of the ``i``-th node of ``space`` / ``ref`` on a chunk of samples."""
+        reference's) of the ``i``-th node of ``space`` / ``ref`` on a chunk of ``rows``
+        samples (not always ``x.shape[0]``: a sequence-first value has them on axis 1)."""
         xm, ym = _channel_maps(x, space, i), _channel_maps(y, ref, i)
         if xm is not None and ym is not None:
             d, length = map_distances(xm, ym)
@@ -293,7 +294,7 @@ class _SpaceCost:
             yf = value_features(y, ref, i, dtype=None)
             d, length = squared_distances(xf, yf), xf.shape[1]
         # squared distances add up over samples: this chunk's share of the node's mean
-        d = d.to(torch.float64).cpu().div_(self.samples * (length // x.shape[0]))
+        d = d.to(torch.float64).cpu().div_(self.samples * (length // rows))
         self.total = d if self.total is None else self.total.add_(d)
 
     def cost(self) -> Tensor:
@@ -323,33 +324,77 @@ def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
         )
     total = _SpaceCost(al.ctx.inputs.shape[0])
     for runner, ref_runner in pieces:
+        rows = next(v for n, v in runner.values.items() if n.op == "placeholder").shape[0]
         for i in range(len(space.nodes)):
             x = runner.value(runner.node(space.nodes[i])).detach()
             y = ref_runner.value(ref_runner.node(ref.nodes[i])).detach()
-            total.add(i, x, y, space, ref)
+            total.add(i, x, y, space, ref, rows)
         del runner, ref_runner
     return total.cost()
 
 
-def _streamed_acts_costs(
-    ctx: FusionContext, ref: int, k: int, spaces: list[list[Space]], free: list[int]
-) -> list[Tensor | None]:
+#: Above this many bytes of cost matrices (``8 n m`` per free space) a fusion set of several
+#: chunks is not streamed: its costs are all complete only after the last chunk, so a streamed
+#: pass holds every space's at once (the space-by-space path holds one, and reruns the models
+#: for each space).
+STREAM_COST_BYTES = 1 << 30
+
+
+class _StreamedCosts:
     """Model ``k``'s activation cost for every free space, from one pass over each chunk of
     the fusion set beside the reference
     (:func:`~neurofuse.methods._activations.stream_against_reference`: each node's distances
-    taken while its values are fresh). Equal to :func:`_acts_cost` on a model whose earlier
-    spaces were mapped by permutations, which leave every activation as it was (the costs of
-    a model after a soft map are computed afresh)."""
-    wanted: dict[str, list[tuple[int, int]]] = {}  # node name -> (free space, node index)
-    for j, i in enumerate(free):
-        _check_nodes(spaces[ref][i])
-        for t, name in enumerate(spaces[ref][i].nodes):
-            wanted.setdefault(name, []).append((j, t))
-    costs = [_SpaceCost(ctx.inputs.shape[0]) for _ in free]
-    for name, y, x in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
-        for j, t in wanted[name]:
-            costs[j].add(t, x, y, spaces[k][free[j]], spaces[ref][free[j]])
-    return [c.cost() for c in costs]
+    taken while its values are fresh). The pass advances only as far as the space asked for
+    (:meth:`take`): on a fusion set of one chunk a space's cost is complete once the pass is
+    past its last node, so costs are made and taken one after the other, not all held; on
+    several chunks every space's sums are held until the last. Equal to :func:`_acts_cost` on
+    a model whose earlier spaces were mapped by permutations, which leave every activation as
+    it was (the costs of a model after a soft map are computed afresh)."""
+
+    def __init__(
+        self, ctx: FusionContext, ref: int, k: int, spaces: list[list[Space]], free: list[int]
+    ) -> None:
+        self.wanted: dict[str, list[tuple[int, int]]] = {}  # node -> (free space, node index)
+        for j, i in enumerate(free):
+            _check_nodes(spaces[ref][i])
+            for t, name in enumerate(spaces[ref][i].nodes):
+                self.wanted.setdefault(name, []).append((j, t))
+        n = ctx.inputs.shape[0]
+        chunks = 1 if n <= ACTS_CHUNK else len(list(even_chunks(n, ACTS_CHUNK)))
+        self.pairs = [(spaces[k][i], spaces[ref][i]) for i in free]
+        self.left = [chunks * len(spaces[ref][i].nodes) for i in free]  # node values to come
+        self.sums: list[_SpaceCost | None] = [_SpaceCost(n) for _ in free]
+        self.done: dict[int, Tensor] = {}
+        self.steps = stream_against_reference(ctx, ref, k, set(self.wanted), ACTS_CHUNK)
+
+    def take(self, j: int) -> Tensor:
+        """The cost of the ``j``-th free space (once)."""
+        while j not in self.done:
+            name, y, x, rows = next(self.steps)
+            for jj, t in self.wanted[name]:
+                sums = self.sums[jj]
+                assert sums is not None
+                sums.add(t, x, y, *self.pairs[jj], rows)
+                self.left[jj] -= 1
+                if self.left[jj] == 0:
+                    self.done[jj], self.sums[jj] = sums.cost(), None
+            del y, x  # (not held while the next node is computed)
+        return self.done.pop(j)
+
+
+def _stream_costs(ctx: FusionContext, ref: int, spaces: list[list[Space]], free: list[int]) -> bool:
+    """Whether to take the activation costs from one pass per model (:class:`_StreamedCosts`):
+    where the transports will be permutations (exact EMD between equal widths with uniform
+    marginals), which change no activation, and where a fusion set of several chunks would
+    hold at most :data:`STREAM_COST_BYTES` of cost matrices. A map that turns out soft all the
+    same sends only that model's later costs back to the space-by-space path."""
+    opt: OTFusionOptions = ctx.options
+    if opt.ground_metric != "acts" or opt.solver != "emd" or not ctx.importance.uniform:
+        return False
+    if any(spaces[k][i].size != spaces[ref][i].size for k in range(len(spaces)) for i in free):
+        return False
+    held = sum(8 * spaces[ref][i].size ** 2 for i in free)
+    return ctx.inputs.shape[0] <= ACTS_CHUNK or held <= STREAM_COST_BYTES
 
 
 def map_distances(x: Tensor, y: Tensor) -> tuple[Tensor, int]:
@@ -406,17 +451,6 @@ GROUND_METRICS: dict[str, Callable[[_Aligner, Space, Space], Tensor]] = {
 }
 
 
-def _expect_permutations(
-    ctx: FusionContext, ref: int, spaces: list[list[Space]], free: list[int]
-) -> bool:
-    """Whether the transports will be permutations (exact EMD between equal widths with
-    uniform marginals): then no map changes an activation and every cost can be taken from one
-    pass over the models (:func:`_streamed_acts_costs`); a map that turns out soft all the
-    same only sends that model's later costs back to the space-by-space path."""
-    same = all(spaces[k][i].size == spaces[ref][i].size for k in range(len(spaces)) for i in free)
-    return ctx.options.solver == "emd" and ctx.importance.uniform and same
-
-
 def _marginal(scores: Tensor | None, size: int) -> np.ndarray:
     s = np.ones(size) if scores is None else scores.numpy().astype(np.float64)
     return s / s.sum()
@@ -449,7 +483,7 @@ def otfusion(ctx: FusionContext) -> nn.Module:
         if ctx.inputs.shape[0] <= ACTS_CHUNK:  # one chunk: the reference's values kept
             ref_runner, ref_gm = GraphRunner(ref_gm, ctx.inputs), None
     ref_scores = _scores(ctx, ref, spaces[ref])
-    stream = opt.ground_metric == "acts" and _expect_permutations(ctx, ref, spaces, free)
+    stream = _stream_costs(ctx, ref, spaces, free)
     aligned: list[State] = []
     costs: list[float] = []
     with progress_bar(ctx.progress, "otfusion", n * len(free)) as advance:
@@ -460,15 +494,14 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 continue
             al = _Aligner(ctx, k, spaces[k], spaces[ref], ref_runner, ref_gm)
             scores = _scores(ctx, k, spaces[k])
-            streamed = _streamed_acts_costs(ctx, ref, k, spaces, free) if stream else None
+            streamed = _StreamedCosts(ctx, ref, k, spaces, free) if stream else None
             total = 0.0
             for j, i in enumerate(free):
                 space, target = spaces[k][i], spaces[ref][i]
                 # the cost, the plan and the map are (n, m) float64 arrays: each is made once
                 # and changed in place (two width-16384 layers: 2 GiB apiece)
-                if streamed is not None and not al.soft:  # every earlier map a permutation
-                    cost, streamed[j] = streamed[j], None  # (held until its plan is made)
-                    assert cost is not None
+                if streamed is not None:  # every earlier map a permutation
+                    cost = streamed.take(j)
                 else:
                     cost = al.cost(space, target).to(torch.float64)
                 top = float(cost.max())
