@@ -160,9 +160,10 @@ class CovarianceSums:
         self.count += z.shape[1]
 
     def add_maps(self, z: Tensor) -> None:
-        """Add the maps ``z`` (B, d, P): centred in their own dtype, the products batched over
-        samples and each sample's summed in float64 (float64 neuron rows cost several times
-        as much on a CNN's maps)."""
+        """Add the maps ``z`` (B, d, P): centred in their own dtype (at least float32), the
+        products batched over samples and each sample's summed in float64 (float64 neuron rows
+        cost several times as much on a CNN's maps)."""
+        z = at_least_float32(z)
         if self.count == 0:
             self._start(channel_sums(z) / (z.shape[0] * z.shape[2]), z.device)
         z = z - self.shift.to(z.dtype).view(1, -1, 1)
@@ -174,6 +175,12 @@ class CovarianceSums:
         if self.count == 0:
             raise ValueError("no samples were added")
         return self.s2 - torch.outer(self.s1, self.s1) / self.count
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is in a half-precision dtype (products and shifts of bfloat16
+    maps lose the digits a correlation needs), else as it is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def channel_sums(x: Tensor) -> Tensor:
@@ -253,6 +260,7 @@ class Activations:
 
 __all__ = [
     "ACTS_CHUNK",
+    "at_least_float32",
     "channel_maps",
     "channel_sums",
     "Activations",

@@ -42,6 +42,7 @@ from neurofuse.graph import GraphRunner
 from neurofuse.grouping.heads import block_assignment
 from neurofuse.grouping.hungarian import SPARSE_NEIGHBOURS, assign_pairs
 from neurofuse.methods._activations import (
+    at_least_float32,
     channel_maps,
     channel_sums,
     space_scores,
@@ -132,7 +133,8 @@ class CorrelationSums:
         chunk's channel means, the products batched over samples and each sample's summed in
         float64, instead of float64 neuron rows (three times the time on two VGG-small
         CNNs). The centring keeps the one-pass variance from cancelling; do not mix with
-        :meth:`add` on one object."""
+        :meth:`add` on one object. Half-precision maps are taken in float32."""
+        x, y = at_least_float32(x), at_least_float32(y)
         if self.count == 0:
             # the shift as the maps' dtype holds it, so that every chunk subtracts the same
             length = x.shape[0] * x.shape[2]
