@@ -741,3 +741,17 @@ def test_covariance_sums_of_half_precision_maps_are_taken_in_float32():
     got.add_maps(z[:12])
     got.add(to_neurons(z[12:].double(), 1))
     torch.testing.assert_close(got.centred(), want.centred(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [3, 200])
+def test_batched_gram_sums_every_sample_product(d):
+    """``batched_gram`` (groups of samples, each summed in float64) equals the float64 sum of
+    ``z_b z_b^T`` over every sample, also when the groups are smaller than the batch."""
+    from neurofuse.methods._activations import batched_gram
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(37, d, 6, generator=g)
+    want = torch.einsum("bip,bjp->ij", z.double(), z.double())
+    got = batched_gram(z)
+    assert got.dtype == torch.float64 and got.shape == (d, d)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
