@@ -18,13 +18,6 @@ from neurofuse.methods.registry import FusionContext
 from neurofuse.utils import even_chunks
 
 
-def node_value(runner: GraphRunner, space: Space, i: int) -> tuple[Tensor, int, int]:
-    """The space's ``i``-th node value (detached), the axis that holds its neurons and the
-    number of parts of the space it holds side by side (``[q | k | v]``: 3)."""
-    out = runner.value(runner.node(space.nodes[i])).detach()
-    return (out, *value_layout(out, space, i))
-
-
 def value_layout(out: Tensor, space: Space, i: int) -> tuple[int, int]:
     """Where the neurons of ``out``, the value of the space's ``i``-th node, lie: their axis
     and the number of parts of the space side by side."""
@@ -32,19 +25,12 @@ def value_layout(out: Tensor, space: Space, i: int) -> tuple[int, int]:
     return axis, space.node_parts[i] if space.node_parts else 1
 
 
-def node_features(
-    runner: GraphRunner, space: Space, i: int, dtype: torch.dtype | None = torch.float64
-) -> Tensor:
-    """(d, N) in ``dtype`` (``None``: the values' own): the values of the space's ``i``-th node,
-    one row per neuron (a node that holds several parts of the space, ``[q | k | v]``, gives
-    each neuron all its parts)."""
-    return value_features(runner.value(runner.node(space.nodes[i])).detach(), space, i, dtype)
-
-
 def value_features(
     out: Tensor, space: Space, i: int, dtype: torch.dtype | None = torch.float64
 ) -> Tensor:
-    """:func:`node_features` of a value already computed (``out``, the ``i``-th node's)."""
+    """(d, N) in ``dtype`` (``None``: the values' own): ``out``, the value of the space's
+    ``i``-th node, one row per neuron (a node that holds several parts of the space,
+    ``[q | k | v]``, gives each neuron all its parts)."""
     axis, parts = value_layout(out, space, i)
     rows = to_neurons(out, axis)
     rows = rows if dtype is None else rows.to(dtype)
@@ -93,14 +79,6 @@ def stream_against_reference(
             if node.name in names:
                 yield node.name, y.detach(), v.detach(), x.shape[0]
             del y, v
-
-
-def space_features(runner: GraphRunner, space: Space) -> Tensor:
-    """(d, N) float64: the values of every node of the space side by side, one row per neuron
-    (what the activation-based merges compare)."""
-    if not space.nodes:
-        raise ValueError(f"space {space.name!r} has no graph node to measure")
-    return torch.cat([node_features(runner, space, i) for i in range(len(space.nodes))], 1)
 
 
 def space_scores(
@@ -219,8 +197,8 @@ class Activations:
 
     def covariance(self, models: Sequence[int], spaces: Sequence[Space]) -> tuple[Tensor, int]:
         """The centred second moments of the features of ``spaces[i]`` of model ``models[i]``
-        stacked in that order (:func:`space_features`), over every chunk; and the number of
-        columns (samples x positions). Node by node: the models' maps side by side when every
+        stacked in that order (each model's rows: every node's values side by side), over every
+        chunk; and the number of columns (samples x positions). Node by node: the models' maps side by side when every
         model's value is a channel map (:func:`channel_maps`), else their neuron rows."""
         sums = CovarianceSums()
         nodes = len(spaces[0].nodes)
@@ -280,9 +258,6 @@ __all__ = [
     "channel_sums",
     "Activations",
     "CovarianceSums",
-    "node_features",
-    "node_value",
-    "space_features",
     "space_scores",
     "stream_against_reference",
     "value_features",
