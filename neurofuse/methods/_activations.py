@@ -52,22 +52,22 @@ def channel_maps(out: Tensor, space: Space, i: int) -> Tensor | None:
 
 def stream_against_reference(
     ctx: FusionContext, ref: int, k: int, names: set[str], chunk: int
-) -> Iterator[tuple[str, Tensor, Tensor, int]]:
+) -> Iterator[tuple[str, Tensor, Tensor, int, bool]]:
     """Model ``k``'s and the reference's values at the nodes ``names``, in one pass over each
     chunk of ``chunk`` fusion samples (one when the set is no larger): the two models run side
     by side, node by node (:meth:`GraphRunner.stream`), each value dropped once the nodes that
     read it have run, so a pass holds about the two models' widest cuts (and each model's
     products are taken while its values are fresh). Yields ``(node name, the reference's
-    value, model k's value, samples in the chunk)``, detached; read them before asking for the
-    next step, which may drop them. One model at a time, so that what a caller sums per model
-    is held for one model (the reference reruns for each: a forward pass costs less than the
-    products). The two graphs must be the same (walked in lockstep; a node name that differs
-    is an error)."""
+    value, model k's value, samples in the chunk, whether it is the last chunk)``, detached;
+    read them before asking for the next step, which may drop them. One model at a time, so
+    that what a caller sums per model is held for one model (the reference reruns for each: a
+    forward pass costs less than the products). The two graphs must be the same (walked in
+    lockstep; a node name that differs is an error)."""
     gms = [ctx.trace(ctx.models[ref]), ctx.trace(ctx.models[k])]
     x_all = ctx.inputs
     n = x_all.shape[0]
-    for rows in [slice(None)] if n <= chunk else even_chunks(n, chunk):
-        x = x_all if n <= chunk else x_all[rows]
+    pieces = [x_all] if n <= chunk else [x_all[rows] for rows in even_chunks(n, chunk)]
+    for c, x in enumerate(pieces):
         for (node, y), (theirs, v) in zip(
             *(GraphRunner(gm, x).stream() for gm in gms), strict=True
         ):
@@ -77,7 +77,7 @@ def stream_against_reference(
                     f"{node.name!r}: the models' graphs differ"
                 )
             if node.name in names:
-                yield node.name, y.detach(), v.detach(), x.shape[0]
+                yield node.name, y.detach(), v.detach(), x.shape[0], c == len(pieces) - 1
             del y, v
 
 
@@ -198,8 +198,9 @@ class Activations:
     def covariance(self, models: Sequence[int], spaces: Sequence[Space]) -> tuple[Tensor, int]:
         """The centred second moments of the features of ``spaces[i]`` of model ``models[i]``
         stacked in that order (each model's rows: every node's values side by side), over every
-        chunk; and the number of columns (samples x positions). Node by node: the models' maps side by side when every
-        model's value is a channel map (:func:`channel_maps`), else their neuron rows."""
+        chunk; and the number of columns (samples x positions). Node by node: the models' maps
+        side by side when every model's value is a channel map (:func:`channel_maps`), else
+        their neuron rows."""
         sums = CovarianceSums()
         nodes = len(spaces[0].nodes)
         if not nodes:

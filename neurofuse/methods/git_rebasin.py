@@ -58,7 +58,7 @@ from neurofuse.methods._averaging import (
 )
 from neurofuse.methods._plan import LazySequence
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
-from neurofuse.utils import even_chunks, tensor_sum
+from neurofuse.utils import tensor_sum
 
 
 @dataclass
@@ -208,21 +208,18 @@ def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list
     for i in free:
         for t, name in enumerate(spaces[ref][i].nodes):
             wanted.setdefault(name, []).append((i, t))
-    n = ctx.inputs.shape[0]
-    chunks = 1 if n <= ACTS_CHUNK else len(list(even_chunks(n, ACTS_CHUNK)))
     perms: list[dict[str, Tensor]] = []
     for k in range(len(ctx.models)):
         if k == ref:
             perms.append({})
             continue
         sums = {(i, t): CorrelationSums() for i in free for t in range(len(spaces[ref][i].nodes))}
-        left = dict.fromkeys(sums, chunks)  # chunks still to come for each node's sums
-        # each space's correlations summed in node order as the nodes are complete, each
-        # node's sums dropped then (held: the sums of the nodes not complete yet)
+        # each space's correlations summed in node order as the nodes are complete (seen on
+        # the last chunk), each node's sums dropped then (held: those not complete yet)
         total: dict[int, Tensor] = {}
         done: dict[tuple[int, int], Tensor] = {}
         turn = dict.fromkeys(free, 0)
-        for name, y, x, _ in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
+        for name, y, x, _, last in stream_against_reference(ctx, ref, k, set(wanted), ACTS_CHUNK):
             for i, t in wanted[name]:
                 space, r_space = spaces[k][i], spaces[ref][i]
                 xm, ym = channel_maps(x, space, t), channel_maps(y, r_space, t)
@@ -231,12 +228,11 @@ def _match_acts(ctx: FusionContext, ref: int, spaces: list[list[Space]]) -> list
                 else:
                     sums[i, t].add(value_features(y, r_space, t), value_features(x, space, t))
                 del xm, ym
-                left[i, t] -= 1
-                if left[i, t] == 0:
+                if last:
                     done[i, t] = sums.pop((i, t)).correlation()
                     while (i, turn[i]) in done:
                         c = done.pop((i, turn[i]))
-                        total[i] = 0 + c if i not in total else total[i].add_(c)
+                        total[i] = c if i not in total else total[i].add_(c)
                         turn[i] += 1
             del y, x  # (not held while the next node is computed)
         assert not sums and not done

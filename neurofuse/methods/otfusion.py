@@ -312,19 +312,19 @@ def _check_nodes(space: Space) -> None:
 
 def _acts_cost(al: _Aligner, space: Space, ref: Space) -> Tensor:
     _check_nodes(space)
-    pieces: Iterable[tuple[GraphRunner, GraphRunner]]
+    x_all = al.ctx.inputs
+    pieces: Iterable[tuple[GraphRunner, GraphRunner, int]]
     if al.runner is not None and al.ref_runner is not None:
-        pieces = [(al.runner, al.ref_runner)]
+        pieces = [(al.runner, al.ref_runner, x_all.shape[0])]
     else:  # chunk by chunk: each chunk's runners are made, read and dropped in turn
-        assert al.ref_gm is not None
-        x_all = al.ctx.inputs
+        ref_gm = al.ref_gm
+        assert ref_gm is not None
         pieces = (
-            (GraphRunner(al.gm, x_all[rows]), GraphRunner(al.ref_gm, x_all[rows]))
-            for rows in even_chunks(x_all.shape[0], ACTS_CHUNK)
+            (GraphRunner(al.gm, x), GraphRunner(ref_gm, x), x.shape[0])
+            for x in (x_all[rows] for rows in even_chunks(x_all.shape[0], ACTS_CHUNK))
         )
-    total = _SpaceCost(al.ctx.inputs.shape[0])
-    for runner, ref_runner in pieces:
-        rows = next(v for n, v in runner.values.items() if n.op == "placeholder").shape[0]
+    total = _SpaceCost(x_all.shape[0])
+    for runner, ref_runner, rows in pieces:
         for i in range(len(space.nodes)):
             x = runner.value(runner.node(space.nodes[i])).detach()
             y = ref_runner.value(ref_runner.node(ref.nodes[i])).detach()
@@ -359,23 +359,21 @@ class _StreamedCosts:
             _check_nodes(spaces[ref][i])
             for t, name in enumerate(spaces[ref][i].nodes):
                 self.wanted.setdefault(name, []).append((j, t))
-        n = ctx.inputs.shape[0]
-        chunks = 1 if n <= ACTS_CHUNK else len(list(even_chunks(n, ACTS_CHUNK)))
         self.pairs = [(spaces[k][i], spaces[ref][i]) for i in free]
-        self.left = [chunks * len(spaces[ref][i].nodes) for i in free]  # node values to come
-        self.sums: list[_SpaceCost | None] = [_SpaceCost(n) for _ in free]
+        self.left = [len(spaces[ref][i].nodes) for i in free]  # nodes to come in the last chunk
+        self.sums: list[_SpaceCost | None] = [_SpaceCost(ctx.inputs.shape[0]) for _ in free]
         self.done: dict[int, Tensor] = {}
         self.steps = stream_against_reference(ctx, ref, k, set(self.wanted), ACTS_CHUNK)
 
     def take(self, j: int) -> Tensor:
         """The cost of the ``j``-th free space (once)."""
         while j not in self.done:
-            name, y, x, rows = next(self.steps)
+            name, y, x, rows, last = next(self.steps)
             for jj, t in self.wanted[name]:
                 sums = self.sums[jj]
                 assert sums is not None
                 sums.add(t, x, y, *self.pairs[jj], rows)
-                self.left[jj] -= 1
+                self.left[jj] -= last
                 if self.left[jj] == 0:
                     self.done[jj], self.sums[jj] = sums.cost(), None
             del y, x  # (not held while the next node is computed)
