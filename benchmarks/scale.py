@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,25 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
 
 
+def sweep_cells(
+    rows: dict[str, Any], keys: list[tuple[int, str]], cell: Callable[[dict[str, Any]], str]
+) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """A method's row of a sweep table: for each ``(size, key)`` of ``keys`` the cell of its
+    point in ``rows`` (``cell(record)`` when measured, its status when it stopped, empty when
+    not run), and the ``(size, record)`` of the measured points (what the plots and fits use)."""
+    cells, measured = [], []
+    for x, key in keys:
+        r = rows.get(key)
+        if r is None:
+            cells.append("")
+        elif "seconds" not in r:
+            cells.append(r["status"])
+        else:
+            cells.append(cell(r))
+            measured.append((x, r))
+    return cells, measured
+
+
 def _key(axis: str, x: int, method: str) -> str:
     return f"{axis}|{x}|{method}"
 
@@ -339,21 +359,17 @@ def report(rows: dict[str, Any], axes: list[str], methods: list[str], args: Any)
             "|---|" + "---:|" * (len(SWEEPS[axis]) + 3),
         ]
         for method in methods:
-            cells, xs, ts, ms = [], [], [], []
-            for x in SWEEPS[axis]:
-                r = rows.get(_key(axis, x, method))
-                if r is None:
-                    cells.append("")
-                elif "seconds" not in r:
-                    cells.append(r["status"])
-                else:
-                    cells.append(
-                        f"{r['seconds']:.2f} s, {r['seconds'] / r['forward_seconds']:.0f}× fwd, "
-                        f"+{r['extra_mib']:.0f} MiB"
-                    )
-                    xs.append(x)
-                    ts.append(r["seconds"])
-                    ms.append(max(r["extra_mib"], 1.0))
+            cells, measured = sweep_cells(
+                rows,
+                [(x, _key(axis, x, method)) for x in SWEEPS[axis]],
+                lambda r: (
+                    f"{r['seconds']:.2f} s, {r['seconds'] / r['forward_seconds']:.0f}× fwd, "
+                    f"+{r['extra_mib']:.0f} MiB"
+                ),
+            )
+            xs = [x for x, _ in measured]
+            ts = [r["seconds"] for _, r in measured]
+            ms = [max(r["extra_mib"], 1.0) for _, r in measured]
             if not xs and all(c == "" for c in cells):
                 continue
             et, em = _slope(xs, ts), _slope(xs, ms)

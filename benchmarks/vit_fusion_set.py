@@ -85,6 +85,7 @@ def report(rows: dict[str, Any], sizes: list[int], methods: list[str], args: Any
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import scale
 
     lines = [
         "# ViTs on large fusion sets: time, memory and accuracy against fusion samples",
@@ -104,22 +105,18 @@ def report(rows: dict[str, Any], sizes: list[int], methods: list[str], args: Any
     ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for method in methods:
-        cells, xs, ts, ms, accs = [], [], [], [], []
-        for n in sizes:
-            r = rows.get(f"{n}|{method}")
-            if r is None:
-                cells.append("")
-            elif "seconds" not in r:
-                cells.append(r["status"])
-            else:
-                cells.append(
-                    f"{r['seconds']:.1f} s, {r['seconds'] / r['forward_seconds']:.0f}× fwd, "
-                    f"+{r['extra_mib']:.0f} MiB, acc {100 * r['accuracy']:.1f}"
-                )
-                xs.append(n)
-                ts.append(r["seconds"])
-                ms.append(max(r["extra_mib"], 1.0))
-                accs.append(100 * r["accuracy"])
+        cells, measured = scale.sweep_cells(
+            rows,
+            [(n, f"{n}|{method}") for n in sizes],
+            lambda r: (
+                f"{r['seconds']:.1f} s, {r['seconds'] / r['forward_seconds']:.0f}× fwd, "
+                f"+{r['extra_mib']:.0f} MiB, acc {100 * r['accuracy']:.1f}"
+            ),
+        )
+        xs = [n for n, _ in measured]
+        ts = [r["seconds"] for _, r in measured]
+        ms = [max(r["extra_mib"], 1.0) for _, r in measured]
+        accs = [100 * r["accuracy"] for _, r in measured]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         if xs:
             axes[0].loglog(xs, ts, marker="o", label=method)
