@@ -178,12 +178,83 @@ def test_importance_scores_are_the_ot_marginals(monkeypatch, exact_scores):
 
     monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
     exact_scores(tables)
-    weighted = nf.fuse([a, b], x, method="otfusion", importance=tables)
+    weighted = nf.fuse([a, b], x, method="otfusion", importance=tables, importance_in="marginals")
     (a1, b1), (a2, b2) = seen
     for got, want in ((a1, tables[1]["fc1"]), (b1, tables[0]["fc1"]), (a2, tables[1]["fc2"])):
         assert torch.allclose(torch.as_tensor(got), (want / want.sum()).double(), atol=1e-6)
     plain = nf.fuse([a, b], x, method="otfusion")  # uniform: the provider is not asked
     assert not torch.allclose(weighted.fc1.weight, plain.fc1.weight, atol=1e-4)
+    with pytest.raises(ValueError, match="importance_in must be"):
+        nf.fuse([a, b], x, method="otfusion", importance_in="marginal")
+
+
+def test_otfusion_averages_each_neuron_with_its_importance_by_default(monkeypatch, exact_scores):
+    """``importance_in="average"`` (the default): uniform marginals, so the transport is the
+    permutation of uniform importance, and each fused neuron is the score-weighted average of
+    the neurons mapped onto it (Git Re-Basin's rule)."""
+    torch.manual_seed(0)
+    a = build("mlp", in_features=12, hidden=[16])
+    noisy = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    p = torch.randperm(16, generator=torch.Generator().manual_seed(5))
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(noisy.state_dict(), permutation_spaces(a), {"fc1": p}))
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(16, generator=g) + 0.1 for _ in range(2)]
+    classes = [torch.rand(10, generator=g) + 0.1 for _ in range(2)]
+    tables = [{"fc1": s, "head": c} for s, c in zip(scores, classes, strict=True)]
+    x = torch.randn(64, 12)
+    seen = []
+    emd = otfusion_module.SOLVERS["emd"]
+
+    def spy(a_, b_, cost, opt):
+        seen.append((a_, b_))
+        return emd(a_, b_, cost, opt)
+
+    monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
+    exact_scores(tables)
+    fused = nf.fuse([a, b], x, method="otfusion", importance=tables)
+    ((ma, mb),) = seen
+    assert all(
+        torch.allclose(torch.as_tensor(m), torch.full((16,), 1 / 16, dtype=torch.float64))
+        for m in (ma, mb)
+    )
+    sa, sb = scores[0], scores[1][torch.argsort(p)]  # b's neuron mapped onto a's neuron j
+    want = (sa[:, None] * a.fc1.weight + sb[:, None] * noisy.fc1.weight) / (sa + sb)[:, None]
+    assert torch.allclose(fused.fc1.weight, want, atol=1e-6)
+    ca, cb = classes
+    head = (ca[:, None] * a.head.weight + cb[:, None] * noisy.head.weight) / (ca + cb)[:, None]
+    assert torch.allclose(fused.head.weight, head, atol=1e-6)
+
+
+def test_otfusion_carries_scores_through_soft_maps(monkeypatch):
+    """Models of different widths (soft transports): the score of what a map puts on a
+    reference neuron is the plan-weighted average of the scores it takes, so scores that are
+    constant within each model weigh the models like model weights."""
+    torch.manual_seed(0)
+    cfg = dict(input_size=8, batch_norm=True, classifier=[12])
+    a = randomise_batchnorm(build("vgg", config=[8, "M", 16, "M"], **cfg)).eval()
+    b = randomise_batchnorm(
+        build("vgg", config=[12, "M", 20, "M"], **{**cfg, "classifier": [16]})
+    ).eval()
+    x = torch.randn(24, 3, 8, 8)
+    plain = nf.fuse([a, b], x, method="otfusion")
+    weighted = nf.fuse([a, b], x, method="otfusion", weights=[1.0, 3.0])
+
+    def constant(self, k: int, name: str, output: Tensor, width: int) -> Tensor:
+        return torch.full((width,), (1.0, 3.0)[k])
+
+    monkeypatch.setattr(api.ImportanceProvider, "scores", constant)
+    fused = nf.fuse([a, b], x, method="otfusion", importance="activation")
+    for key, t in weighted.state_dict().items():
+        if t.is_floating_point():
+            assert torch.allclose(fused.state_dict()[key], t, atol=1e-6), key
+    assert relative_error(logits(plain, x), logits(weighted, x)) > 1e-2  # (the weights matter)
+    assert not torch.allclose(
+        plain.state_dict()["features.0.weight"], weighted.state_dict()["features.0.weight"]
+    )
 
 
 def test_git_rebasin_averages_each_neuron_with_its_importance(exact_scores):

@@ -192,7 +192,9 @@ def test_transformer_otfusion_soft_alignment_is_soft_and_options_are_checked():
     [
         ("git_rebasin", {}),
         ("otfusion", {}),
+        ("otfusion", {"importance_in": "marginals"}),
         ("transformer_otfusion", {"solver": "emd"}),
+        ("transformer_otfusion", {"solver": "emd", "importance_in": "marginals"}),
         ("kf_linear", {}),
         ("hf_linear", {}),
     ],
@@ -206,6 +208,57 @@ def test_importance_scores_of_attention_spaces(method, options):
     fused = nf.fuse([model, twin], x, method=method, importance="activation", **options)
     x_test = _inputs("vit", 64, 3)
     assert relative_error(_logits(fused, x_test), _logits(model, x_test)) < 1e-4
+
+
+@pytest.mark.parametrize("reference", [0, 1])
+def test_transformer_otfusion_weighs_each_units_rows_with_the_carried_scores(
+    monkeypatch, reference
+):
+    """``importance_in="average"``: model 1 is a noisy copy of model 0 with every space
+    permuted, and its scores are model 0's carried by that permutation, times 3. Each linear
+    unit's rows must then be averaged 1 : 3, as model weights 1 and 3 would (only if every
+    score reaches the neuron it belongs to, through ``Q^T``), and the other parameters
+    (embeddings, normalisations, the classifier) stay the plain mean."""
+    from neurofuse import api
+    from neurofuse.alignment import apply_permutation, permutation_spaces, random_permutation
+
+    model = _random_model("vit", 0)
+    x = _inputs("vit", 96, 1)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    spaces = permutation_spaces(model, example=x)
+    g = torch.Generator().manual_seed(4)
+    perms = {sp.name: random_permutation(sp, g) for sp in spaces if not sp.fixed}
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(apply_permutation(noisy.state_dict(), spaces, perms))
+    perm_of = {node: perms[sp.name] for sp in spaces if sp.name in perms for node in sp.nodes}
+    models = [model, twin.eval()]
+    opts = {"solver": "emd", "reference": reference}
+    plain = nf.fuse(models, x, method="transformer_otfusion", **opts).state_dict()
+    weighted = nf.fuse(
+        models, x, method="transformer_otfusion", weights=[1.0, 3.0], **opts
+    ).state_dict()
+
+    def scores(self, k: int, name: str, output: Tensor, width: int) -> Tensor:
+        own = torch.rand(width, generator=torch.Generator().manual_seed(width + len(name))) + 0.2
+        if k == 0:
+            return own
+        perm = perm_of[name]  # twin neuron i is model neuron perm[i]
+        return 3 * torch.cat([part[perm] for part in own.chunk(width // len(perm))])
+
+    monkeypatch.setattr(api.ImportanceProvider, "scores", scores)
+    fused = nf.fuse(models, x, method="transformer_otfusion", importance="activation", **opts)
+    state = fused.state_dict()
+    units = {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.bias", "blocks.1.mlp.fc2.weight"}
+    others = {"blocks.0.norm1.weight", "embed.pos_embedding", "head.weight"}
+    assert units <= state.keys() and others <= state.keys()
+    for key in units:
+        assert torch.allclose(state[key], weighted[key], atol=1e-6), key
+        assert not torch.allclose(state[key], plain[key], atol=1e-5), key
+    for key in others:
+        assert torch.allclose(state[key], plain[key], atol=1e-6), key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

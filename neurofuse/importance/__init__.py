@@ -23,8 +23,9 @@ path points) or ``deeplift`` (same rules as Captum's, one pass; both timed in
 most of all when each model's owner computes them on its own data (:func:`compute_importance`,
 saved beside the checkpoint with :func:`save_importance`). ``grad_x_activation`` is a one-pass
 first-order proxy; ``activation`` and ``variance`` need neither labels nor gradients and change
-little. Keep ``uniform`` for OTFusion: non-uniform OT marginals make its transport plans blend
-neurons.
+little. OTFusion and Transformer OTFusion weigh their averages with the scores (their
+transports keep uniform marginals); as marginals (``importance_in="marginals"``, the original
+proposal) the scores make the plans split neurons and cost accuracy.
 """
 
 from __future__ import annotations

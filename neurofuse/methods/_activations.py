@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.fx as fx
 from torch import Tensor
 
 from neurofuse.alignment import Space
@@ -103,6 +104,41 @@ def space_scores(
         parts = space.node_parts[space.nodes.index(space.name)]
     scores = ctx.importance.scores(k, space.name, out, parts * space.size).to(torch.float64)
     return scores.reshape(parts, space.size).mean(0).cpu()  # [q | k | v]: one score per neuron
+
+
+def logits_space(spaces: Sequence[Space], gm: fx.GraphModule) -> Space | None:
+    """The space of the model's output (its classes), found by the node that returns it."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    name = getattr(out, "name", None)
+    return next((s for s in spaces if name in s.nodes), None)
+
+
+def scored_spaces(ctx: FusionContext, spaces: Sequence[Space]) -> list[Space]:
+    """The spaces whose importance scores weigh an importance-weighted average: every
+    permutable one and the classes (read on model 0's graph)."""
+    logits = logits_space(spaces, ctx.trace(ctx.models[0]))
+    return [s for s in spaces if not s.fixed or s is logits]
+
+
+def importance_coefficients(
+    spaces: Sequence[Space], scores: Sequence[dict[str, Tensor]]
+) -> dict[str, list[Tensor]]:
+    """Per-row averaging coefficients of every outgoing member of ``spaces`` (the reference's,
+    for :func:`neurofuse.methods._averaging.average_states`) from each model's scores of each
+    space's neurons, already carried into the reference's order (``scores[k][space.name]``,
+    ``(size,)``): fused neuron ``i`` becomes ``sum_k s_{k,i} w_{k,i} / sum_k s_{k,i}`` over its
+    outgoing parameters, as the neuron-interpolation paper weighs Git Re-Basin's average
+    (appendix C). Spaces without scores are averaged with the model weights alone."""
+    coeffs: dict[str, list[Tensor]] = {}
+    for s in spaces:
+        if not all(s.name in table for table in scores):
+            continue
+        for table in scores:
+            for m in s.members:
+                if m.axis == 0:
+                    per_row = table[s.name].repeat_interleave(m.repeat).repeat(m.parts)
+                    coeffs.setdefault(m.key, []).append(per_row)
+    return coeffs
 
 
 #: Samples per chunk of the activation-based merges (ZipIt!, CCA Merge): a fusion set of more
@@ -259,6 +295,9 @@ __all__ = [
     "channel_sums",
     "Activations",
     "CovarianceSums",
+    "importance_coefficients",
+    "logits_space",
+    "scored_spaces",
     "space_scores",
     "stream_against_reference",
     "value_features",

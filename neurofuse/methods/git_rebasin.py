@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
 from neurofuse.alignment import Space, apply_permutation
@@ -45,6 +44,8 @@ from neurofuse.methods._activations import (
     at_least_float32,
     channel_maps,
     channel_sums,
+    importance_coefficients,
+    scored_spaces,
     space_scores,
     stream_against_reference,
     value_features,
@@ -293,13 +294,6 @@ MATCHERS: dict[str, Callable[[FusionContext, int, list[list[Space]]], list[dict[
 }
 
 
-def _logits_space(spaces: list[Space], gm: fx.GraphModule) -> Space | None:
-    """The space of the model's output (the classes), found by the node that returns it."""
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    name = getattr(out, "name", None)
-    return next((s for s in spaces if name in s.nodes), None)
-
-
 def _per_neuron(
     ctx: FusionContext, spaces: list[Space], perms: list[dict[str, Tensor]]
 ) -> dict[str, list[Tensor]]:
@@ -307,23 +301,18 @@ def _per_neuron(
     scores, reordered by its permutation (uniform importance: none needed)."""
     if ctx.importance.uniform:
         return {}
-    gms = [ctx.trace(model) for model in ctx.models]
-    logits = _logits_space(spaces, gms[0])
-    scored = [s for s in spaces if not s.fixed or s is logits]
-    coeffs: dict[str, list[Tensor]] = {}
-    for k, gm in enumerate(gms):
-        runner = GraphRunner(gm, ctx.inputs)
-        whole = ctx.inputs.shape[0] <= ACTS_CHUNK  # else: scores from the inputs, in batches
+    scored = scored_spaces(ctx, spaces)
+    whole = ctx.inputs.shape[0] <= ACTS_CHUNK  # else: scores from the inputs, in batches
+    tables: list[dict[str, Tensor]] = []
+    for k, model in enumerate(ctx.models):
+        runner = GraphRunner(ctx.trace(model), ctx.inputs)
+        table = {}
         for s in scored:
             scores = space_scores(ctx, k, runner, s, whole)
             assert scores is not None
-            if s.name in perms[k]:
-                scores = scores[perms[k][s.name]]
-            for m in s.members:
-                if m.axis == 0:
-                    per_row = scores.repeat_interleave(m.repeat).repeat(m.parts)
-                    coeffs.setdefault(m.key, []).append(per_row)
-    return coeffs
+            table[s.name] = scores[perms[k][s.name]] if s.name in perms[k] else scores
+        tables.append(table)
+    return importance_coefficients(spaces, tables)
 
 
 @register_method(

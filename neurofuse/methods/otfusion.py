@@ -8,8 +8,10 @@ onto the reference's ``m`` neurons by the plan
                                                          regularisation ``reg``)
 
 where ``C[i, j]`` is the ground cost between model neuron ``i`` and reference neuron ``j``, and
-the marginals ``a``, ``b`` are the neurons' importance scores (normalised to sum 1; uniform by
-default). With ``Q = T diag(1/b)`` (``n x m``), every member of the space is mapped as
+the marginals ``a``, ``b`` are uniform, or, with ``importance_in="marginals"``, the neurons'
+importance scores normalised to sum 1 (Singh & Jaggi's proposal). By default importance scores
+weigh the average instead: fused neuron ``j`` is ``sum_k s_{k,j} w_{k,j} / sum_k s_{k,j}``, where
+``s_{k,j} = sum_i Q[i, j] s_{k,i}`` is the score of what model ``k`` mapped onto ``j``. With ``Q = T diag(1/b)`` (``n x m``), every member of the space is mapped as
 ``t'[..., j, ...] = sum_i Q[i, j] t[..., i, ...]``: on the outgoing axis that is OTFusion's
 ``W' = diag(1/b) T^T W``, on a consumer's incoming axis ``W' = W T diag(1/b)``. With EMD, equal
 widths and uniform marginals ``T`` is a permutation matrix divided by ``n`` and the map is an
@@ -22,7 +24,8 @@ evaluated chunk by chunk, the distances summed over the chunks; where the transp
 permutations, which leave every activation as it was, all the costs come from one pass of the
 models, value by value) or ``"weights"`` (squared distance of the neurons'
 incoming weight rows, after the earlier spaces' maps were applied to the incoming axes). The
-aligned models are then averaged (``weights``: model weights, default uniform).
+aligned models are then averaged (``weights``: model weights, default uniform; times the
+neurons' scores, as above).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from neurofuse.alignment.space import neuron_rows
 from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods._activations import channel_maps as _channel_maps
 from neurofuse.methods._activations import (
+    importance_coefficients,
+    scored_spaces,
     space_scores,
     stream_against_reference,
     value_features,
@@ -119,6 +124,14 @@ class OTFusionOptions:
         reg: Sinkhorn's entropic regularisation, relative to the ground cost (scaled to max 1).
         sinkhorn_iters: maximum Sinkhorn iterations.
         weights: model weights of the final average (default uniform).
+        importance_in: where importance scores (``fuse(..., importance=...)``) enter:
+            ``"average"`` (default): the transport has uniform marginals and each fused neuron
+            is the importance-weighted average of the neurons mapped onto it (their scores
+            carried by the map), as Git Re-Basin and Hungarian Fusion weigh theirs;
+            ``"marginals"``: the scores are the transport's marginals, Singh & Jaggi's proposal
+            (and the neuron-interpolation paper's OTFusion baseline), which splits neurons
+            between partners: 1.6-9 points below uniform importance in most of the
+            ``paper-mlp`` and ``paper-cnn`` splits (``benchmarks/REPORT.md``, claim 2).
         reset_bn: re-estimate BatchNorm running statistics on the fusion set after fusing.
         repair: REPAIR (Jordan et al. 2022): rescale every hidden neuron so that its mean and
             standard deviation on the fusion set are the interpolation of the aligned base
@@ -131,10 +144,15 @@ class OTFusionOptions:
     reg: float = 0.01
     sinkhorn_iters: int = 1000
     weights: list[float] | None = None
+    importance_in: Literal["average", "marginals"] = "average"
     reset_bn: bool = False
     repair: bool = False
 
     def __post_init__(self) -> None:
+        if self.importance_in not in ("average", "marginals"):
+            raise ValueError(
+                f"importance_in must be 'average' or 'marginals', got {self.importance_in!r}"
+            )
         if self.ground_metric not in GROUND_METRICS:
             raise ValueError(
                 f"ground_metric must be one of {sorted(GROUND_METRICS)}, got {self.ground_metric!r}"
@@ -387,7 +405,7 @@ def _stream_costs(ctx: FusionContext, ref: int, spaces: list[list[Space]], free:
     hold at most :data:`STREAM_COST_BYTES` of cost matrices. A map that turns out soft all the
     same sends only that model's later costs back to the space-by-space path."""
     opt: OTFusionOptions = ctx.options
-    if opt.ground_metric != "acts" or opt.solver != "emd" or not ctx.importance.uniform:
+    if opt.ground_metric != "acts" or opt.solver != "emd" or _marginal_scores(ctx):
         return False
     if any(spaces[k][i].size != spaces[ref][i].size for k in range(len(spaces)) for i in free):
         return False
@@ -454,12 +472,25 @@ def _marginal(scores: Tensor | None, size: int) -> np.ndarray:
     return s / s.sum()
 
 
-def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor | None]:
+def _marginal_scores(ctx: FusionContext) -> bool:
+    """Whether importance scores are the transports' marginals (else they are uniform)."""
+    return not ctx.importance.uniform and ctx.options.importance_in == "marginals"
+
+
+def _scores(ctx: FusionContext, k: int, spaces: list[Space]) -> dict[str, Tensor]:
+    """Model ``k``'s importance scores of the spaces that use them: the permutable ones as
+    marginals, or, with ``importance_in="average"``, those and the classes as averaging
+    weights; none for uniform importance."""
     if ctx.importance.uniform:
-        return {s.name: None for s in spaces}
+        return {}
+    if _marginal_scores(ctx):
+        wanted = [s for s in spaces if not s.fixed]
+    else:
+        wanted = scored_spaces(ctx, spaces)
     runner = GraphRunner(ctx.trace(ctx.models[k]), ctx.inputs)
     whole = ctx.inputs.shape[0] <= ACTS_CHUNK  # else: scores from the inputs, in batches
-    return {s.name: space_scores(ctx, k, runner, s, whole) for s in spaces if not s.fixed}
+    out = {s.name: space_scores(ctx, k, runner, s, whole) for s in wanted}
+    return {name: t for name, t in out.items() if t is not None}
 
 
 @register_method(
@@ -481,6 +512,9 @@ def otfusion(ctx: FusionContext) -> nn.Module:
         if ctx.inputs.shape[0] <= ACTS_CHUNK:  # one chunk: the reference's values kept
             ref_runner, ref_gm = GraphRunner(ref_gm, ctx.inputs), None
     ref_scores = _scores(ctx, ref, spaces[ref])
+    marginals = _marginal_scores(ctx)
+    # with importance_in="average": each model's scores carried into the reference's neurons
+    moved: list[dict[str, Tensor]] = []
     stream = _stream_costs(ctx, ref, spaces, free)
     aligned: list[State] = []
     costs: list[float] = []
@@ -489,9 +523,12 @@ def otfusion(ctx: FusionContext) -> nn.Module:
             if k == ref:
                 aligned.append(states[k])
                 costs.append(0.0)
+                moved.append(ref_scores)
                 continue
             al = _Aligner(ctx, k, spaces[k], spaces[ref], ref_runner, ref_gm)
             scores = _scores(ctx, k, spaces[k])
+            mapped = {spaces[k][i].name for i in free}  # (filled as each is mapped)
+            moved.append({name: t for name, t in scores.items() if name not in mapped})
             streamed = _StreamedCosts(ctx, ref, k, spaces, free) if stream else None
             total = 0.0
             for j, i in enumerate(free):
@@ -505,15 +542,18 @@ def otfusion(ctx: FusionContext) -> nn.Module:
                 top = float(cost.max())
                 if top > 0:
                     cost.div_(top)
-                a = _marginal(scores[space.name], space.size)
-                b = _marginal(ref_scores[target.name], target.size)
+                a = _marginal(scores.get(space.name) if marginals else None, space.size)
+                b = _marginal(ref_scores.get(target.name) if marginals else None, target.size)
                 plan = torch.as_tensor(
                     SOLVERS[opt.solver](a, b, cost.numpy(), opt), dtype=torch.float64
                 )
                 total += float(torch.vdot(plan.reshape(-1), cost.reshape(-1)))
                 del cost
-                al.apply(space, plan.div_(torch.as_tensor(b)[None, :]))
-                del plan
+                q = plan.div_(torch.as_tensor(b)[None, :])  # columns sum to 1
+                if not marginals and space.name in scores:  # the scores of the mapped neurons
+                    moved[k][target.name] = q.T @ scores[space.name]
+                al.apply(space, q)
+                del plan, q
                 if al.soft:  # the later costs are computed afresh
                     streamed = None
                 advance(k * len(free) + j + 1)
@@ -521,7 +561,8 @@ def otfusion(ctx: FusionContext) -> nn.Module:
             costs.append(total)
     check_aligned_shapes(aligned, states[ref])
     ctx.report["transport_cost"] = costs
-    fused = average_states(aligned, weights)
+    per_neuron = {} if marginals else importance_coefficients(spaces[ref], moved)
+    fused = average_states(aligned, weights, per_neuron)
     template = template_for(ctx, ref, "otfusion")
     fused_model = write_state(template, fused, "otfusion")
     return finish(ctx, fused_model, opt.reset_bn, opt.repair, aligned, weights)

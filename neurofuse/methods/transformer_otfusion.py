@@ -11,7 +11,9 @@ transport plan between model ``k``'s ``n`` neurons and the anchor's ``m`` is
 with ``C[i, j]`` the (non-squared) Euclidean distance between the neurons' z-scored
 pre-activation outputs on the fusion set (``ground_metric="acts"``, every token of the first
 ``n_samples`` samples), or between their L2-normalised weight rows after the layer's inputs were
-mapped (``"wts"``). The marginals are uniform, or the neurons' importance scores. With
+mapped (``"wts"``). The marginals are uniform, or, with ``importance_in="marginals"``, the
+neurons' importance scores (by default scores weigh the average instead: every linear unit's
+fused output neuron is the score-weighted average of what the models mapped onto it). With
 ``Q = T diag(1/b)`` a layer's outgoing neurons become ``W' = Q^T W`` and its readers
 ``W' = W Q``.
 
@@ -84,6 +86,12 @@ class TransformerOTFusionOptions:
         heads: ``"cross"`` (query, key, value each aligned over the whole width, as the
             reference implementation) or ``"units"`` (heads matched as units, exactly).
         n_samples: fusion samples whose tokens give the activations (the paper uses 200).
+        importance_in: where importance scores enter: ``"average"`` (default: uniform
+            marginals; the rows of every linear unit's output neurons, weights and bias, are
+            averaged with the scores of the neurons each model mapped onto them,
+            ``s_j = sum_i Q[i, j] s_i``; other parameters with the model weights) or
+            ``"marginals"`` (the transports' marginals, as the paper's baseline; see
+            ``otfusion``).
         max_rows: at most this many (sample, token) rows per neuron (a fixed random subset).
         weights: model weights of the final average (default uniform).
         repair: REPAIR (Jordan et al. 2022) after averaging: every hidden neuron's mean and
@@ -101,10 +109,15 @@ class TransformerOTFusionOptions:
     heads: Literal["cross", "units"] = "cross"
     n_samples: int = 200
     max_rows: int = 20000
+    importance_in: Literal["average", "marginals"] = "average"
     weights: list[float] | None = None
     repair: bool = False
 
     def __post_init__(self) -> None:
+        if self.importance_in not in ("average", "marginals"):
+            raise ValueError(
+                f"importance_in must be 'average' or 'marginals', got {self.importance_in!r}"
+            )
         if self.ground_metric not in ("acts", "wts"):
             raise ValueError(f"ground_metric must be 'acts' or 'wts', got {self.ground_metric!r}")
         if self.solver not in SOLVERS:
@@ -152,6 +165,11 @@ class _Aligner:
         self.pending: dict[int, tuple[Tensor, fx.Node]] = {}  # stream -> branch map, its node
         self.head_maps: dict[int, Tensor] = {}  # attention space -> its one head matching
         self.deferred: dict[int, list[tuple[str, int]]] = {}  # read before the space had a map
+        # importance_in="average": unit -> scores of its output neurons in the anchor's order,
+        # this model's (carried by the unit's maps) and the anchor's own
+        self.averaging = not ctx.importance.uniform and self.opt.importance_in == "average"
+        self.unit_scores: dict[str, Tensor] = {}
+        self.anchor_scores: dict[str, Tensor] = {}
         self.cost_total = 0.0
 
     # ------------------------------------------------------------------ transport
@@ -176,8 +194,8 @@ class _Aligner:
             return [None] * parts
         runner = self.acts[model]
         out = runner.value(runner.node(node))
-        s = self.ctx.importance.scores(model, node, out, width).to(torch.float64)
-        return list(s.chunk(parts))
+        s = self.ctx.importance.scores(model, node, out, width).to("cpu", torch.float64)
+        return list(s.chunk(parts))  # (on the CPU, as the maps)
 
     def features(self, model: int, node: str, axis: int, parts: int = 1) -> list[Tensor]:
         """Z-scored rows (one per neuron) of a node's output, split into its parts."""
@@ -203,8 +221,11 @@ class _Aligner:
             return [self.head_maps[space]] * parts
         mine, theirs = self.unit_features(unit, space)
         end = unit_end(self.plan.gm, unit)
-        a = self.scores(self.k, end.name, parts * self.sizes[space], parts)
-        b = self.scores(self.ref, end.name, parts * sp.size, parts)
+        a: list[Tensor | None] = [None] * parts
+        b: list[Tensor | None] = [None] * parts
+        if not self.averaging:
+            a = self.scores(self.k, end.name, parts * self.sizes[space], parts)
+            b = self.scores(self.ref, end.name, parts * sp.size, parts)
         return [
             self.transport(x, y, sa, sb) for x, y, sa, sb in zip(mine, theirs, a, b, strict=True)
         ]
@@ -303,6 +324,8 @@ class _Aligner:
         qs = self.unit_map(n, space)
         self.row_maps[target] = qs
         key, axis = self.out_key(n), self.out_axis(n)
+        if self.averaging and axis == 0:
+            self.weigh_rows(n, space, qs)
         maps[(key, axis)] = qs
         if axis == 0 and f"{target}.bias" in self.state:
             maps[(f"{target}.bias", 0)] = qs
@@ -319,6 +342,18 @@ class _Aligner:
             self.current[space] = qs[-1]  # readers take the last part (the value)
         for key_axis in self.deferred.pop(space, []):  # e.g. a class token traced earlier
             maps[key_axis] = [self.current[space]]
+
+    def weigh_rows(self, unit: fx.Node, space: int, qs: list[Tensor]) -> None:
+        """The scores that weigh a unit's output rows in the average (``importance_in=
+        "average"``): model k's carried by the unit's maps (columns of ``Q`` sum to 1), and the
+        anchor's, per part, concatenated in the rows' order."""
+        end, parts = unit_end(self.plan.gm, unit), len(qs)
+        mine = self.scores(self.k, end.name, parts * self.sizes[space], parts)
+        theirs = self.scores(self.ref, end.name, parts * self.plan.spaces[space].size, parts)
+        self.unit_scores[str(unit.target)] = torch.cat(
+            [q.T @ s for q, s in zip(qs, mine, strict=True)]  # type: ignore[operator]
+        )
+        self.anchor_scores[str(unit.target)] = torch.cat(theirs)  # type: ignore[arg-type]
 
     def read_params(self, module: str, maps: dict, qs: list[Tensor] | None = None) -> None:
         """A normalisation's parameters and statistics: its unit's map, or its input's."""
@@ -398,6 +433,17 @@ def _size_of(model: nn.Module, plan: FusionPlan, i: int) -> int:
     return state[m.key].shape[m.axis] // (m.repeat * m.parts)
 
 
+def _per_row(unit_scores: list[dict[str, Tensor]], anchor: State) -> dict[str, list[Tensor]]:
+    """Per-row averaging coefficients of the units' weights and biases from every model's
+    carried scores (none with uniform importance or ``importance_in="marginals"``)."""
+    out: dict[str, list[Tensor]] = {}
+    for unit in unit_scores[0]:
+        for key in (f"{unit}.weight", f"{unit}.bias"):
+            if key in anchor:
+                out[key] = [table[unit] for table in unit_scores]
+    return out
+
+
 def _has_state(mod: nn.Module | None) -> bool:
     return mod is not None and bool(mod.state_dict())
 
@@ -437,6 +483,7 @@ def transformer_otfusion(ctx: FusionContext) -> nn.Module:
     acts = {k: GraphRunner(ctx.trace(m), x) for k, m in enumerate(ctx.models)}
     aligned: list[State] = []
     costs: list[float] = []
+    unit_scores: list[dict[str, Tensor]] = [{} for _ in range(n)]  # the anchor's: its own
     for k in range(n):
         if k == ref:
             aligned.append(states[k])
@@ -445,9 +492,11 @@ def transformer_otfusion(ctx: FusionContext) -> nn.Module:
         al = _Aligner(ctx, k, ref, plan, acts)
         aligned.append(al.run())
         costs.append(al.cost_total)
+        unit_scores[k] = al.unit_scores
+        unit_scores[ref] = unit_scores[ref] or al.anchor_scores
     check_aligned_shapes(aligned, states[ref])
     ctx.report["transport_cost"] = costs
-    fused = average_states(aligned, weights)
+    fused = average_states(aligned, weights, _per_row(unit_scores, states[ref]))
     target = template_for(ctx, ref, "transformer_otfusion")
     fused_model = write_state(target, fused, "transformer_otfusion")
     return finish(ctx, fused_model, False, opt.repair, aligned, weights)
