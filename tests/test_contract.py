@@ -221,6 +221,42 @@ def test_exact_on_a_permuted_copy(method: str, arch: str) -> None:
     assert err <= 1e-4, f"{method} on {arch}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("arch", sorted(ZOO))
+@pytest.mark.parametrize("method", ["kf_linear", "hf_linear"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_linear_fits_of_either_precision_are_exact_from_three_samples(method, arch, precision):
+    """Three fusion samples (every layer has more inputs than rows, the fit leans on the
+    aligned prior and its cross-validated strength): a permuted copy comes back to 1e-4 with
+    float32 as with float64 products (the default ridge of float32 products, 1e-6, keeps their
+    rounding from being amplified along the directions the samples leave undetermined)."""
+    if _expected_refusal(method, arch) is not None:
+        pytest.skip("refused on this architecture (checked by test_contract)")
+    model = _model(arch, 0)
+    x = _inputs(arch, n=3)
+    twin = permuted_by_analysis(model, seed=2, example=x[:2])
+    fused = nf.fuse([model, twin], x, method=method, precision=precision)
+    test = _inputs(arch, n=64, seed=5)
+    with torch.no_grad():
+        ref = model(test)
+        err = (fused(test) - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, f"{method} on {arch} with {precision} products: relative error {err:.2e}"
+
+
+def test_precision_auto_is_float32_products_on_cuda_only() -> None:
+    from neurofuse.methods._linear_parts import LinearOptions
+
+    auto = LinearOptions()
+    assert auto.resolved(torch.device("cpu")).precision == "float64"
+    assert auto.resolved(torch.device("cuda", 0)).precision == "float32"
+    assert auto.resolved(torch.device("cuda")).ridge_value == 1e-6
+    assert auto.ridge_value == 1e-9 and LinearOptions(ridge=0.5).resolved("cuda").ridge_value == 0.5
+    assert LinearOptions(precision="float64").resolved(torch.device("cuda")).precision == "float64"
+    models, x = [_model("mlp", 0), _model("mlp", 1)], _inputs("mlp")
+    assert nf.fuse(models, x, method="kf_linear").neurofuse_report["precision"] == "float64"
+    fused = nf.fuse(models, x, method="hf_linear", precision="float32")
+    assert fused.neurofuse_report["precision"] == "float32"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_ignored_arguments_are_refused(method: str) -> None:
     caps = nf.method_info(method).caps

@@ -113,7 +113,8 @@ class _Seen:
 class _LinearFusion:
     def __init__(self, ctx: FusionContext, grouping: GroupingKind) -> None:
         self.ctx = ctx
-        self.opt: LinearOptions = ctx.options
+        self.opt: LinearOptions = ctx.options.resolved(ctx.inputs.device)
+        ctx.report["precision"] = self.opt.precision  # (what "auto" became)
         self.grouper = NeuronGrouping(
             grouping,
             "linear",
@@ -385,13 +386,13 @@ class _LinearFusion:
         the aligned prior (``prior="aligned"``) or towards zero."""
         if self.opt.prior == "aligned":
             prior = self.prior(units, space, ls.bias)
-            w, lam = ls.solve_prior(prior, self.opt.prior_strength, project, self.opt.ridge)
+            w, lam = ls.solve_prior(prior, self.opt.prior_strength, project, self.opt.ridge_value)
             self.prior_strengths[str(units[0].target)] = lam
             return w
         if project is None:
-            return ls.solve(self.opt.ridge)
+            return ls.solve(self.opt.ridge_value)
         if factor is None or coords is None:
-            factor = ls.factor(self.opt.ridge)
+            factor = ls.factor(self.opt.ridge_value)
             coords = ls.coordinates(factor)
         return factor.weights(matmul_t(coords, project))
 
@@ -403,7 +404,7 @@ class _LinearFusion:
         end = unit_end(self.fgm, u)
         seen = _Seen()
         ls = self.accumulate([layer], self.unit_data(end, layer, [u], seen), self.can_carry_bias(u))
-        factor = ls.factor(self.opt.ridge)
+        factor = ls.factor(self.opt.ridge_value)
         coords = ls.coordinates(factor)  # (q, d_M)
         parts = self.parts(u)
         if not self.ready(space):
@@ -444,7 +445,7 @@ class _LinearFusion:
             ls = self.accumulate(
                 [layer], self.unit_data(end, layer, [u], seen), self.can_carry_bias(u)
             )
-            factor = ls.factor(self.opt.ridge)
+            factor = ls.factor(self.opt.ridge_value)
             coords = ls.coordinates(factor)
             parts = self.parts(u)
             fits.append((u, ls, factor, coords, parts))
@@ -521,7 +522,7 @@ class _LinearFusion:
         else:
             k = self.plan.spaces[space].size
             ls = self.accumulate(layers, self.unit_data(add, layer0, units, seen), bias)
-            factor = ls.factor(self.opt.ridge)
+            factor = ls.factor(self.opt.ridge_value)
             coords = ls.coordinates(factor)
             self.groupings[space] = a = self.group(
                 coords.T.contiguous(),

@@ -5,6 +5,7 @@ space side by side."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -20,6 +21,9 @@ from neurofuse.graph import NORM_TYPES, module_of
 from neurofuse.grouping import restarts
 from neurofuse.utils import optional_tensor_attr, tensor_attr
 
+#: The default relative ridge of the Linear fits for each precision of the products.
+PRODUCT_RIDGE = {"float64": 1e-9, "float32": 1e-6}
+
 
 @dataclass
 class LinearOptions:
@@ -27,7 +31,11 @@ class LinearOptions:
 
     Attributes:
         ridge: relative ridge added to ``X^T X`` (times its mean diagonal) for rank-deficient
-            inputs.
+            inputs, and the floor of the aligned prior's cross-validated strength. ``None``
+            (default): ``1e-9`` with float64 products, ``1e-6`` with float32 ones (their
+            rounding of ``X^T X``, amplified by the inverse of its smallest eigenvalues, breaks
+            the exact recovery of a permuted model below about ``1e-7``:
+            ``tests/test_fuse.py``).
         chunk_size: samples per chunk when accumulating Gram matrices.
         n_init: k-means restarts (KF only); ``"auto"`` (default): 4 up to 512 fused neurons
             per space, fewer beyond (:data:`neurofuse.grouping.AUTO_RESTARTS_K`) and for many
@@ -67,10 +75,16 @@ class LinearOptions:
             two wide MLPs: the optimal cost to five digits up to width 2048; 2.9x / 4.8x
             faster at width 4096 / 8192 for a 0.08% / 0.06% higher grouping cost and +0.1 /
             -0.1 points; slower below about 2048; ``benchmarks/results/hungarian_sparse.md``).
-        precision: ``"float32"`` or ``"float64"``: the precision of the blockwise products that
-            build ``X^T X`` and ``X^T Y`` (sums are always float64, on mean-shifted rows).
-            float32 is faster (most of all on GPUs) but, with the tiny default ridge, loses the
-            1e-4 exactness of recovering a permuted model.
+        precision: the precision of the blockwise products that build ``X^T X`` and ``X^T Y``
+            (sums are always float64, on mean-shifted rows): ``"float64"``, ``"float32"`` or
+            ``"auto"`` (default: float32 on a CUDA device, where float64 arithmetic is several
+            times slower, float64 elsewhere). float32 products are about 1.5x faster on CPU
+            for CNNs (``benchmarks/results/fit_options_cpu.md``); on the 72 cached
+            ``paper-cnn`` and ``paper-mlp`` model sets they moved test accuracy by -0.00 /
+            -0.15 / +0.10 points on average (KF Linear, VGG / VGG-BN / MLP; single sets -1.1
+            to +1.5, where k-means settles on another grouping) and -0.02 to +0.01 (HF Linear;
+            ``benchmarks/results/precision_ab.md``). With their default
+            ridge (``1e-6``) a permuted model is still recovered to 1e-4.
         sample_chunk: if set, the models are evaluated on this many fusion samples at a time
             and each unit's inputs and targets are recomputed from the inputs, chunk by chunk,
             when it is fitted: the engine never holds a level's outputs for the whole fusion
@@ -85,7 +99,7 @@ class LinearOptions:
             whole fusion set at once, each value computed once.
     """
 
-    ridge: float = 1e-9
+    ridge: float | None = None
     chunk_size: int = 128
     n_init: int | Literal["auto"] = "auto"
     max_iter: int = 100
@@ -93,7 +107,7 @@ class LinearOptions:
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
     matching: Literal["exact", "sparse"] = "exact"
     row_budget: int | None = None
-    precision: Literal["float32", "float64"] = "float64"
+    precision: Literal["auto", "float32", "float64"] = "auto"
     stream: Literal["first", "all"] = "first"
     prior: Literal["aligned", "zero"] = "aligned"
     prior_strength: float | None = None
@@ -121,14 +135,31 @@ class LinearOptions:
             )
         if self.matching not in ("exact", "sparse"):
             raise ValueError(f"matching must be 'exact' or 'sparse', got {self.matching!r}")
-        if self.precision not in ("float32", "float64"):
-            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+        if self.precision not in ("auto", "float32", "float64"):
+            raise ValueError(
+                f"precision must be 'auto', 'float32' or 'float64', got {self.precision!r}"
+            )
         if restarts(self.n_init, 1) < 1:
             raise ValueError(
                 f"n_init must be a positive number of restarts or 'auto'; got {self.n_init!r}"
             )
-        if self.ridge < 0 or self.chunk_size < 1 or self.max_iter < 1:
+        if (self.ridge is not None and self.ridge < 0) or self.chunk_size < 1 or self.max_iter < 1:
             raise ValueError("ridge must be >= 0 and chunk_size, max_iter positive")
+
+    def resolved(self, device: torch.device) -> LinearOptions:
+        """These options with ``precision="auto"`` made concrete for inputs on ``device``."""
+        if self.precision != "auto":
+            return self
+        return dataclasses.replace(
+            self, precision="float32" if torch.device(device).type == "cuda" else "float64"
+        )
+
+    @property
+    def ridge_value(self) -> float:
+        """``ridge``, or its default for the products' precision (``"auto"``: float64's)."""
+        if self.ridge is not None:
+            return self.ridge
+        return PRODUCT_RIDGE.get(self.precision, PRODUCT_RIDGE["float64"])
 
 
 def check_batchnorms(fgm: fx.GraphModule) -> None:
@@ -297,6 +328,7 @@ def normal_equations(
     gen = torch.Generator(device="cpu")
     for xs, y_rows in pieces:
         if ls is None:
+            opt = opt.resolved(xs[0].device)  # (precision "auto": the inputs' device decides)
             feats = [affine_inputs(layer, x[:1]).shape for layer, x in zip(layers, xs, strict=True)]
             per_sample = feats[0][0]
             p = sum(f[1] for f in feats)
