@@ -8,7 +8,7 @@ forward pass of both base models on the fusion set (timed in the same process), 
 model's test accuracy. Rows:
 
 - ``default``: the normal equations of stride-1 convolutions from shifted products of the
-  input map (``neurofuse.patch_moments``), float64 products;
+  input map (``neurofuse.patch_moments``), float64 products (the default on a CPU);
 - ``patch products``: the same sums from explicit patch rows (what the default did before;
   the path is switched off in this process by replacing ``patch_moments.applies``);
 - ``precision=float32``: float32 products (sums in float64);

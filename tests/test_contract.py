@@ -225,10 +225,11 @@ def test_exact_on_a_permuted_copy(method: str, arch: str) -> None:
 @pytest.mark.parametrize("method", ["kf_linear", "hf_linear"])
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_linear_fits_of_either_precision_are_exact_from_three_samples(method, arch, precision):
-    """Three fusion samples (every layer has more inputs than rows, the fit leans on the
-    aligned prior and its cross-validated strength): a permuted copy comes back to 1e-4 with
-    float32 as with float64 products (the default ridge of float32 products, 1e-6, keeps their
-    rounding from being amplified along the directions the samples leave undetermined)."""
+    """Three fusion samples (the dense layers have more inputs than rows and lean on the
+    aligned prior and its cross-validated strength; the convolutions' primal products are the
+    ones taken in float32): a permuted copy comes back to 1e-4 with float32 as with float64
+    products (the default ridge of float32 products, 1e-6, keeps their rounding from being
+    amplified along the directions the samples leave undetermined)."""
     if _expected_refusal(method, arch) is not None:
         pytest.skip("refused on this architecture (checked by test_contract)")
     model = _model(arch, 0)
@@ -240,6 +241,43 @@ def test_linear_fits_of_either_precision_are_exact_from_three_samples(method, ar
         ref = model(test)
         err = (fused(test) - ref).abs().max() / ref.abs().max()
     assert err <= 1e-4, f"{method} on {arch} with {precision} products: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("precision", [None, "float32", "float64"])
+def test_the_fits_take_their_products_and_ridge_in_the_precision_asked(precision, monkeypatch):
+    """The engine really builds ``X^T X`` in the products' precision and floors the prior's
+    strength at that precision's ridge (the default on a CPU: float64, 1e-9)."""
+    from neurofuse import closed_form
+
+    seen: list[tuple[torch.dtype, float]] = []
+    solve_prior = closed_form.LeastSquares.solve_prior
+
+    def spy(self, prior, strength=None, project=None, ridge=1e-9):
+        seen.append((self.product_dtype, ridge))
+        return solve_prior(self, prior, strength, project, ridge)
+
+    monkeypatch.setattr(closed_form.LeastSquares, "solve_prior", spy)
+    model = _model("vgg_bn", 0)
+    x = _inputs("vgg_bn", n=40)
+    kw = {} if precision is None else {"precision": precision}
+    nf.fuse([model, _model("vgg_bn", 1)], x, method="kf_linear", **kw)
+    want = (torch.float32, 1e-6) if precision == "float32" else (torch.float64, 1e-9)
+    assert seen and set(seen) == {want}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_precision_auto_takes_float32_products_on_cuda_and_stays_exact() -> None:
+    model = _model("vgg_bn", 0)
+    x = _inputs("vgg_bn", n=3)
+    twin = permuted_by_analysis(model, seed=2, example=x[:2])
+    cuda = torch.device("cuda")
+    fused = nf.fuse([model, twin], x, method="kf_linear", device=cuda)
+    assert fused.neurofuse_report["precision"] == "float32"
+    test = _inputs("vgg_bn", n=64, seed=5)
+    with torch.no_grad():
+        ref = model(test)
+        err = (fused.cpu()(test) - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4
 
 
 def test_precision_auto_is_float32_products_on_cuda_only() -> None:

@@ -33,9 +33,10 @@ class LinearOptions:
         ridge: relative ridge added to ``X^T X`` (times its mean diagonal) for rank-deficient
             inputs, and the floor of the aligned prior's cross-validated strength. ``None``
             (default): ``1e-9`` with float64 products, ``1e-6`` with float32 ones (their
-            rounding of ``X^T X``, amplified by the inverse of its smallest eigenvalues, breaks
-            the exact recovery of a permuted model below about ``1e-7``:
-            ``tests/test_fuse.py``).
+            rounding of ``X^T X``, amplified along the directions a small fusion set leaves
+            undetermined, broke the exact recovery of a permuted ResNet from 3 samples at
+            ``1e-9``: 4e-4 / 7e-4 for KF / HF, against 5e-5 / 8e-5 at ``1e-8`` and 2e-6 at
+            ``1e-6``; ``tests/test_contract.py``).
         chunk_size: samples per chunk when accumulating Gram matrices.
         n_init: k-means restarts (KF only); ``"auto"`` (default): 4 up to 512 fused neurons
             per space, fewer beyond (:data:`neurofuse.grouping.AUTO_RESTARTS_K`) and for many
@@ -78,8 +79,8 @@ class LinearOptions:
         precision: the precision of the blockwise products that build ``X^T X`` and ``X^T Y``
             (sums are always float64, on mean-shifted rows): ``"float64"``, ``"float32"`` or
             ``"auto"`` (default: float32 on a CUDA device, where float64 arithmetic is several
-            times slower, float64 elsewhere). float32 products are about 1.5x faster on CPU
-            for CNNs (``benchmarks/results/fit_options_cpu.md``); on the 72 cached
+            times slower, float64 elsewhere). float32 products make a CNN's fits about 1.5x and
+            its fusion 1.3-1.4x faster on a CPU (MLPs: 1.1x) (``benchmarks/results/fit_options_cpu.md``); on the 72 cached
             ``paper-cnn`` and ``paper-mlp`` model sets they moved test accuracy by -0.00 /
             -0.15 / +0.10 points on average (KF Linear, VGG / VGG-BN / MLP; single sets -1.1
             to +1.5, where k-means settles on another grouping) and -0.02 to +0.01 (HF Linear;
