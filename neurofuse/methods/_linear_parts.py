@@ -80,7 +80,7 @@ class LinearOptions:
             (sums are always float64, on mean-shifted rows): ``"float64"``, ``"float32"`` or
             ``"auto"`` (default: float32 on a CUDA device, where float64 arithmetic is several
             times slower, float64 elsewhere). float32 products make a CNN's fits about 1.5x and
-            its fusion 1.3-1.4x faster on a CPU (MLPs: 1.1x) (``benchmarks/results/fit_options_cpu.md``); on the 72 cached
+            its fusion 1.3-1.5x faster on a CPU (MLPs: 1.0-1.1x) (``benchmarks/results/fit_options_cpu.md``); on the 72 cached
             ``paper-cnn`` and ``paper-mlp`` model sets they moved test accuracy by -0.00 /
             -0.15 / +0.10 points on average (KF Linear, VGG / VGG-BN / MLP; single sets -1.1
             to +1.5, where k-means settles on another grouping) and -0.02 to +0.01 (HF Linear;
