@@ -103,6 +103,25 @@ def exact_scores(monkeypatch):
     return install
 
 
+@pytest.fixture
+def emd_marginals(monkeypatch):
+    """Record the marginals ``(a, b)`` of every exact OT plan OTFusion solves: call it, then
+    read the returned list after the fusion."""
+
+    def install() -> list[tuple]:
+        seen: list[tuple] = []
+        emd = otfusion_module.SOLVERS["emd"]
+
+        def spy(a_, b_, cost, opt):
+            seen.append((a_, b_))
+            return emd(a_, b_, cost, opt)
+
+        monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
+        return seen
+
+    return install
+
+
 ZOO = ["mlp", "vgg_bn", "resnet18", "vit"]
 TOYS = ["toy_mlp", "toy_cnn", "toy_resnet"]
 
@@ -160,7 +179,7 @@ def test_otfusion_fuses_models_of_different_widths_into_the_reference():
         nf.fuse([a, b], x, method="git_rebasin")
 
 
-def test_importance_scores_are_the_ot_marginals(monkeypatch, exact_scores):
+def test_importance_scores_are_the_ot_marginals(emd_marginals, exact_scores):
     torch.manual_seed(0)
     a = build("mlp", in_features=12, hidden=[16, 16])
     b = build("mlp", in_features=12, hidden=[16, 16])  # an unrelated model: the plan is not trivial
@@ -169,14 +188,7 @@ def test_importance_scores_are_the_ot_marginals(monkeypatch, exact_scores):
     tables = [
         {n: torch.rand(16, generator=g) ** 4 + 1e-3 for n in ("fc1", "fc2")} for _ in range(2)
     ]
-    seen = []
-    emd = otfusion_module.SOLVERS["emd"]
-
-    def spy(a_, b_, cost, opt):
-        seen.append((a_, b_))
-        return emd(a_, b_, cost, opt)
-
-    monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
+    seen = emd_marginals()
     exact_scores(tables)
     weighted = nf.fuse([a, b], x, method="otfusion", importance=tables, importance_in="marginals")
     (a1, b1), (a2, b2) = seen
@@ -188,7 +200,7 @@ def test_importance_scores_are_the_ot_marginals(monkeypatch, exact_scores):
         nf.fuse([a, b], x, method="otfusion", importance_in="marginal")
 
 
-def test_otfusion_averages_each_neuron_with_its_importance_by_default(monkeypatch, exact_scores):
+def test_otfusion_averages_each_neuron_with_its_importance_by_default(emd_marginals, exact_scores):
     """``importance_in="average"`` (the default): uniform marginals, so the transport is the
     permutation of uniform importance, and each fused neuron is the score-weighted average of
     the neurons mapped onto it (Git Re-Basin's rule)."""
@@ -206,14 +218,7 @@ def test_otfusion_averages_each_neuron_with_its_importance_by_default(monkeypatc
     classes = [torch.rand(10, generator=g) + 0.1 for _ in range(2)]
     tables = [{"fc1": s, "head": c} for s, c in zip(scores, classes, strict=True)]
     x = torch.randn(64, 12)
-    seen = []
-    emd = otfusion_module.SOLVERS["emd"]
-
-    def spy(a_, b_, cost, opt):
-        seen.append((a_, b_))
-        return emd(a_, b_, cost, opt)
-
-    monkeypatch.setitem(otfusion_module.SOLVERS, "emd", spy)
+    seen = emd_marginals()
     exact_scores(tables)
     fused = nf.fuse([a, b], x, method="otfusion", importance=tables)
     ((ma, mb),) = seen
