@@ -80,12 +80,13 @@ class LinearOptions:
             (sums are always float64, on mean-shifted rows): ``"float64"``, ``"float32"`` or
             ``"auto"`` (default: float32 on a CUDA device, where float64 arithmetic is several
             times slower, float64 elsewhere). float32 products make a CNN's fits about 1.5x and
-            its fusion 1.3-1.5x faster on a CPU (MLPs: 1.0-1.1x) (``benchmarks/results/fit_options_cpu.md``); on the 72 cached
-            ``paper-cnn`` and ``paper-mlp`` model sets they moved test accuracy by -0.00 /
-            -0.15 / +0.10 points on average (KF Linear, VGG / VGG-BN / MLP; single sets -1.1
-            to +1.5, where k-means settles on another grouping) and -0.02 to +0.01 (HF Linear;
-            ``benchmarks/results/precision_ab.md``). With their default
-            ridge (``1e-6``) a permuted model is still recovered to 1e-4.
+            its fusion 1.3-1.5x faster on a CPU (MLPs: 1.0-1.1x;
+            ``benchmarks/results/fit_options_cpu.md``); on the 72 cached ``paper-cnn`` and
+            ``paper-mlp`` model sets they moved test accuracy by -0.00 / -0.15 / +0.10 points
+            on average (KF Linear, VGG / VGG-BN / MLP; single sets -1.1 to +1.5, where k-means
+            settles on another grouping) and -0.02 to +0.01 (HF Linear;
+            ``benchmarks/results/precision_ab.md``). With their default ridge (``1e-6``) a
+            permuted model is still recovered to 1e-4.
         sample_chunk: if set, the models are evaluated on this many fusion samples at a time
             and each unit's inputs and targets are recomputed from the inputs, chunk by chunk,
             when it is fitted: the engine never holds a level's outputs for the whole fusion

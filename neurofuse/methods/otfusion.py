@@ -10,8 +10,9 @@ onto the reference's ``m`` neurons by the plan
 where ``C[i, j]`` is the ground cost between model neuron ``i`` and reference neuron ``j``, and
 the marginals ``a``, ``b`` are uniform, or, with ``importance_in="marginals"``, the neurons'
 importance scores normalised to sum 1 (Singh & Jaggi's proposal). By default importance scores
-weigh the average instead: fused neuron ``j`` is ``sum_k s_{k,j} w_{k,j} / sum_k s_{k,j}``, where
-``s_{k,j} = sum_i Q[i, j] s_{k,i}`` is the score of what model ``k`` mapped onto ``j``. With ``Q = T diag(1/b)`` (``n x m``), every member of the space is mapped as
+weigh the average instead: fused neuron ``j`` is ``sum_k s_{k,j} w_{k,j} / sum_k s_{k,j}``,
+where ``s_{k,j} = sum_i Q[i, j] s_{k,i}`` is the score of what model ``k`` mapped onto ``j``.
+With ``Q = T diag(1/b)`` (``n x m``), every member of the space is mapped as
 ``t'[..., j, ...] = sum_i Q[i, j] t[..., i, ...]``: on the outgoing axis that is OTFusion's
 ``W' = diag(1/b) T^T W``, on a consumer's incoming axis ``W' = W T diag(1/b)``. With EMD, equal
 widths and uniform marginals ``T`` is a permutation matrix divided by ``n`` and the map is an
@@ -111,6 +112,15 @@ def _sinkhorn(a: np.ndarray, b: np.ndarray, cost: np.ndarray, opt: OTFusionOptio
 SOLVERS: dict[str, Callable[..., np.ndarray]] = {"emd": _emd, "sinkhorn": _sinkhorn}
 
 
+#: Where importance scores enter the OT alignments (``otfusion``, ``transformer_otfusion``).
+IMPORTANCE_IN = ("average", "marginals")
+
+
+def check_importance_in(value: str) -> None:
+    if value not in IMPORTANCE_IN:
+        raise ValueError(f"importance_in must be 'average' or 'marginals', got {value!r}")
+
+
 @dataclass
 class OTFusionOptions:
     """Options of ``otfusion``.
@@ -149,10 +159,7 @@ class OTFusionOptions:
     repair: bool = False
 
     def __post_init__(self) -> None:
-        if self.importance_in not in ("average", "marginals"):
-            raise ValueError(
-                f"importance_in must be 'average' or 'marginals', got {self.importance_in!r}"
-            )
+        check_importance_in(self.importance_in)
         if self.ground_metric not in GROUND_METRICS:
             raise ValueError(
                 f"ground_metric must be one of {sorted(GROUND_METRICS)}, got {self.ground_metric!r}"

@@ -64,7 +64,7 @@ from neurofuse.methods._averaging import (
     write_state,
 )
 from neurofuse.methods._plan import FusionPlan, map_axis
-from neurofuse.methods.otfusion import SOLVERS
+from neurofuse.methods.otfusion import SOLVERS, check_importance_in
 from neurofuse.methods.registry import Capabilities, FusionContext, register_method
 
 RESIDUAL_POLICIES = ("mean", "weighted_scalar", "only_resid", "no_resid")
@@ -114,10 +114,7 @@ class TransformerOTFusionOptions:
     repair: bool = False
 
     def __post_init__(self) -> None:
-        if self.importance_in not in ("average", "marginals"):
-            raise ValueError(
-                f"importance_in must be 'average' or 'marginals', got {self.importance_in!r}"
-            )
+        check_importance_in(self.importance_in)
         if self.ground_metric not in ("acts", "wts"):
             raise ValueError(f"ground_metric must be 'acts' or 'wts', got {self.ground_metric!r}")
         if self.solver not in SOLVERS:
@@ -153,7 +150,15 @@ def _cost(x: Tensor, y: Tensor) -> Tensor:
 class _Aligner:
     """Carries model ``k`` into the anchor's neurons, in forward order."""
 
-    def __init__(self, ctx: FusionContext, k: int, ref: int, plan: FusionPlan, acts: dict) -> None:
+    def __init__(
+        self,
+        ctx: FusionContext,
+        k: int,
+        ref: int,
+        plan: FusionPlan,
+        acts: dict,
+        anchor_scores: dict[str, Tensor],
+    ) -> None:
         self.ctx, self.opt = ctx, ctx.options
         self.k, self.ref, self.plan = k, ref, plan
         self.acts = acts  # model index -> GraphRunner on the activation samples
@@ -166,10 +171,11 @@ class _Aligner:
         self.head_maps: dict[int, Tensor] = {}  # attention space -> its one head matching
         self.deferred: dict[int, list[tuple[str, int]]] = {}  # read before the space had a map
         # importance_in="average": unit -> scores of its output neurons in the anchor's order,
-        # this model's (carried by the unit's maps) and the anchor's own
+        # this model's (carried by the unit's maps) and the anchor's own (shared by the
+        # aligners of every model, computed by the first)
         self.averaging = not ctx.importance.uniform and self.opt.importance_in == "average"
         self.unit_scores: dict[str, Tensor] = {}
-        self.anchor_scores: dict[str, Tensor] = {}
+        self.anchor_scores = anchor_scores
         self.cost_total = 0.0
 
     # ------------------------------------------------------------------ transport
@@ -347,13 +353,14 @@ class _Aligner:
         """The scores that weigh a unit's output rows in the average (``importance_in=
         "average"``): model k's carried by the unit's maps (columns of ``Q`` sum to 1), and the
         anchor's, per part, concatenated in the rows' order."""
-        end, parts = unit_end(self.plan.gm, unit), len(qs)
+        end, parts, target = unit_end(self.plan.gm, unit), len(qs), str(unit.target)
         mine = self.scores(self.k, end.name, parts * self.sizes[space], parts)
-        theirs = self.scores(self.ref, end.name, parts * self.plan.spaces[space].size, parts)
-        self.unit_scores[str(unit.target)] = torch.cat(
+        self.unit_scores[target] = torch.cat(
             [q.T @ s for q, s in zip(qs, mine, strict=True)]  # type: ignore[operator]
         )
-        self.anchor_scores[str(unit.target)] = torch.cat(theirs)  # type: ignore[arg-type]
+        if target not in self.anchor_scores:
+            theirs = self.scores(self.ref, end.name, parts * self.plan.spaces[space].size, parts)
+            self.anchor_scores[target] = torch.cat(theirs)  # type: ignore[arg-type]
 
     def read_params(self, module: str, maps: dict, qs: list[Tensor] | None = None) -> None:
         """A normalisation's parameters and statistics: its unit's map, or its input's."""
@@ -489,11 +496,10 @@ def transformer_otfusion(ctx: FusionContext) -> nn.Module:
             aligned.append(states[k])
             costs.append(0.0)
             continue
-        al = _Aligner(ctx, k, ref, plan, acts)
+        al = _Aligner(ctx, k, ref, plan, acts, unit_scores[ref])
         aligned.append(al.run())
         costs.append(al.cost_total)
         unit_scores[k] = al.unit_scores
-        unit_scores[ref] = unit_scores[ref] or al.anchor_scores
     check_aligned_shapes(aligned, states[ref])
     ctx.report["transport_cost"] = costs
     fused = average_states(aligned, weights, _per_row(unit_scores, states[ref]))
