@@ -579,6 +579,39 @@ def test_neuron_grouping_averages_with_the_weights_it_grouped_with(kind):
         torch.testing.assert_close(a[i, members], expected)
 
 
+def test_kmeans_weights_choose_what_the_scores_weigh():
+    """1-D neurons 0, 0, 4 (model 0) and 0, 0, 10 (model 1) in two groups. Unweighted the
+    cheapest split is {0, 0, 0, 0, 4} | {10} (cost 12.8 against 18); with the 4 weighing 1000
+    it is {0, 0, 0, 0} | {4, 10} (35.9 against 63.8). ``"importance"`` clusters with the
+    weights, ``"uniform"`` without them; both average each group with the weights."""
+    from neurofuse.grouping.strategy import NeuronGrouping
+
+    points = torch.tensor([[0.0], [0.0], [4.0], [0.0], [0.0], [10.0]], dtype=torch.float64)
+    weights = torch.tensor([1.0, 1.0, 1000.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    together = {}
+    for mode in ("uniform", "importance"):
+        g = NeuronGrouping("kmeans", kmeans_weights=mode).neurons(points, weights, 2, [3, 3], "x")
+        together[mode] = bool(g.labels[2] == g.labels[5])
+        a = g.assignment_matrix()
+        for i in range(2):
+            members = g.members(i)
+            torch.testing.assert_close(a[i, members], weights[members] / weights[members].sum())
+        torch.testing.assert_close(g.centroids, a @ points)  # the centroids are the targets
+    assert together == {"uniform": False, "importance": True}
+    with pytest.raises(ValueError, match="kmeans_weights must be 'uniform'.*got 'paper'"):
+        NeuronGrouping("kmeans", kmeans_weights="paper")
+
+
+@pytest.mark.parametrize("method", ["kf_linear", "kf_gradient"])
+def test_kmeans_weights_is_checked_when_the_options_are_made(method):
+    import neurofuse as nf
+
+    x = torch.randn(16, 4)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))]
+    with pytest.raises(ValueError, match="kmeans_weights must be"):
+        nf.fuse(models * 2, x, method=method, kmeans_weights="weighted")
+
+
 def test_hungarian_grouping_names_the_variant_to_use_instead():
     from neurofuse.grouping.strategy import NeuronGrouping
 

@@ -39,7 +39,7 @@ from neurofuse.graph import (
     split,
     to_neurons,
 )
-from neurofuse.grouping.strategy import GroupingKind, NeuronGrouping
+from neurofuse.grouping.strategy import GroupingKind, NeuronGrouping, check_kmeans_weights
 from neurofuse.methods._linear import (
     AFFINE_TYPES,
     NORM_TYPES,
@@ -131,6 +131,10 @@ class GradientOptions:
             restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
             models: faster on wide layers, a higher grouping error on trained ones) or
             ``"both"`` (:func:`neurofuse.grouping.group`).
+        kmeans_weights: what the importance scores weigh in K-means Fusion (KF only):
+            ``"uniform"`` (default): the k-means objective is unweighted and the scores weigh
+            each group's members in its centroid; ``"importance"``: weighted k-means too,
+            the paper's rule (:class:`neurofuse.grouping.strategy.NeuronGrouping`).
         matching: how HF pairs the neurons (HF only): ``"exact"`` or ``"sparse"``, as for
             the Linear variants (:class:`~neurofuse.methods._linear_parts.LinearOptions`).
     """
@@ -154,9 +158,11 @@ class GradientOptions:
     n_init: int | Literal["auto"] = "auto"
     max_iter: int = 100
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
+    kmeans_weights: Literal["uniform", "importance"] = "uniform"
     matching: Literal["exact", "sparse"] = "exact"
 
     def __post_init__(self) -> None:
+        check_kmeans_weights(self.kmeans_weights)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
         for f in fields(self):
@@ -231,6 +237,7 @@ def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
         max_iter=opt.max_iter,
         seeding=opt.kmeans_seeding,
         matching=opt.matching,
+        kmeans_weights=opt.kmeans_weights,
     )
     gen = ctx.generator()
     f_in: Tensor = ctx.inputs
@@ -313,6 +320,7 @@ def _linear_start(ctx: FusionContext, grouping: GroupingKind) -> _LinearFusion |
             n_init=opt.n_init,
             max_iter=opt.max_iter,
             kmeans_seeding=opt.kmeans_seeding,
+            kmeans_weights=opt.kmeans_weights,
             matching=opt.matching,
         ),
     )

@@ -124,6 +124,7 @@ class _LinearFusion:
             local_search=self.opt.local_search,
             seeding=self.opt.kmeans_seeding,
             matching=self.opt.matching,
+            kmeans_weights=self.opt.kmeans_weights,
         )
         self.fused = ctx.target
         self.fgm = ctx.trace(self.fused)

@@ -19,6 +19,7 @@ from neurofuse._sparse import entries, sparse_matrix
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
 from neurofuse.grouping import restarts
+from neurofuse.grouping.strategy import check_kmeans_weights
 from neurofuse.utils import optional_tensor_attr, tensor_attr
 
 #: The default relative ridge of the Linear fits for each precision of the products.
@@ -47,6 +48,10 @@ class LinearOptions:
             restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
             models: faster on wide layers, a higher grouping error on trained ones) or
             ``"both"`` (:func:`neurofuse.grouping.group`).
+        kmeans_weights: what the importance scores weigh in K-means Fusion (KF only):
+            ``"uniform"`` (default): the k-means objective is unweighted and the scores weigh
+            each group's members in its centroid; ``"importance"``: weighted k-means too,
+            the paper's rule (:class:`neurofuse.grouping.strategy.NeuronGrouping`).
         row_budget: if set, fit each layer on a uniform random sample of about
             ``row_budget * p`` of its rows (sample x position), ``p`` being the layer's fan-in:
             a sketch of the least-squares problem that bounds the Gram cost of wide
@@ -107,6 +112,7 @@ class LinearOptions:
     max_iter: int = 100
     local_search: bool = False
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
+    kmeans_weights: Literal["uniform", "importance"] = "uniform"
     matching: Literal["exact", "sparse"] = "exact"
     row_budget: int | None = None
     precision: Literal["auto", "float32", "float64"] = "auto"
@@ -116,6 +122,7 @@ class LinearOptions:
     sample_chunk: int | None = None
 
     def __post_init__(self) -> None:
+        check_kmeans_weights(self.kmeans_weights)
         if self.sample_chunk is not None and (
             isinstance(self.sample_chunk, bool)
             or not isinstance(self.sample_chunk, int)

@@ -50,8 +50,8 @@ def _bind(
 
 #: the K-means knobs of each engine's options, which the Hungarian variants never read
 KMEANS_ONLY: dict[str, frozenset[str]] = {
-    "linear": frozenset({"n_init", "max_iter", "local_search", "kmeans_seeding"}),
-    "gradient": frozenset({"n_init", "max_iter", "kmeans_seeding"}),
+    "linear": frozenset({"n_init", "max_iter", "local_search", "kmeans_seeding", "kmeans_weights"}),
+    "gradient": frozenset({"n_init", "max_iter", "kmeans_seeding", "kmeans_weights"}),
 }
 #: the Hungarian knobs, which the K-means variants never read
 HUNGARIAN_ONLY: dict[str, frozenset[str]] = {
