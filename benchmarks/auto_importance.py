@@ -86,10 +86,10 @@ def main() -> None:
         "# `auto` with an importance score against `auto` with uniform importance",
         "",
         f"Command: `python benchmarks/auto_importance.py --suite {args.suite} --splits "
-        f"{args.splits} --seeds {args.seeds} --cache {args.cache.relative_to(HERE.parent)}`",
+        f"{args.splits} --seeds {args.seeds} --cache {args.cache.resolve().relative_to(HERE.parent)}`",
         "",
         "Test accuracy (%); `auto` and KF Linear with uniform importance and KF Linear with each "
-        f"score from the suite's committed cells (`{args.results.relative_to(HERE.parent)}`).",
+        f"score from the suite's committed cells (`{args.results.resolve().relative_to(HERE.parent)}`).",
         "",
         "| cell | auto, uniform | KF Linear, uniform | score | KF Linear, score | auto, score | auto chose |",
         "|---|---:|---:|---|---:|---:|---|",

@@ -78,10 +78,10 @@ class NeuronGrouping:
 
     def _keep(self, g: Grouping, points: Tensor, weights: Tensor) -> Grouping:
         """``g`` holding ``weights``, its centroids the weighted means of its groups."""
-        if self.kmeans_weights == "importance":
-            return replace(g, weights=weights)
-        a = g.assignment_matrix(weights, sparse=True)
-        return replace(g, weights=weights, centroids=a @ points.to(a.dtype))
+        if self.kmeans_weights == "importance" or bool((weights == weights[0]).all()):
+            return replace(g, weights=weights)  # (its centroids are already these means)
+        a = g.assignment_matrix(weights, sparse=True).to(points.dtype)
+        return replace(g, weights=weights, centroids=(a @ points).to(g.centroids.dtype))
 
     @property
     def method(self) -> str:
