@@ -51,7 +51,7 @@ class NeuronGrouping:
             k-means objective too (weighted k-means, the paper's rule). Why the default:
             with weighted k-means, KF Linear with conductance or DeepLIFT fell 2.3-3.7 points
             below uniform importance on the ViT weak-owner and 6-way sharded splits, where
-            unweighted grouping is level with it (-0.3 to +0.4); across 78 suite splits the
+            unweighted grouping is level with it (-0.3 to +0.4); over 78 split x score means the
             worst difference goes from -3.7 to -1.4 points, at the price of smaller gains
             where the weights helped (ViT sharded 2: +4.4 becomes +1.1;
             ``benchmarks/results/kmeans_weights/report.md``).
