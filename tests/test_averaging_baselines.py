@@ -200,19 +200,26 @@ def test_importance_scores_are_the_ot_marginals(emd_marginals, exact_scores):
         nf.fuse([a, b], x, method="otfusion", importance_in="marginal")
 
 
-def test_otfusion_averages_each_neuron_with_its_importance_by_default(emd_marginals, exact_scores):
-    """``importance_in="average"`` (the default): uniform marginals, so the transport is the
-    permutation of uniform importance, and each fused neuron is the score-weighted average of
-    the neurons mapped onto it (Git Re-Basin's rule)."""
+def _noisy_permuted_pair() -> tuple[nn.Module, nn.Module, nn.Module, Tensor]:
+    """An MLP ``a``, a slightly perturbed copy ``noisy`` and ``b``: ``noisy`` with its hidden
+    neurons permuted by ``p`` (so ``b``'s neuron ``p[j]`` is ``noisy``'s neuron ``j``)."""
     torch.manual_seed(0)
     a = build("mlp", in_features=12, hidden=[16])
     noisy = copy.deepcopy(a)
     with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+        for q in noisy.parameters():
+            q.add_(0.01 * torch.randn_like(q))
     p = torch.randperm(16, generator=torch.Generator().manual_seed(5))
     b = copy.deepcopy(a)
     b.load_state_dict(apply_permutation(noisy.state_dict(), permutation_spaces(a), {"fc1": p}))
+    return a, noisy, b, p
+
+
+def test_otfusion_averages_each_neuron_with_its_importance_by_default(emd_marginals, exact_scores):
+    """``importance_in="average"`` (the default): uniform marginals, so the transport is the
+    permutation of uniform importance, and each fused neuron is the score-weighted average of
+    the neurons mapped onto it (Git Re-Basin's rule)."""
+    a, noisy, b, p = _noisy_permuted_pair()
     g = torch.Generator().manual_seed(1)
     scores = [torch.rand(16, generator=g) + 0.1 for _ in range(2)]
     classes = [torch.rand(10, generator=g) + 0.1 for _ in range(2)]
@@ -263,16 +270,7 @@ def test_otfusion_carries_scores_through_soft_maps(monkeypatch):
 
 
 def test_git_rebasin_averages_each_neuron_with_its_importance(exact_scores):
-    torch.manual_seed(0)
-    a = build("mlp", in_features=12, hidden=[16])
-    noisy = copy.deepcopy(a)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    spaces = permutation_spaces(a)
-    p = torch.randperm(16, generator=torch.Generator().manual_seed(5))
-    b = copy.deepcopy(a)
-    b.load_state_dict(apply_permutation(noisy.state_dict(), spaces, {"fc1": p}))
+    a, noisy, b, p = _noisy_permuted_pair()
     g = torch.Generator().manual_seed(1)
     scores = [torch.rand(16, generator=g) + 0.1 for _ in range(2)]
     tables = [{"fc1": s, "head": torch.ones(10)} for s in scores]

@@ -131,10 +131,9 @@ class GradientOptions:
             restarts), ``"matching"`` (one start from a Hungarian matching of equal-width
             models: faster on wide layers, a higher grouping error on trained ones) or
             ``"both"`` (:func:`neurofuse.grouping.group`).
-        kmeans_weights: what the importance scores weigh in K-means Fusion (KF only):
-            ``"uniform"`` (default): the k-means objective is unweighted and the scores weigh
-            each group's members in its centroid; ``"importance"``: weighted k-means too,
-            the paper's rule (:class:`neurofuse.grouping.strategy.NeuronGrouping`).
+        kmeans_weights: what the importance scores weigh (KF only): ``"uniform"`` (default,
+            the centroids only) or ``"importance"`` (weighted k-means, the paper's rule), as
+            for the Linear variants (:class:`~neurofuse.methods._linear_parts.LinearOptions`).
         matching: how HF pairs the neurons (HF only): ``"exact"`` or ``"sparse"``, as for
             the Linear variants (:class:`~neurofuse.methods._linear_parts.LinearOptions`).
     """
