@@ -5,13 +5,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
+import neurofuse as nf
 from neurofuse.bench import accuracy, aggregate, basemodels, runner, tables
 from neurofuse.bench.aggregate import BASE_ROWS, egr, mean_std, summarise
 from neurofuse.bench.command import bench, parse_seeds
+from neurofuse.bench.provenance import UNSTAMPED, code_lines, code_stamp, stamp_name
 from neurofuse.bench.spec import Arch, Cell, MethodRun, Split
 from neurofuse.bench.suites import Suite, get_suite, grid, register_suite
 from neurofuse.utils import resolve_device
@@ -317,6 +320,7 @@ def test_quick_suite_end_to_end(tmp_path: Path):
     cells = sorted((tmp_path / "cells").glob("*.json"))
     assert len(cells) == len(get_suite("quick").cells([0]))
     assert "Status: complete" in text and "EGR" in text and "sharded 2" in text
+    assert f"- Code: every row from {stamp_name(code_stamp())}" in text
     runs = get_suite("quick").methods
     for path in cells:
         rec = json.loads(path.read_text())
@@ -324,6 +328,7 @@ def test_quick_suite_end_to_end(tmp_path: Path):
         ok = [e for e in rec["methods"].values() if e["status"] == "ok"]
         assert len(ok) == sum(1 for r in runs if not r.archs or arch in r.archs)
         assert all(0.0 <= e["accuracy"] <= 1.0 and e["seconds"] > 0 for e in ok)
+        assert all(e["code"] == code_stamp() for e in ok)  # which code computed each row
         if arch == "vit_small":  # the paper-vit slice: a fused ViT, not an error
             assert {e["method"] for e in ok} >= {"transformer_otfusion", "kf_linear"}
     assert (tmp_path / "mlp_small_accuracy.png").stat().st_size > 0
@@ -618,3 +623,38 @@ def test_bench_modules_import_each_other_without_a_cycle():
     assert not graph["runtime"] & {"runner", "kinds"}
     assert not graph["compression"] & {"runner", "kinds"}
     assert not graph["accuracy"] & {"runner", "kinds"}
+
+
+def test_code_lines_name_the_rows_that_other_code_computed():
+    now = {"version": "0.1.0", "commit": "a" * 40, "dirty": False}
+    old = {"version": "0.1.0", "commit": "b" * 40, "dirty": True}
+
+    def row(label: str, code: dict | None, status: str = "ok") -> dict:
+        return {"label": label, "status": status, **({"code": code} if code else {})}
+
+    one = [{"methods": {"A": row("A", now), "B": row("B", now), "C": row("C", old, "error")}}]
+    assert code_lines(one) == [f"- Code: every row from commit {'a' * 12}"]
+    mixed = [
+        {"methods": {"A": row("A", now), "B": row("B", now), "K": row("KF Linear", old)}},
+        {"methods": {"A": row("A", now), "B": row("B", now), "K": row("KF Linear", None)}},
+        {"methods": {"A": row("A", now), "K": row("KF Linear", old)}},
+    ]
+    lines = code_lines(mixed)
+    assert lines[0] == f"- Code: rows from 3 versions; most (5 rows) from commit {'a' * 12}; also:"
+    assert lines[1] == f"  - commit {'b' * 12} + local changes: 2 rows: KF Linear (2)"
+    assert lines[2] == f"  - {UNSTAMPED}: 1 rows: KF Linear (1)"
+    assert code_lines([{"methods": {}}]) == []
+
+
+def test_code_stamp_names_this_checkouts_commit():
+    stamp = code_stamp()
+    assert stamp["version"] == nf.__version__
+    head = subprocess.run(
+        ["git", "-C", str(Path(nf.__file__).parents[1]), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert stamp["commit"] == head.stdout.strip() and isinstance(stamp["dirty"], bool)

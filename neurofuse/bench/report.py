@@ -10,6 +10,7 @@ import torch
 
 from neurofuse.bench.aggregate import load_results
 from neurofuse.bench.kinds import get_kind
+from neurofuse.bench.provenance import code_lines
 from neurofuse.bench.suites import Suite
 from neurofuse.utils import atomic_write_text
 
@@ -50,6 +51,7 @@ def write_report(
         f"- Machine: {platform.machine()} {platform.system()}, torch {torch.__version__}, "
         f"device {records[0].get('device', '?') if records else '?'}, "
         f"{records[0].get('torch_threads', '?') if records else '?'} threads",
+        *code_lines(records),
         *_settings(records),
         "",
     ]

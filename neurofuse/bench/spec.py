@@ -14,6 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from neurofuse.bench.provenance import code_stamp
+
 #: regime name -> (partition scheme, human label)
 REGIMES: dict[str, tuple[str, str]] = {
     "noniid": ("dirichlet", "non-IID"),
@@ -134,6 +136,7 @@ class MethodRun:
             "method": self.method,
             "importance": self.importance,
             "options": self.kwargs(),
+            "code": code_stamp(),
         }
         if self.finetune_epochs:
             out["finetune_epochs"] = self.finetune_epochs
