@@ -26,6 +26,7 @@ __all__ = [
     "BLOCK_ROWS",
     "Factor",
     "GradientConfig",
+    "LazyRows",
     "LeastSquares",
     "TrainingOptions",
     "affine_inputs",
@@ -126,6 +127,40 @@ class TrainingOptions:
         )
 
 
+class LazyRows:
+    """Rows of ``fn(inputs)`` computed only when asked for, at most ``chunk`` samples at a time:
+    a stand-in for that tensor in :func:`fit_gradient`, which reads ``shape[0]``, ``device``
+    and rows by index. What it saves: the tensor itself (a level's inputs or targets over the
+    whole fusion set), at the price of running ``fn`` again for every mini-batch of every
+    epoch.
+
+    ``fn`` maps a batch of inputs to its values (no gradient is recorded) and must act on each
+    sample alone (no batch statistics), so that rows do not depend on how they are batched.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], inputs: Tensor, chunk: int) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be a positive number of samples, got {chunk}")
+        self.fn, self.inputs, self.chunk = fn, inputs, chunk
+        self.shape = torch.Size([inputs.shape[0]])
+        self.device = inputs.device
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __getitem__(self, index: Tensor | slice) -> Tensor:
+        x = self.inputs[index]
+        with torch.no_grad():
+            return torch.cat(
+                [self.fn(x[i : i + self.chunk]) for i in range(0, x.shape[0], self.chunk)]
+            )
+
+    def then(self, fn: Callable[[Tensor], Tensor]) -> LazyRows:
+        """The rows of ``fn`` applied to these rows."""
+        first = self.fn
+        return LazyRows(lambda x: fn(first(x)), self.inputs, self.chunk)
+
+
 def perturb_(module: nn.Module, eps: float, generator: torch.Generator) -> None:
     """Add ``eps * std(p) * N(0, 1)`` noise to every parameter of ``module`` and all its
     submodules (relative noise, so one ``eps`` suits layers of any scale)."""
@@ -158,8 +193,8 @@ def _level_loss(out: Tensor, target: Tensor, cfg: GradientConfig) -> Tensor:
 
 def fit_gradient(
     level: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Tensor | LazyRows,
+    targets: Tensor | LazyRows,
     cfg: GradientConfig,
     generator: torch.Generator,
     parameters: Sequence[nn.Parameter] | None = None,
@@ -168,7 +203,8 @@ def fit_gradient(
 ) -> dict[str, float]:
     """Minimise the loss between ``level(inputs)`` and ``targets`` over the level's parameters.
 
-    ``progress``, when given, is the label of a bar of epochs shown on stderr.
+    ``progress``, when given, is the label of a bar of epochs shown on stderr. ``inputs`` and
+    ``targets`` may be :class:`LazyRows`, computed mini-batch by mini-batch.
 
     ``penalty()``, when given, is added to every training step's loss (e.g. an anchor to the
     starting weights); validation and the returned losses are the data loss alone.

@@ -227,3 +227,54 @@ def test_a_streamed_pass_gives_every_value_and_holds_only_what_is_still_read():
     assert seen == order
     assert widest < len(order) // 4  # not every value: about the widest cut of the graph
     assert streamed.values == {}
+
+
+def _batch_spy(models: list[nn.Module]) -> list[int]:
+    """The batch sizes of every evaluation (a call without autograd) of a Linear or Conv layer
+    of ``models`` or of the copies that carry the hook along (the engine's copies of the base
+    models, and the fused model); the calls that train a level are not counted."""
+    seen: list[int] = []
+
+    def spy(_module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled():
+            seen.append(args[0].shape[0])
+
+    for model in models:
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear | nn.Conv2d):
+                layer.register_forward_pre_hook(spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["mlp", "vit"])
+@pytest.mark.parametrize("method", ["kf_gradient", "hf_gradient"])
+def test_gradient_chunks_train_as_on_the_whole_set_and_never_see_more_samples(arch, method):
+    """The Gradient variants with ``sample_chunk``: every level's inputs and targets are
+    recomputed batch by batch, so no layer of the base models ever runs on more than one chunk,
+    and the levels are trained on the same values in the same order as on the whole set (a
+    ViT's blocks are trained; the MLP's head is, with the KL loss)."""
+    a, b = _model(arch, 0), _model(arch, 1)
+    x, x_test = _inputs(arch, 70, 2), _inputs(arch, 30, 3)
+    extra: dict = {"epochs": 3, "last_epochs": 3}
+    if arch == "mlp":
+        extra["head_loss"] = "kl"
+    if method == "kf_gradient":
+        extra["kmeans_seeding"] = "matching"
+    seen = _batch_spy([a, b])
+    whole = nf.fuse([a, b], x, method=method, seed=0, **extra)
+    assert max(seen) == 70  # (the spy sees the whole set where it is evaluated at once)
+    seen.clear()
+    chunked = nf.fuse([a, b], x, method=method, seed=0, sample_chunk=13, **extra)
+    assert seen and max(seen) <= 13
+    trained = [h for h in chunked.neurofuse_report["levels"] if "closed_form" not in h]
+    assert trained  # the comparison covers trained levels, not only closed-form ones
+    assert relative_error(_logits(chunked, x_test), _logits(whole, x_test)) < 1e-4
+
+
+def test_gradient_chunks_need_the_closed_form_start_and_a_valid_size():
+    a, b = mlp(), mlp()
+    x = torch.randn(40, 10)
+    with pytest.raises(ValueError, match="sample_chunk needs the closed-form start"):
+        nf.fuse([a, b], x, method="kf_gradient", preset="setting1", sample_chunk=8)
+    with pytest.raises(ValueError, match="sample_chunk must be a positive number"):
+        nf.fuse([a, b], x, method="hf_gradient", sample_chunk=0)

@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from neurofuse._sparse import matmul
-from neurofuse.fitting import GradientConfig, fit_gradient, perturb_
+from neurofuse.fitting import GradientConfig, LazyRows, fit_gradient, perturb_
 from neurofuse.graph import (
     from_neurons,
     layer_width,
@@ -136,6 +136,15 @@ class GradientOptions:
             for the Linear variants (:class:`~neurofuse.methods._linear_parts.LinearOptions`).
         matching: how HF pairs the neurons (HF only): ``"exact"`` or ``"sparse"``, as for
             the Linear variants (:class:`~neurofuse.methods._linear_parts.LinearOptions`).
+        sample_chunk: if set, no level's values are held for the whole fusion set: the closed-
+            form start works in chunks of this many samples (as the Linear variants'
+            ``sample_chunk``), and a level's inputs and targets are recomputed from the fusion
+            inputs for every mini-batch (through the fused levels before it and the base
+            models' levels up to it), at most this many samples at a time. Peak memory then
+            follows the chunk instead of the fusion set; time grows with depth, since training
+            level ``l`` reruns the ``l`` levels before it each epoch. Needs the closed-form
+            start (preset ``"closed_form"``, ``init="linear"``): the paper presets group every
+            level over its values on the whole set.
     """
 
     preset: Literal["closed_form", "setting1", "setting2"] = "closed_form"
@@ -159,9 +168,19 @@ class GradientOptions:
     kmeans_seeding: Literal["k-means++", "matching", "both"] = "k-means++"
     kmeans_weights: Literal["uniform", "importance"] = "uniform"
     matching: Literal["exact", "sparse"] = "exact"
+    sample_chunk: int | None = None
 
     def __post_init__(self) -> None:
         check_kmeans_weights(self.kmeans_weights)
+        if self.sample_chunk is not None and (
+            isinstance(self.sample_chunk, bool)
+            or not isinstance(self.sample_chunk, int)
+            or self.sample_chunk < 1
+        ):
+            raise ValueError(
+                f"sample_chunk must be a positive number of samples or None, got "
+                f"{self.sample_chunk!r}"
+            )
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
         for f in fields(self):
@@ -228,6 +247,14 @@ def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
     b_levels = [split(m, ctx.levels, gm=g) for m, g in zip(ctx.models, bgms, strict=True)]
     producers = [producing_layer(fgm, c) for c in ctx.levels.cut_nodes(fgm)]
     linear = _linear_start(ctx, grouping) if opt.init == "linear" else None
+    chunk = opt.sample_chunk
+    if chunk is not None and linear is None:
+        why = ctx.report.get("init", f"init={opt.init!r}")
+        raise ValueError(
+            f"sample_chunk needs the closed-form start (preset 'closed_form', init='linear'); "
+            f"this fusion starts from {why}, whose levels are grouped over their values on the "
+            "whole fusion set: drop sample_chunk or use the closed_form preset"
+        )
     grouper = NeuronGrouping(
         grouping,
         "gradient",
@@ -239,17 +266,25 @@ def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
         kmeans_weights=opt.kmeans_weights,
     )
     gen = ctx.generator()
-    f_in: Tensor = ctx.inputs
+    f_in: Tensor | LazyRows = ctx.inputs if chunk is None else LazyRows(_same, ctx.inputs, chunk)
     b_in: list[Tensor] = [ctx.inputs] * n
+    b_lazy: list[LazyRows] = [f_in] * n if isinstance(f_in, LazyRows) else []
+    target: Tensor | LazyRows
     last = len(f_levels) - 1
     history = []
     trained = False  # has a level been retrained (so later levels' inputs moved)?
     with progress_bar(ctx.progress, "gradient fusion", len(f_levels)) as advance:
         for li, f_level in enumerate(f_levels):
-            with ctx.timer("forward"):
-                b_out = [_forward(b_levels[k][li], b_in[k]) for k in range(n)]
-                probe = _forward(f_level, f_in[:2])
-            if li == last:
+            if not isinstance(f_in, LazyRows):
+                with ctx.timer("forward"):
+                    b_out = [_forward(b_levels[k][li], b_in[k]) for k in range(n)]
+                    probe = _forward(f_level, f_in[:2])
+            if isinstance(f_in, LazyRows):  # sample_chunk: values made batch by batch
+                assert linear is not None
+                b_lazy = [r.then(b_levels[k][li]) for k, r in enumerate(b_lazy)]
+                names = [c[li] for c in b_cuts]
+                target = _lazy_target(ctx, linear, cut_names[li], names, b_lazy, li == last)
+            elif li == last:
                 target = _mean_logits(ctx, [c[li] for c in b_cuts], b_out)
             elif (
                 linear is not None
@@ -292,9 +327,12 @@ def fuse_gradient(ctx: FusionContext, grouping: GroupingKind) -> nn.Module:
                     stats = fit_gradient(f_level, f_in, target, opt.level_config(li == last), gen)
                 trained = True
             history.append({"level": cut_names[li], **stats})
-            with ctx.timer("forward"):
-                f_in = _forward(f_level, f_in)
-            b_in = b_out
+            if isinstance(f_in, LazyRows):
+                f_in = f_in.then(f_level)
+            else:
+                with ctx.timer("forward"):
+                    f_in = _forward(f_level, f_in)
+                b_in = b_out
             advance(li + 1)
     ctx.report["levels"] = history
     return ctx.target.eval()
@@ -321,6 +359,7 @@ def _linear_start(ctx: FusionContext, grouping: GroupingKind) -> _LinearFusion |
             kmeans_seeding=opt.kmeans_seeding,
             kmeans_weights=opt.kmeans_weights,
             matching=opt.matching,
+            sample_chunk=opt.sample_chunk,
         ),
     )
     saved = {k: v.clone() for k, v in ctx.target.state_dict().items()}
@@ -350,6 +389,50 @@ def _linear_target(engine: _LinearFusion, cut: str, b_out: list[Tensor]) -> Tens
     return from_neurons(matmul(a, points), b_out[0], axis)
 
 
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def _lazy_target(
+    ctx: FusionContext,
+    engine: _LinearFusion,
+    cut: str,
+    names: list[str],
+    b_out: list[LazyRows],
+    last: bool,
+) -> LazyRows:
+    """The targets of a level as :class:`LazyRows` (``sample_chunk``): the mean logits for the
+    head, else the base outputs averaged over the Linear variant's grouping."""
+    fns = [r.fn for r in b_out]
+    inputs, chunk = b_out[0].inputs, b_out[0].chunk
+    with torch.no_grad():
+        probe = [f(inputs[:2]) for f in fns]
+    if last:
+        widths = [o.shape[-1] for o in probe]
+        weights = [
+            w.to(inputs.device) for w in _logit_weights(ctx, names, [None] * len(fns), widths)
+        ]
+
+        def head(x: Tensor) -> Tensor:
+            out = weights[0] * fns[0](x)
+            for w, f in zip(weights[1:], fns[1:], strict=True):
+                out = out + w * f(x)
+            return out
+
+        return LazyRows(head, inputs, chunk)
+    if _linear_target(engine, cut, probe) is None:
+        raise ValueError(
+            f"sample_chunk: the level ending at {cut!r} has no grouping from the closed-form "
+            "start, and grouping it afresh needs its values on the whole fusion set; drop "
+            "sample_chunk for this model"
+        )
+    return LazyRows(
+        lambda x: _linear_target(engine, cut, [f(x) for f in fns]),  # type: ignore[arg-type,return-value]
+        inputs,
+        chunk,
+    )
+
+
 def _group_level(
     grouper: NeuronGrouping, li: int, rows: list[Tensor], s: Tensor, d_f: int
 ) -> Tensor:
@@ -374,10 +457,19 @@ def _order_like(a: Tensor, points: Tensor, reference: Tensor) -> Tensor:
     return a[order]
 
 
-def _mean_logits(ctx: FusionContext, names: list[str], outs: list[Tensor]) -> Tensor:
-    widths = [o.shape[-1] for o in outs]
+def _logit_weights(
+    ctx: FusionContext, names: list[str], outs: list[Tensor] | list[None], widths: list[int]
+) -> list[Tensor]:
+    """Each model's per-class weight in the mean logits (its importance scores of the classes,
+    normalised over the models); ``outs`` the logits on the whole set, or ``None`` each (the
+    scores then come from the inputs, :meth:`ImportanceProvider.scores`)."""
     if any(w != widths[0] for w in widths):
         raise ValueError(f"the models have different numbers of classes {widths}")
     s = torch.stack([ctx.importance.scores(k, names[k], o, widths[k]) for k, o in enumerate(outs)])
     s = s / s.sum(0, keepdim=True)
-    return sum(o * s[k] for k, o in enumerate(outs))  # type: ignore[return-value]
+    return [s[k] for k in range(len(widths))]
+
+
+def _mean_logits(ctx: FusionContext, names: list[str], outs: list[Tensor]) -> Tensor:
+    weights = _logit_weights(ctx, names, outs, [o.shape[-1] for o in outs])
+    return sum(o * w for o, w in zip(outs, weights, strict=True))  # type: ignore[return-value]
