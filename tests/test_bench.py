@@ -640,10 +640,11 @@ def test_code_lines_name_the_rows_that_other_code_computed():
         {"methods": {"A": row("A", now), "K": row("KF Linear", old)}},
     ]
     lines = code_lines(mixed)
-    assert lines[0] == f"- Code: rows from 3 versions; most (5 rows) from commit {'a' * 12}; also:"
-    assert lines[1] == f"  - commit {'b' * 12} + local changes: 2 rows: KF Linear (2)"
-    assert lines[2] == f"  - {UNSTAMPED}: 1 rows: KF Linear (1)"
+    assert lines[0] == f"- Code: rows from 3 versions; 5 rows: commit {'a' * 12}; the others:"
+    assert lines[1] == f"  - 2 rows: commit {'b' * 12} + local changes: KF Linear (2)"
+    assert lines[2] == f"  - 1 rows: {UNSTAMPED}: KF Linear (1)"
     assert code_lines([{"methods": {}}]) == []
+    assert code_lines([{"methods": {"A": row("A", None)}}]) == [f"- Code: {UNSTAMPED}"]
 
 
 def test_code_stamp_names_this_checkouts_commit():

@@ -20,7 +20,7 @@ from neurofuse._version import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 #: Rows computed before the stamps existed are reported under this name.
-UNSTAMPED = "unrecorded (computed before 2026-12-07's code stamps)"
+UNSTAMPED = "not recorded (rows older than the code stamps of 2026-12-07)"
 
 
 def _git(*args: str) -> str | None:
@@ -84,10 +84,10 @@ def code_lines(records: Iterable[dict[str, Any]]) -> list[str]:
         return []
     if len(count) == 1:
         (name,) = count
-        return [f"- Code: every row from {name}"]
+        return [f"- Code: {name}" if name == UNSTAMPED else f"- Code: every row from {name}"]
     (main, n_main), *others = count.most_common()
-    out = [f"- Code: rows from {len(count)} versions; most ({n_main} rows) from {main}; also:"]
+    out = [f"- Code: rows from {len(count)} versions; {n_main} rows: {main}; the others:"]
     for name, n in others:
         which = ", ".join(f"{label} ({k})" for label, k in sorted(labels[name].items()))
-        out.append(f"  - {name}: {n} rows: {which}")
+        out.append(f"  - {n} rows: {name}: {which}")
     return out
