@@ -374,19 +374,33 @@ def _linear_start(ctx: FusionContext, grouping: GroupingKind) -> _LinearFusion |
     return engine
 
 
-def _linear_target(engine: _LinearFusion, cut: str, b_out: list[Tensor]) -> Tensor | None:
-    """The targets of the level ending at node ``cut``: the base outputs averaged over the
-    Linear variant's grouping of that node's space (``None`` if the node has none)."""
+def _linear_grouping(
+    engine: _LinearFusion, cut: str, b_out: list[Tensor]
+) -> tuple[Tensor, int] | None:
+    """The Linear variant's averaging matrix of the space of node ``cut`` (in the dtype of the
+    base outputs ``b_out``) and the neuron axis there; ``None`` if the node has none or the
+    models' neurons there are not the space's."""
     where = engine.plan.node_space.get(cut)
     if where is None or not engine.ready(where.index):
         return None
     a, sizes = engine.grouping(where.index)
     a = expand_parts(a, where.parts, sizes).to(b_out[0].dtype)
-    axis = where.axis
-    points = torch.cat([to_neurons(o, axis) for o in b_out])
-    if points.shape[0] != a.shape[1]:
+    if sum(to_neurons(o, where.axis).shape[0] for o in b_out) != a.shape[1]:
         return None
+    return a, where.axis
+
+
+def _grouped(a: Tensor, axis: int, b_out: list[Tensor]) -> Tensor:
+    """The base outputs averaged over the groups of ``a`` (neurons along ``axis``)."""
+    points = torch.cat([to_neurons(o, axis) for o in b_out])
     return from_neurons(matmul(a, points), b_out[0], axis)
+
+
+def _linear_target(engine: _LinearFusion, cut: str, b_out: list[Tensor]) -> Tensor | None:
+    """The targets of the level ending at node ``cut``: the base outputs averaged over the
+    Linear variant's grouping of that node's space (``None`` if the node has none)."""
+    found = _linear_grouping(engine, cut, b_out)
+    return None if found is None else _grouped(*found, b_out)
 
 
 def _same(x: Tensor) -> Tensor:
@@ -420,17 +434,15 @@ def _lazy_target(
             return out
 
         return LazyRows(head, inputs, chunk)
-    if _linear_target(engine, cut, probe) is None:
+    found = _linear_grouping(engine, cut, probe)
+    if found is None:
         raise ValueError(
             f"sample_chunk: the level ending at {cut!r} has no grouping from the closed-form "
             "start, and grouping it afresh needs its values on the whole fusion set; drop "
             "sample_chunk for this model"
         )
-    return LazyRows(
-        lambda x: _linear_target(engine, cut, [f(x) for f in fns]),  # type: ignore[arg-type,return-value]
-        inputs,
-        chunk,
-    )
+    a, axis = found
+    return LazyRows(lambda x: _grouped(a, axis, [f(x) for f in fns]), inputs, chunk)
 
 
 def _group_level(
