@@ -47,6 +47,7 @@ from neurofuse.methods._linear import (
     _LinearFusion,
     expand_parts,
 )
+from neurofuse.methods._linear_parts import check_sample_chunk
 from neurofuse.methods.registry import FusionContext
 from neurofuse.optimizers import OptimizerName
 from neurofuse.progress import progress_bar
@@ -172,15 +173,7 @@ class GradientOptions:
 
     def __post_init__(self) -> None:
         check_kmeans_weights(self.kmeans_weights)
-        if self.sample_chunk is not None and (
-            isinstance(self.sample_chunk, bool)
-            or not isinstance(self.sample_chunk, int)
-            or self.sample_chunk < 1
-        ):
-            raise ValueError(
-                f"sample_chunk must be a positive number of samples or None, got "
-                f"{self.sample_chunk!r}"
-            )
+        check_sample_chunk(self.sample_chunk)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid presets: {sorted(PRESETS)}")
         for f in fields(self):
@@ -385,7 +378,7 @@ def _linear_grouping(
         return None
     a, sizes = engine.grouping(where.index)
     a = expand_parts(a, where.parts, sizes).to(b_out[0].dtype)
-    if sum(to_neurons(o, where.axis).shape[0] for o in b_out) != a.shape[1]:
+    if sum(o.shape[where.axis] for o in b_out) != a.shape[1]:  # (to_neurons' row count)
         return None
     return a, where.axis
 

@@ -26,6 +26,15 @@ from neurofuse.utils import optional_tensor_attr, tensor_attr
 PRODUCT_RIDGE = {"float64": 1e-9, "float32": 1e-6}
 
 
+def check_sample_chunk(value: object) -> None:
+    """Raise a clear error unless ``value`` is ``None`` or a positive number of samples (the
+    ``sample_chunk`` of the Linear and Gradient variants)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"sample_chunk must be a positive number of samples or None, got {value!r}"
+        )
+
+
 @dataclass
 class LinearOptions:
     """Options of the Linear variants.
@@ -123,15 +132,7 @@ class LinearOptions:
 
     def __post_init__(self) -> None:
         check_kmeans_weights(self.kmeans_weights)
-        if self.sample_chunk is not None and (
-            isinstance(self.sample_chunk, bool)
-            or not isinstance(self.sample_chunk, int)
-            or self.sample_chunk < 1
-        ):
-            raise ValueError(
-                f"sample_chunk must be a positive number of samples or None, got "
-                f"{self.sample_chunk!r}"
-            )
+        check_sample_chunk(self.sample_chunk)
         if self.prior not in ("aligned", "zero"):
             raise ValueError(f"prior must be 'aligned' or 'zero', got {self.prior!r}")
         if self.prior_strength is not None and not self.prior_strength >= 0:
