@@ -562,3 +562,35 @@ def test_a_fusion_set_from_an_npz_a_pt_or_a_dataset_folder(tmp_path):
         nd.load_fusion_file(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         nd.load_fusion_file(tmp_path / "nope.npz")
+
+
+def test_augmented_copies_keep_the_set_and_add_shifted_versions():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 8, 8, generator=g) + 0.5  # no zero pixels: a shift shows
+    y = torch.arange(6)
+    xa, ya = nd.augmented_copies(x, y, copies=3, augment="crop=2", seed=7)
+    assert xa.shape == (24, 1, 8, 8) and torch.equal(xa[:6], x)
+    assert ya is not None and torch.equal(ya, y.repeat(4))
+    # each copy is a shift of its own sample: zero-padded borders appear where it moved
+    for k in range(1, 4):
+        block = xa[6 * k : 6 * (k + 1)]
+        moved = [not torch.equal(block[i], x[i]) for i in range(6)]
+        assert any(moved)
+        for i in range(6):
+            nz = block[i] != 0
+            assert torch.isin(block[i][nz], x[i]).all()  # only the sample's own pixels
+    again, _ = nd.augmented_copies(x, y, copies=3, augment=Augment(crop=2), seed=7)
+    other, _ = nd.augmented_copies(x, y, copies=3, augment="crop=2", seed=8)
+    assert torch.equal(again, xa) and not torch.equal(other, xa)
+    assert nd.augmented_copies(x, None, copies=1)[1] is None
+    assert torch.equal(nd.augmented_copies(x, y, copies=0)[0], x)
+
+
+def test_augmented_copies_refuse_bad_arguments():
+    x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="copies must be an integer"):
+        nd.augmented_copies(x, y, copies=-1)
+    with pytest.raises(ValueError, match="changes the inputs"):
+        nd.augmented_copies(x, y, copies=2, augment="none")
+    with pytest.raises(ValueError, match="one label per sample"):
+        nd.augmented_copies(x, y[:3], copies=2)

@@ -145,12 +145,11 @@ def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
     fuse_idx = fusion_indices(data.y_train, part, n_fusion, seed=cell.seed, from_part=0)
     x, y = data.x_train[fuse_idx], data.y_train[fuse_idx]
     if cell.augment_copies:
-        from neurofuse.data import Augment
+        from neurofuse.data import augmented_copies
 
-        aug = Augment(crop=2)
-        gen = torch.Generator().manual_seed(cell.seed)
-        x = torch.cat([x] + [aug(x, gen) for _ in range(cell.augment_copies)])
-        y = y.repeat(cell.augment_copies + 1)
+        x, ya = augmented_copies(x, y, cell.augment_copies, "crop=2", seed=cell.seed)
+        assert ya is not None
+        y = ya
     part_info = {"sizes": [int(len(p)) for p in parts]}
     if part is not None:
         part_info["class_counts"] = part.class_counts.tolist()

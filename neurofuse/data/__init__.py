@@ -5,7 +5,7 @@ Importing this package registers the built-in datasets (``mnist5k``, ``mnist1d``
 """
 
 from neurofuse.data import bundled, local_files  # noqa: F401  (registers the loaders)
-from neurofuse.data.augment import Augment, cutmix, random_crop, random_flip
+from neurofuse.data.augment import Augment, augmented_copies, cutmix, random_crop, random_flip
 from neurofuse.data.bundled import make_synthetic
 from neurofuse.data.datasets import (
     DataSplits,
@@ -28,6 +28,7 @@ from neurofuse.data.safe_pickle import UnsafePickleError, safe_load_pickle
 __all__ = [
     "PARTITION_SCHEMES",
     "Augment",
+    "augmented_copies",
     "DataSplits",
     "Partition",
     "UnsafePickleError",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Augment", "cutmix", "random_crop", "random_flip"]
+__all__ = ["Augment", "augmented_copies", "cutmix", "random_crop", "random_flip"]
 
 
 def _device_of(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
@@ -201,3 +201,32 @@ class Augment:
         if self.flip and x.ndim == 4:
             x = random_flip(x, generator)
         return x
+
+
+def augmented_copies(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    copies: int = 4,
+    augment: Augment | str = "crop=2",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fusion set enlarged with augmented copies of itself: ``x`` followed by ``copies``
+    augmented versions of it (each drawn afresh, seeded by ``seed``), and ``y`` repeated to
+    match (``None`` stays ``None``). No sample is added that the set does not already hold, so
+    a fusion on the result stays one-shot; the paper augments its fusion sets the same way
+    (Table 6). The augmentation should be one the models were trained with (the random shifts of
+    ``"crop=2"`` for the bundled digits), so that the copies lie where the models are reliable.
+    """
+    aug = augment if isinstance(augment, Augment) else Augment.from_spec(augment)
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise ValueError(f"copies must be an integer >= 0, got {copies!r}")
+    if copies and aug.is_identity:
+        raise ValueError(
+            "augmented_copies needs an augmentation that changes the inputs (e.g. 'crop=2'); "
+            "identical copies only repeat the fusion set"
+        )
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"x has {len(x)} samples but y has {len(y)}; give one label per sample")
+    gen = torch.Generator().manual_seed(int(seed))
+    out = torch.cat([x] + [aug(x, gen) for _ in range(copies)])
+    return out, (y.repeat(copies + 1) if y is not None else None)
