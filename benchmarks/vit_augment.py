@@ -35,9 +35,14 @@ RUNS = (
     ("KF Gradient+KD, shifted copies", "kf_gradient+kd", True),
     ("KD", "kd", False),
     ("KD, shifted copies", "kd", True),
+    # auto given the plain set and its ``augment`` option: it copies only the rows it fits on
+    ("auto, shifted copies", "auto", None),
 )
-#: the rows that are fusions (KD is the baseline), for the comparison with the best base model
-FUSIONS = tuple(label for label, method, _ in RUNS if method != "kd")
+#: the rows every cell of the table has (``auto``'s may have been run on fewer seeds)
+CORE = tuple(label for label, method, _ in RUNS if method != "auto")
+#: the fusions on the augmented set compared with the best base model (KD is the baseline)
+FUSIONS = ("KF Gradient, shifted copies", "KF Gradient+KD, shifted copies")
+AUTO = "auto, shifted copies"
 
 
 def main() -> None:
@@ -48,7 +53,12 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE / ".cache" / "paper-vit")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "vit_augment")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", default="", help="only these row labels, ';'-separated")
     args = ap.parse_args()
+    wanted = {r for r in args.runs.split(";") if r} or {label for label, _, _ in RUNS}
+    unknown = wanted - {label for label, _, _ in RUNS}
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; rows: {'; '.join(r[0] for r in RUNS)}")
     import torch
 
     import neurofuse as nf
@@ -90,18 +100,23 @@ def main() -> None:
             }
         xa, ya = augmented_copies(x, y, args.copies, seed=cell.seed)
         for label, method, augmented in RUNS:
-            if label in rec["runs"]:
+            if label in rec["runs"] or label not in wanted:
                 continue
             t0 = time.perf_counter()
+            extra = {} if augmented is not None else {"augment": "crop=2"}
+            if extra:
+                extra["augment_copies"] = args.copies
             fused = nf.fuse(
                 setup.models,
                 (xa, ya) if augmented else (x, y),
                 method=method,
                 seed=cell.seed,
+                **extra,
             )
             rec["runs"][label] = {
                 "label": label,
                 "method": method,
+                "options": extra,
                 "fusion_samples": len(xa) if augmented else len(x),
                 "accuracy": evaluate(fused, setup.data.x_test, setup.data.y_test).accuracy,
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -124,9 +139,9 @@ def write_report(records: dict[str, Any], args: argparse.Namespace, order: list[
 
     by_split: dict[str, list[dict[str, Any]]] = {}
     for cid in order:
-        if cid in records and len(records[cid]["runs"]) == len(RUNS):
+        if cid in records and all(k in records[cid]["runs"] for k in CORE):
             by_split.setdefault(records[cid]["split"], []).append(records[cid])
-    labels = [r[0] for r in RUNS]
+    labels = list(CORE)
     rows = []
     for split, recs in by_split.items():
         best = statistics.mean(max(r["base"]) for r in recs)
@@ -136,13 +151,25 @@ def write_report(records: dict[str, Any], args: argparse.Namespace, order: list[
         lifted = sum(
             r["runs"][labels[1]]["accuracy"] > r["runs"][labels[0]]["accuracy"] for r in recs
         )
-        fused = max(means[k] for k in FUSIONS if k != labels[0])
-        rows.append((split, len(recs), best, ens, means, secs, lifted, fused))
+        fused = max(means[k] for k in FUSIONS)
+        # auto's row, on the seeds that have it: its mean, and the best base model on them
+        have = [r for r in recs if AUTO in r["runs"]]
+        auto = (
+            (
+                len(have),
+                statistics.mean(r["runs"][AUTO]["accuracy"] for r in have),
+                statistics.mean(max(r["base"]) for r in have),
+            )
+            if have
+            else None
+        )
+        rows.append((split, len(recs), best, ens, means, secs, lifted, fused, auto))
     lines = [
         "# Augmented fusion sets for fused ViTs (issue 11)",
         "",
-        f"Command: `.venv/bin/python benchmarks/vit_augment.py --splits {args.splits} "
-        f"--seeds {args.seeds} --copies {args.copies}` (a run resumes from `records.json`)",
+        "Command: `.venv/bin/python benchmarks/vit_augment.py` (every row, 3 seeds; a run "
+        "resumes from `records.json`, and `--runs` limits it to some rows, as for the seeds "
+        "that the auto column names)",
         "",
         "The `paper-vit` suite's ViTs and splits (400 fusion samples from model 0's data; base "
         "models trained by the suite's recipe and cached, so they are not the base models of "
@@ -153,7 +180,10 @@ def write_report(records: dict[str, Any], args: argparse.Namespace, order: list[
         "KF Gradient+KD is KF Gradient followed by fuse-then-distill (`kf_gradient+kd`), both on "
         "the augmented set. Test accuracy in %, mean over the seeds; *vs best base*: the better "
         "fusion on the augmented set minus the best base model; *lifted*: the seeds where the "
-        "copies raised KF Gradient. Times are one fusion on 2 CPU threads.",
+        "copies raised KF Gradient. *auto, shifted copies*: `auto` given the plain set and "
+        f"`augment='crop=2', augment_copies={args.copies}` (it copies only the rows it fits its "
+        "candidates on), with its difference to the best base model on the seeds it ran. "
+        "Times are one fusion on 2 CPU threads.",
         "",
         *code_lines(
             {"methods": [{**run, "status": "ok"} for run in r["runs"].values()]}
@@ -162,15 +192,21 @@ def write_report(records: dict[str, Any], args: argparse.Namespace, order: list[
         "",
         "| split | seeds | best base | ensemble | "
         + " | ".join(labels)
-        + " | vs best base | lifted | KF Gradient s (plain / copies) |",
-        "|---|---:|---:|---:|" + "---:|" * len(labels) + "---:|---:|---:|",
+        + " | vs best base | lifted | KF Gradient s (plain / copies) | auto, shifted copies |",
+        "|---|---:|---:|---:|" + "---:|" * len(labels) + "---:|---:|---:|---:|",
     ]
-    for split, n, best, ens, means, secs, lifted, fused in rows:
+    for split, n, best, ens, means, secs, lifted, fused, auto in rows:
+        if auto is None:
+            auto_cell = "-"
+        else:
+            k, acc, base = auto
+            on = "" if k == n else f"; {k} of {n} seeds"
+            auto_cell = f"{100 * acc:.1f} ({100 * (acc - base):+.1f}{on})"
         lines.append(
             f"| {split} | {n} | {100 * best:.1f} | {100 * ens:.1f} | "
             + " | ".join(f"{100 * means[k]:.1f}" for k in labels)
             + f" | {100 * (fused - best):+.1f} | {lifted}/{n} | "
-            f"{secs[labels[0]]:.0f} / {secs[labels[1]]:.0f} |"
+            f"{secs[labels[0]]:.0f} / {secs[labels[1]]:.0f} | {auto_cell} |"
         )
     lines += ["", "![accuracy by split](vit_augment.png)", ""]
     atomic_write_text(args.out / "report.md", "\n".join(lines))
@@ -190,7 +226,7 @@ def _plot(rows: list[Any], labels: list[str], path: Path) -> None:
     for j, name in enumerate(names):
         vals = [
             100 * (best if name == "best base" else ens if name == "ensemble" else means[name])
-            for _, _, best, ens, means, _, _, _ in rows
+            for _, _, best, ens, means, _, _, _, _ in rows
         ]
         ax.bar([i + j * width for i in range(len(rows))], vals, width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r[0] for r in rows])

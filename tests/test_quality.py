@@ -11,6 +11,7 @@ from test_alignment import ZOO
 from torch import nn
 from toys import (
     accuracy,
+    cnn_bn,
     mlp,
     permuted_by_analysis,
     randomise_batchnorm,
@@ -310,3 +311,62 @@ def test_auto_options_are_checked():
         nf.fuse([m, m], x, method="auto", portfolio=["auto"])
     with pytest.raises(ValueError, match="include_base must be False, True or 'others'"):
         nf.fuse([m, m], x, method="auto", include_base="others!")
+
+
+def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
+    """``augment=``: every candidate is fused on the kept rows followed by their augmented
+    copies, the winner refitted on the whole set with its copies; no held-out input is
+    fitted, in any form."""
+    import neurofuse.api
+
+    torch.manual_seed(0)
+    models = [cnn_bn(), cnn_bn()]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(40, 1, 8, 8, generator=g) + 0.5  # no zero pixel: a shift shows
+    y = torch.arange(40) % 3
+    calls = []
+    real = neurofuse.api.fuse
+
+    def spy(ms, data, **kw):
+        calls.append(data)
+        return real(ms, data, **kw)
+
+    monkeypatch.setattr(neurofuse.api, "fuse", spy)
+    fused = nf.fuse(
+        models,
+        (x, y),
+        method="auto",
+        portfolio=["kf_linear"],
+        augment="crop=2",
+        augment_copies=3,
+        seed=5,
+    )
+    train, held = holdout_split(40, 0.25, y, seed=5)
+    _, (xc, yc), (xf, yf) = calls  # (the first: the call above itself)
+    assert len(xc) == 4 * len(train) and torch.equal(xc[: len(train)], x[train])
+    assert torch.equal(yc, y[train].repeat(4))
+    copies = xc[len(train) :]
+    assert not torch.equal(copies, x[train].repeat(3, 1, 1, 1))  # the copies are shifted
+    for h in x[held]:  # no held-out input among the fitted rows, nor a shift of one
+        assert not any(torch.isin(r[r != 0], h).all() for r in xc)
+    assert len(xf) == 160 and torch.equal(xf[:40], x) and torch.equal(yf, y.repeat(4))
+    report = fused.neurofuse_report["auto"]
+    assert report["augment"] == {"spec": "crop=2", "copies": 3}
+    assert report["fitted_rows"] == 4 * len(train)
+    calls.clear()
+    plain = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear"], seed=5)
+    assert [len(d[0]) for d in calls] == [40, len(train), 40]
+    assert "augment" not in plain.neurofuse_report["auto"]
+
+
+def test_auto_augment_options_are_checked():
+    m = mlp()
+    x = torch.randn(20, 10)
+    with pytest.raises(ValueError, match="leaves the inputs unchanged"):
+        nf.fuse([m, m], x, method="auto", augment="none")
+    with pytest.raises(ValueError, match="augment_copies must be an integer >= 1"):
+        nf.fuse([m, m], x, method="auto", augment="crop=2", augment_copies=0)
+    with pytest.raises(TypeError, match="augment=2"):
+        nf.fuse([m, m], x, method="auto", augment=2)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        nf.fuse([m, m], x, method="auto", augment="rotate=3")

@@ -80,12 +80,25 @@ class AutoOptions:
             had 93.7%; benchmarks/REPORT.md, claim 9).
             Use ``True`` only when the fusion set is held out from every model's training
             data.
+        augment: an augmentation the models were trained with (a spec such as ``"crop=2"``,
+            see :class:`neurofuse.data.Augment`), or ``None`` (default). Given, every candidate
+            is fused on the kept part of the fusion set followed by ``augment_copies``
+            augmented copies of it, and the winner is refitted on the whole set with its
+            copies (:func:`neurofuse.data.augmented_copies`); the held-out inputs and the
+            probes stay as they are, so no copy of a held-out sample is ever fitted (copies
+            passed to ``auto`` by the caller would be split between the two parts and flatter
+            the candidates fitted on them). On small ViTs four shifted copies lift KF Gradient
+            by 0.7-3.3 points (``benchmarks/results/vit_augment``), at about 5x the time of
+            each candidate that reads the data.
+        augment_copies: the number of augmented copies (>= 1) when ``augment`` is given.
     """
 
     holdout: float = 0.25
     probes: int = 1
     portfolio: tuple[str, ...] | None = None
     include_base: bool | str = False
+    augment: str | None = None
+    augment_copies: int = 4
 
     def __post_init__(self) -> None:
         if not (isinstance(self.include_base, bool) or self.include_base == "others"):
@@ -98,6 +111,24 @@ class AutoOptions:
             raise ValueError(f"holdout must be a number in (0, 1), got {self.holdout!r}")
         if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 0:
             raise ValueError(f"probes must be an integer >= 0, got {self.probes!r}")
+        if (
+            isinstance(self.augment_copies, bool)
+            or not isinstance(self.augment_copies, int)
+            or self.augment_copies < 1
+        ):
+            raise ValueError(f"augment_copies must be an integer >= 1, got {self.augment_copies!r}")
+        if self.augment is not None:
+            from neurofuse.data import Augment
+
+            if not isinstance(self.augment, str):
+                raise ValueError(
+                    f"augment must be a spec such as 'crop=2' or None, got {self.augment!r}"
+                )
+            if Augment.from_spec(self.augment).is_identity:
+                raise ValueError(
+                    f"augment={self.augment!r} leaves the inputs unchanged; give an "
+                    "augmentation the models were trained with (e.g. 'crop=2') or None"
+                )
         if self.portfolio is not None:
             from neurofuse.methods.registry import get_method
 
@@ -207,8 +238,16 @@ def auto(ctx: FusionContext) -> nn.Module:
     n = ctx.inputs.shape[0]
     train, held = holdout_split(n, opt.holdout, ctx.labels, ctx.seed)
     train, held = train.to(ctx.inputs.device), held.to(ctx.inputs.device)
-    x_tr = ctx.inputs[train]
-    y_tr = ctx.labels[train] if ctx.labels is not None else None
+
+    def grown(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(x, y)``, followed by their augmented copies when ``augment`` is given."""
+        if opt.augment is None:
+            return x, y
+        from neurofuse.data import augmented_copies
+
+        return augmented_copies(x, y, opt.augment_copies, opt.augment, seed=ctx.seed)
+
+    x_tr, y_tr = grown(ctx.inputs[train], ctx.labels[train] if ctx.labels is not None else None)
     probe = mixup_inputs(ctx.inputs[held], opt.probes, ctx.seed)
     target = ensemble_log_probs(ctx.models, probe).to(torch.float64)
     spec = ctx.importance.spec
@@ -273,12 +312,17 @@ def auto(ctx: FusionContext) -> nn.Module:
         ),
         "held_out": int(len(held)),
         "probes": int(len(probe)),
+        "fitted_rows": int(len(x_tr)),
     }
+    if opt.augment is not None:
+        ctx.report["auto"]["augment"] = {"spec": opt.augment, "copies": opt.augment_copies}
     with ctx.timer("refit"):
         if isinstance(choice, int):
             return copy.deepcopy(ctx.models[choice]).eval()
         method, importance, options = choice
-        data = (ctx.inputs, ctx.labels) if ctx.labels is not None else ctx.inputs
-        fused = fuse_with(data, method, importance, options)
+        x_all, y_all = grown(ctx.inputs, ctx.labels)
+        fused = fuse_with(
+            (x_all, y_all) if y_all is not None else x_all, method, importance, options
+        )
     ctx.report["auto"]["chosen_report"] = getattr(fused, "neurofuse_report", {})
     return fused
