@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vit_augment.py [--splits noniid2,noniid4,full2,full4,weakowner2,sharded2]
         [--seeds 0,1,2] [--copies 4] [--cache benchmarks/.cache/paper-vit]
-        [--out benchmarks/results/vit_augment]
+        [--out benchmarks/results/vit_augment] [--runs "auto, shifted copies"] [--report-only]
 
 ``paper-vit-quality`` finds the fused ViTs 0.7-5 points below the best base model in the
 non-IID, full and weak-owner splits, KD and LP on the same 400 samples as well. A ViT's block
@@ -11,8 +11,9 @@ augments its fusion sets (Table 6), and our ViTs were trained with random 2-pixe
 every cell of the ``paper-vit`` suite's listed splits and seeds (base models trained, or read
 from the suite's cache), this fuses with KF Gradient (the suite's default settings) on the
 fusion set as drawn and on the set followed by ``--copies`` shifted copies of itself
-(:func:`neurofuse.data.augmented_copies`, ``crop=2``: no new samples, so still one-shot), and
-runs KD, the strongest single-network baseline there, on both for a fair comparison. Records
+(:func:`neurofuse.data.augmented_copies`, ``crop=2``: no new samples, so still one-shot), then
+KF Gradient+KD on the copies and ``auto`` with its ``augment`` option, and runs KD, the
+strongest single-network baseline there, on both sets for a fair comparison. Records
 accumulate in ``<out>/records.json`` (a killed run resumes; a cell whose base models changed is
 rerun); ``<out>/report.md`` gives the means over seeds and ``<out>/vit_augment.png`` plots them.
 """
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "vit_augment")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="", help="only these row labels, ';'-separated")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report, run nothing")
     args = ap.parse_args()
     wanted = {r for r in args.runs.split(";") if r} or {label for label, _, _ in RUNS}
     unknown = wanted - {label for label, _, _ in RUNS}
@@ -80,7 +82,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "records.json"
     records: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
-    for i, cell in enumerate(cells, 1):
+    for i, cell in enumerate([] if args.report_only else cells, 1):
         start = time.perf_counter()
         setup = prepare(cell, args.cache, "cpu")
         digest = models_digest(setup.models)
@@ -168,8 +170,8 @@ def write_report(records: dict[str, Any], args: argparse.Namespace, order: list[
         "# Augmented fusion sets for fused ViTs (issue 11)",
         "",
         "Command: `.venv/bin/python benchmarks/vit_augment.py` (every row, 3 seeds; a run "
-        "resumes from `records.json`, and `--runs` limits it to some rows, as for the seeds "
-        "that the auto column names)",
+        "resumes from `records.json`, `--runs` limits it to some rows, as for the seeds that "
+        "the auto column names, and `--report-only` rewrites this report)",
         "",
         "The `paper-vit` suite's ViTs and splits (400 fusion samples from model 0's data; base "
         "models trained by the suite's recipe and cached, so they are not the base models of "
