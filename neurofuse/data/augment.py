@@ -15,7 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Augment", "augmented_copies", "cutmix", "random_crop", "random_flip"]
+__all__ = [
+    "Augment",
+    "augmented_copies",
+    "changing_augmentation",
+    "cutmix",
+    "random_crop",
+    "random_flip",
+]
 
 
 def _device_of(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
@@ -203,6 +210,18 @@ class Augment:
         return x
 
 
+def changing_augmentation(augment: Augment | str) -> Augment:
+    """``augment`` (an :class:`Augment` or its spec), refused when it leaves the inputs
+    unchanged: copies made with it would only repeat the data."""
+    aug = augment if isinstance(augment, Augment) else Augment.from_spec(augment)
+    if aug.is_identity:
+        raise ValueError(
+            f"augment={augment!r} leaves the inputs unchanged; give an augmentation that "
+            "changes the inputs, one the models were trained with (e.g. 'crop=2')"
+        )
+    return aug
+
+
 def augmented_copies(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
@@ -217,14 +236,11 @@ def augmented_copies(
     (Table 6). The augmentation should be one the models were trained with (the random shifts of
     ``"crop=2"`` for the bundled digits), so that the copies lie where the models are reliable.
     """
-    aug = augment if isinstance(augment, Augment) else Augment.from_spec(augment)
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
         raise ValueError(f"copies must be an integer >= 0, got {copies!r}")
-    if copies and aug.is_identity:
-        raise ValueError(
-            "augmented_copies needs an augmentation that changes the inputs (e.g. 'crop=2'); "
-            "identical copies only repeat the fusion set"
-        )
+    aug = augment if isinstance(augment, Augment) else Augment.from_spec(augment)
+    if copies:
+        changing_augmentation(aug)
     if y is not None and len(y) != len(x):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}; give one label per sample")
     gen = torch.Generator().manual_seed(int(seed))

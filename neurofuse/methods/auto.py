@@ -118,17 +118,13 @@ class AutoOptions:
         ):
             raise ValueError(f"augment_copies must be an integer >= 1, got {self.augment_copies!r}")
         if self.augment is not None:
-            from neurofuse.data import Augment
+            from neurofuse.data.augment import changing_augmentation
 
             if not isinstance(self.augment, str):
                 raise ValueError(
                     f"augment must be a spec such as 'crop=2' or None, got {self.augment!r}"
                 )
-            if Augment.from_spec(self.augment).is_identity:
-                raise ValueError(
-                    f"augment={self.augment!r} leaves the inputs unchanged; give an "
-                    "augmentation the models were trained with (e.g. 'crop=2') or None"
-                )
+            changing_augmentation(self.augment)
         if self.portfolio is not None:
             from neurofuse.methods.registry import get_method
 
