@@ -163,18 +163,12 @@ def _shift_gram(
     """``(C, K, C, K)`` Gram blocks of the patches of the zero-padded map ``xp`` at the
     ``K`` kernel ``offsets`` (stride 1, output size ``out``), from one product per offset
     difference. ``real`` = (top, left, height, width) of the unpadded map inside ``xp``."""
-    _, c, hp, wp = xp.shape
+    _, c, _, _ = xp.shape
     top, left, h, w = real
     ho, wo = out
     kk = len(offsets)
     gram = torch.zeros(c, kk, c, kk, dtype=dtype, device=xp.device)
-    # Positions flattened row-major, (hp wp + wp, c, b), one zero row past the map: the positions
-    # of a window of rows form one contiguous span, and the same span moved by ``delta`` (a
-    # fixed step in the flat index) is its partner, so each product reads two views instead of
-    # copying two windows (the spans' few wrapped-around positions are computed and dropped).
-    flat = xp.new_zeros(hp + 1, wp, c, xp.shape[0])
-    flat[:hp] = xp.permute(2, 3, 1, 0)
-    flat = flat.view(-1, c, xp.shape[0])
+    flat = xp.permute(2, 3, 1, 0).contiguous()  # (hp, wp, c, b)
     pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i, (ui, vi) in enumerate(offsets):
         for j, (uj, vj) in enumerate(offsets):
@@ -187,15 +181,12 @@ def _shift_gram(
         c0, c1 = max(left, left - dw), min(left + w, left + w - dw)
         if r1 <= r0 or c1 <= c0:
             continue
-        step = max(1, BLOCK_ELEMENTS // max(1, wp * c * c))
+        step = max(1, BLOCK_ELEMENTS // max(1, (c1 - c0) * c * c))
         for lo in range(r0, r1, step):
             hi = min(lo + step, r1)
-            start, stop, move = lo * wp + c0, (hi - 1) * wp + c1, dh * wp + dw
-            span = torch.bmm(flat[start:stop], flat[start + move : stop + move].transpose(1, 2))
-            grid = span.new_zeros((hi - lo) * wp, c, c, dtype=dtype)
-            grid[c0 : c0 + span.shape[0]] = span
-            r = grid.view(hi - lo, wp, c, c)[:, c0:c1]  # (rows, columns, c, c) of the window
-            del span
+            a = flat[lo:hi, c0:c1].reshape(-1, c, flat.shape[3])
+            bb = flat[lo + dh : hi + dh, c0 + dw : c1 + dw].reshape(-1, c, flat.shape[3])
+            r = torch.bmm(a, bb.transpose(1, 2)).to(dtype).reshape(hi - lo, c1 - c0, c, c)
             window = _window_sums(r) if len(members) > 3 else None
             for i, j in members:
                 ui, vi = offsets[i]
