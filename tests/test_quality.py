@@ -274,6 +274,60 @@ def test_auto_scores_each_base_model_against_the_other_models(sharded_pair):
     assert scores[True]["vanilla"] == scores["others"]["vanilla"]
 
 
+def test_auto_checks_held_out_inputs_against_their_labels(monkeypatch):
+    """Three linear models on ``y = argmax(x)``: the owner is right, the two others give the
+    next class, so the probability ensemble is wrong on the owner's data. Of two candidates,
+    one copying the ensemble and one right on every input, ``criterion="labels"`` keeps the
+    right one (the held-out inputs are checked against their labels), ``"ensemble"`` the copy;
+    the probes are checked against the ensemble in both."""
+    import neurofuse.api
+
+    def linear(weight: torch.Tensor) -> nn.Module:
+        m = nn.Linear(3, 3, bias=False)
+        with torch.no_grad():
+            m.weight.copy_(10 * weight)
+        return m.eval()
+
+    eye, shift = torch.eye(3), torch.eye(3).roll(1, dims=0)  # shift: class (argmax + 1) % 3
+    models = [linear(eye), linear(shift), linear(shift)]
+    right, copier = linear(eye), linear(shift)
+    x = torch.rand(60, 3, generator=torch.Generator().manual_seed(0))
+    y = x.argmax(1)
+    real = neurofuse.api.fuse
+
+    def fake(ms, data, *, method, **kw):  # the candidates, whatever they are fitted on
+        if method == "auto":
+            return real(ms, data, method=method, **kw)
+        return copy.deepcopy({"kf_linear": copier, "vanilla": right}[method])
+
+    monkeypatch.setattr(neurofuse.api, "fuse", fake)
+    kept = {}
+    for criterion in ("labels", "ensemble"):
+        fused = nf.fuse(
+            models,
+            (x, y),
+            method="auto",
+            portfolio=["kf_linear", "vanilla"],
+            probes=0,
+            criterion=criterion,
+        )
+        kept[criterion] = fused.neurofuse_report["auto"]
+    assert kept["labels"]["chosen"] == "vanilla" and kept["labels"]["labels_scored"]
+    assert kept["labels"]["scores"]["vanilla"]["disagreement"] == 0.0
+    assert kept["labels"]["scores"]["kf_linear"]["disagreement"] == 1.0
+    assert kept["ensemble"]["chosen"] == "kf_linear" and not kept["ensemble"]["labels_scored"]
+    # with one probe per held-out input: each candidate is wrong on exactly one half
+    both = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
+    scores = both.neurofuse_report["auto"]["scores"]
+    assert scores["vanilla"]["disagreement"] == pytest.approx(0.5, abs=0.05)
+    assert scores["kf_linear"]["disagreement"] == pytest.approx(0.5, abs=0.05)
+    # without labels there is nothing but the ensemble to check against
+    unlabelled = nf.fuse(models, x, method="auto", portfolio=["kf_linear", "vanilla"], probes=0)
+    assert unlabelled.neurofuse_report["auto"]["chosen"] == "kf_linear"
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        nf.fuse(models, (x, y), method="auto", criterion="accuracy")
+
+
 def test_weak_owner_fusion_is_not_below_the_best_base_model():
     """8 classes; model 0, whose 200 samples form the fusion set, saw mostly classes 0-3 and
     model 1 mostly 4-7, from twice the data. The ensemble beats both; every fusion that auto
