@@ -10,8 +10,11 @@ candidate of the default portfolio on the rest, and scores every candidate, and 
 model, on the held-out inputs plus as many mixup probes. It then compares three rules on the
 same candidates:
 
-- ``fused only`` (``include_base=False``, the default): the fused candidate with the fewest
-  top-class disagreements with the probability ensemble (ties: lower KL);
+- ``fused only`` (``include_base=False``, ``criterion="ensemble"``: the default before
+  2026-12-07): the fused candidate with the fewest top-class disagreements with the
+  probability ensemble (ties: lower KL);
+- ``fused, labels`` (``include_base=False``, ``criterion="labels"``: the default since): the
+  held-out inputs checked against their labels instead, the probes against the ensemble;
 - ``all`` (``include_base=True``): base models scored the same way, against the ensemble of all
   the models (the fusion set's owner votes for itself);
 - ``others`` (``include_base="others"``): each base model against the ensemble of the other
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-RULES = ("fused only", "all", "others")
+RULES = ("fused only", "fused, labels", "all", "others")
 
 
 def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -> list[Any]:
@@ -66,7 +69,12 @@ def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
     target = ensemble_log_probs(s.models, probe).to(torch.float64)
     with torch.no_grad():
         ens = float((ensemble_log_probs(s.models, xt).argmax(-1) == yt).float().mean())
-    rec: dict[str, Any] = {"ensemble": ens, "bases": [], "fused": {}}
+    rec: dict[str, Any] = {
+        "ensemble": ens,
+        "held_labels": y[held].tolist(),
+        "bases": [],
+        "fused": {},
+    }
     for m in s.models:
         rec["bases"].append(
             {"logp": _scores(target, m, probe), "acc": evaluate(m, xt, yt).accuracy}
@@ -87,17 +95,34 @@ def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
     return rec
 
 
+def held_labels(cell: Any) -> list[int]:
+    """The labels of the held-out part of ``cell``'s fusion set (records made before they were
+    stored get them from the data, the split and the seed)."""
+    from neurofuse.bench.basemodels import fusion_set
+    from neurofuse.methods.auto import holdout_split
+
+    _, y = fusion_set(cell)
+    return y[holdout_split(len(y), 0.25, y, cell.seed)[1]].tolist()
+
+
 def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
     """The candidate ``rule`` picks and its test accuracy (scored as ``auto`` scores)."""
     from neurofuse.methods.auto import log_prob_divergence
 
     bases = [torch.tensor(b["logp"], dtype=torch.float64) for b in rec["bases"]]
     full = torch.stack([b.exp() for b in bases]).mean(0).log()
+    top = None
+    if rule == "fused, labels":  # the probes follow the held-out inputs
+        top = full.argmax(-1)
+        top[: len(rec["held_labels"])] = torch.tensor(rec["held_labels"])
     cands = {
-        name: (log_prob_divergence(full, torch.tensor(c["logp"], dtype=torch.float64)), c["acc"])
+        name: (
+            log_prob_divergence(full, torch.tensor(c["logp"], dtype=torch.float64), top),
+            c["acc"],
+        )
         for name, c in rec["fused"].items()
     }
-    if rule != "fused only":
+    if rule in ("all", "others"):
         for k, b in enumerate(bases):
             others = [o for j, o in enumerate(bases) if j != k]
             ref = full if rule == "all" else torch.stack([o.exp() for o in others]).mean(0).log()
@@ -107,6 +132,8 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
 
 
 def report(out: Path) -> str:
+    from neurofuse.bench.suites import get_suite
+
     lines = [
         "# `auto` with and without the base models as candidates (issue 11)",
         "",
@@ -120,6 +147,12 @@ def report(out: Path) -> str:
     totals = {r: [0, 0.0, 0] for r in RULES}
     for path in sorted(out.glob("*.json")):
         records = json.loads(path.read_text())
+        missing = [c for c, rec in records.items() if "held_labels" not in rec]
+        if missing:
+            suite, _, seed = path.stem.rpartition("_seed")
+            cells = {c.cell_id: c for c in get_suite(suite).cells([int(seed)])}
+            for c in missing:
+                records[c]["held_labels"] = held_labels(cells[c])
         lines += [
             f"## {path.stem}",
             "",

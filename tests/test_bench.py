@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import neurofuse as nf
 from neurofuse.bench import accuracy, aggregate, basemodels, runner, tables
@@ -282,6 +283,15 @@ def test_method_errors_are_recorded_not_raised(tmp_path: Path):
     setup = basemodels.prepare(cell, tmp_path / "cache", "cpu")
     entry = accuracy.fuse_once(bad, setup, cell, resolve_device("cpu"))
     assert entry["status"] == "error" and entry["error"]
+
+
+def test_fusion_set_without_models_is_the_one_prepare_draws(tmp_path: Path):
+    cell = _tiny_suite("tiny-fusion-set").cells([1])[0]
+    x, y = basemodels.fusion_set(cell)
+    setup = basemodels.prepare(cell, tmp_path / "cache", "cpu")
+    assert torch.equal(x, setup.fusion_x) and torch.equal(y, setup.fusion_y)
+    other = basemodels.fusion_set(_tiny_suite("tiny-fusion-set-0").cells([0])[0])
+    assert not torch.equal(other[1], y)  # it depends on the seed
 
 
 def test_bad_names_raise_with_choices():

@@ -127,6 +127,31 @@ def load_or_train(
     return model, {"cached": False, **train}
 
 
+def _fusion_set(
+    cell: Cell, data: DataSplits, parts: list[torch.Tensor], part: Partition | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # the paper's 400 samples come from model 0's data; a small Dirichlet part (e.g. 8
+    # non-IID models) may hold fewer, and then all of it is used (recorded in the result)
+    n_fusion = cell.fusion_samples if part is None else min(cell.fusion_samples, len(parts[0]))
+    fuse_idx = fusion_indices(data.y_train, part, n_fusion, seed=cell.seed, from_part=0)
+    x, y = data.x_train[fuse_idx], data.y_train[fuse_idx]
+    if cell.augment_copies:
+        from neurofuse.data import augmented_copies
+
+        x, ya = augmented_copies(x, y, cell.augment_copies, "crop=2", seed=cell.seed)
+        assert ya is not None
+        y = ya
+    return x, y
+
+
+def fusion_set(cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cell's fusion set (inputs, labels) as :func:`prepare` draws it, without the models
+    (it depends on the data, the split and the seed only)."""
+    data = dataset(cell.dataset)
+    parts, part = split_data(cell, data)
+    return _fusion_set(cell, data, parts, part)
+
+
 def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
     """Train the cell's base models or load them from ``cache``; draw its fusion set."""
     data = dataset(cell.dataset)
@@ -139,17 +164,7 @@ def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
         )
         models.append(model)
         info.append(train)
-    # the paper's 400 samples come from model 0's data; a small Dirichlet part (e.g. 8
-    # non-IID models) may hold fewer, and then all of it is used (recorded in the result)
-    n_fusion = cell.fusion_samples if part is None else min(cell.fusion_samples, len(parts[0]))
-    fuse_idx = fusion_indices(data.y_train, part, n_fusion, seed=cell.seed, from_part=0)
-    x, y = data.x_train[fuse_idx], data.y_train[fuse_idx]
-    if cell.augment_copies:
-        from neurofuse.data import augmented_copies
-
-        x, ya = augmented_copies(x, y, cell.augment_copies, "crop=2", seed=cell.seed)
-        assert ya is not None
-        y = ya
+    x, y = _fusion_set(cell, data, parts, part)
     part_info = {"sizes": [int(len(p)) for p in parts]}
     if part is not None:
         part_info["class_counts"] = part.class_counts.tolist()

@@ -205,9 +205,11 @@ def divergence(
     return miss / len(x), kl / len(x)
 
 
-def log_prob_divergence(p_log: Tensor, out_log: Tensor) -> tuple[float, float]:
+def log_prob_divergence(
+    p_log: Tensor, out_log: Tensor, top: Tensor | None = None
+) -> tuple[float, float]:
     """:func:`divergence` of stored log-probabilities ``out_log`` (rows as in ``p_log``)."""
-    miss, kl = _divergence_sums(p_log, out_log)
+    miss, kl = _divergence_sums(p_log, out_log, top)
     return miss / len(p_log), kl / len(p_log)
 
 
