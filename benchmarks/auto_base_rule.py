@@ -1,14 +1,14 @@
 """Which rule lets ``auto`` return a base model (issue 11: never below the best base model)?
 
     .venv/bin/python benchmarks/auto_base_rule.py --suite paper-vit --seed 0
-        --cache benchmarks/.cache/paper-vit [--out benchmarks/results/auto_base_rule]
+        --cache benchmarks/.cache/paper-vit [--out benchmarks/results/auto_base_rule] [--train]
 
 For every cell of a registered accuracy suite (one seed; base models loaded from the suite's
-cache, a cell whose models are not cached is skipped, never trained here) this does what
-``auto`` does before it refits: it holds out 25% of the fusion set (per label), fuses each
-candidate of the default portfolio on the rest, and scores every candidate, and every base
-model, on the held-out inputs plus as many mixup probes. It then compares three rules on the
-same candidates:
+cache; a cell whose models are not cached is skipped, or trained and cached with ``--train``)
+this does what ``auto`` does before it refits: it holds out 25% of the fusion set (per
+label), fuses each candidate of the default portfolio on the rest, and scores every
+candidate, and every base model, on the held-out inputs plus as many mixup probes. It then
+compares four rules on the same candidates:
 
 - ``fused only`` (``include_base=False``, ``criterion="ensemble"``: the default before
   2026-12-07): the fused candidate with the fewest top-class disagreements with the
@@ -51,7 +51,7 @@ def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -
     return out.tolist()
 
 
-def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
+def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] | None:
     import neurofuse as nf
     from neurofuse.bench.basemodels import prepare
     from neurofuse.evaluate import evaluate
@@ -60,7 +60,7 @@ def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
     from neurofuse.methods.ensemble import ensemble_log_probs
 
     paths = [cache / f"{cell.models_id}_model{i}.safetensors" for i in range(cell.split.n_models)]
-    if not all(p.exists() for p in paths):
+    if not train and not all(p.exists() for p in paths):
         return None
     s = prepare(cell, cache, "cpu")
     x, y, xt, yt = s.fusion_x, s.fusion_y, s.data.x_test, s.data.y_test
@@ -135,16 +135,25 @@ def report(out: Path) -> str:
     from neurofuse.bench.suites import get_suite
 
     lines = [
-        "# `auto` with and without the base models as candidates (issue 11)",
+        "# `auto`'s selection rules: the held-out labels, the base models as candidates (issue 11)",
         "",
         "Command: `.venv/bin/python benchmarks/auto_base_rule.py --suite SUITE --seed K "
-        "--cache CACHE` per record file below; machine: "
+        "--cache CACHE [--train]` per record file below; machine: "
         f"{platform.machine()}, torch {torch.__version__}, CPU. Test accuracy (%) of the "
         "candidate each rule picks, fused on 75% of the fusion set (before `auto`'s refit on "
-        "all of it); `!`: below the best base model where the ensemble is above it.",
+        "all of it); `!`: below the best base model where the ensemble is above it. Rules: "
+        "`fused only`, the fused candidates checked against the probability ensemble on the "
+        "held-out inputs and the probes (`auto`'s default until 2026-12-07); `fused, labels`, "
+        "against the held-out inputs' labels and the ensemble on the probes (the default "
+        "since); `all` and `others`, `fused only` with the base models as candidates "
+        '(`include_base=True` / `"others"`). The records of `paper-cnn_seed1` and '
+        "`paper-vit_seed0` come from the base models of an earlier machine (their held-out "
+        "labels recomputed from the data, the split and the seed); the others from the base "
+        "models cached on this one.",
         "",
     ]
     totals = {r: [0, 0.0, 0] for r in RULES}
+    changed: list[str] = []  # cells where the labels change the fused candidate kept
     for path in sorted(out.glob("*.json")):
         records = json.loads(path.read_text())
         missing = [c for c, rec in records.items() if "held_labels" not in rec]
@@ -162,6 +171,13 @@ def report(out: Path) -> str:
         for cell, rec in records.items():
             best = max(b["acc"] for b in rec["bases"])
             row = [cell, f"{100 * best:.1f}", f"{100 * rec['ensemble']:.1f}"]
+            before, after = choose(rec, "fused only"), choose(rec, "fused, labels")
+            if before[0] != after[0]:
+                changed.append(
+                    f"| {cell} | {100 * best:.1f} | {100 * rec['ensemble']:.1f} | {before[0]} "
+                    f"{100 * before[1]:.1f} | {after[0]} {100 * after[1]:.1f} | "
+                    f"{100 * (after[1] - before[1]):+.1f} |"
+                )
             for rule in RULES:
                 name, acc = choose(rec, rule)
                 below = rec["ensemble"] > best and acc < best
@@ -175,6 +191,14 @@ def report(out: Path) -> str:
     for rule, (below, acc, n) in totals.items():
         if n:
             lines.append(f"| {rule} | {below} of {n} | {100 * acc / n:.2f} |")
+    lines += [
+        "",
+        "## Where the held-out labels change the choice (`fused only` → `fused, labels`)",
+        "",
+        "| cell | best base | ensemble | fused only | fused, labels | change (pp) |",
+        "|---|---:|---:|---|---|---:|",
+        *(changed or ["| (none) | | | | | |"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -186,6 +210,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "auto_base_rule")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--train", action="store_true", help="train (and cache) base models not in the cache"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from neurofuse.bench.suites import get_suite
@@ -199,7 +226,7 @@ def main() -> None:
         if cell.cell_id in records:
             continue
         start = time.perf_counter()
-        rec = measure_cell(cell, args.cache)
+        rec = measure_cell(cell, args.cache, args.train)
         if rec is None:
             print(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped", flush=True)
             continue
