@@ -279,7 +279,7 @@ def auto(ctx: FusionContext) -> nn.Module:
     # follow the held-out inputs in ``probe``), the ensemble's top class on a probe
     top = target.argmax(-1)
     labelled = opt.criterion == "labels" and ctx.labels is not None
-    if labelled:
+    if ctx.labels is not None and labelled:
         top[: len(held)] = ctx.labels[held].to(top.device)
     spec = ctx.importance.spec
 
