@@ -278,9 +278,10 @@ def auto(ctx: FusionContext) -> nn.Module:
     # the class each fused candidate should give: the label on a held-out input (the probes
     # follow the held-out inputs in ``probe``), the ensemble's top class on a probe
     top = target.argmax(-1)
-    labelled = opt.criterion == "labels" and ctx.labels is not None
-    if ctx.labels is not None and labelled:
-        top[: len(held)] = ctx.labels[held].to(top.device)
+    labels = ctx.labels if opt.criterion == "labels" else None
+    if labels is not None:
+        top[: len(held)] = labels[held].to(top.device)
+    labelled = labels is not None
     spec = ctx.importance.spec
 
     def fuse_with(data: Any, method: str, importance: Any, options: dict) -> nn.Module:
