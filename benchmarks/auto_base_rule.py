@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 RULES = ("fused only", "fused, labels", "all", "others")
+#: the share of the fusion set held out, as ``auto``'s default
+HOLDOUT = 0.25
 
 
 def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -> list[Any]:
@@ -64,7 +66,7 @@ def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] 
         return None
     s = prepare(cell, cache, "cpu")
     x, y, xt, yt = s.fusion_x, s.fusion_y, s.data.x_test, s.data.y_test
-    train, held = holdout_split(len(x), 0.25, y, cell.seed)
+    train, held = holdout_split(len(x), HOLDOUT, y, cell.seed)
     probe = mixup_inputs(x[held], 1, cell.seed)
     target = ensemble_log_probs(s.models, probe).to(torch.float64)
     with torch.no_grad():
@@ -102,19 +104,20 @@ def held_labels(cell: Any) -> list[int]:
     from neurofuse.methods.auto import holdout_split
 
     _, y = fusion_set(cell)
-    return y[holdout_split(len(y), 0.25, y, cell.seed)[1]].tolist()
+    return y[holdout_split(len(y), HOLDOUT, y, cell.seed)[1]].tolist()
 
 
 def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
     """The candidate ``rule`` picks and its test accuracy (scored as ``auto`` scores)."""
-    from neurofuse.methods.auto import log_prob_divergence
+    from neurofuse.methods.auto import log_prob_divergence, reference_classes
 
     bases = [torch.tensor(b["logp"], dtype=torch.float64) for b in rec["bases"]]
     full = torch.stack([b.exp() for b in bases]).mean(0).log()
-    top = None
-    if rule == "fused, labels":  # the probes follow the held-out inputs
-        top = full.argmax(-1)
-        top[: len(rec["held_labels"])] = torch.tensor(rec["held_labels"])
+    top = (
+        reference_classes(full, torch.tensor(rec["held_labels"]))
+        if rule == "fused, labels"
+        else None
+    )
     cands = {
         name: (
             log_prob_divergence(full, torch.tensor(c["logp"], dtype=torch.float64), top),

@@ -205,6 +205,17 @@ def divergence(
     return miss / len(x), kl / len(x)
 
 
+def reference_classes(p_log: Tensor, held_labels: Tensor | None) -> Tensor:
+    """The class a fused candidate should give on each probe row: the label on a held-out
+    input (those rows come first, as :func:`~neurofuse.finetuning.mixup_inputs` puts them),
+    the top class of the ensemble's log-probabilities ``p_log`` on the others (all rows
+    without ``held_labels``)."""
+    top = p_log.argmax(-1)
+    if held_labels is not None:
+        top[: len(held_labels)] = held_labels.to(top.device)
+    return top
+
+
 def log_prob_divergence(
     p_log: Tensor, out_log: Tensor, top: Tensor | None = None
 ) -> tuple[float, float]:
@@ -275,12 +286,8 @@ def auto(ctx: FusionContext) -> nn.Module:
     x_tr, y_tr = grown(ctx.inputs[train], ctx.labels[train] if ctx.labels is not None else None)
     probe = mixup_inputs(ctx.inputs[held], opt.probes, ctx.seed)
     target = ensemble_log_probs(ctx.models, probe).to(torch.float64)
-    # the class each fused candidate should give: the label on a held-out input (the probes
-    # follow the held-out inputs in ``probe``), the ensemble's top class on a probe
-    top = target.argmax(-1)
-    labels = ctx.labels if opt.criterion == "labels" else None
-    if labels is not None:
-        top[: len(held)] = labels[held].to(top.device)
+    labels = ctx.labels[held] if opt.criterion == "labels" and ctx.labels is not None else None
+    top = reference_classes(target, labels)
     labelled = labels is not None
     spec = ctx.importance.spec
 
