@@ -161,6 +161,32 @@ def test_finetune_on_labels_learns_and_needs_labels(sharded_pair):
         nf.finetune(start, (x, y), epoch=3)
 
 
+def test_distillation_synthesises_inputs_for_the_classes_the_data_lacks(sharded_pair):
+    models, x, y, x_all, y_all = sharded_pair  # the fusion set shows classes 0 and 1 of 4
+    fused = nf.fuse(models, (x, y), method="kf_linear")
+    before = [_state(m) for m in models + [fused]]
+    opts = {"teachers": models, "epochs": 2, "seed": 1}
+    a = nf.finetune(fused, (x, y), synthetic=4, **opts)
+    b = nf.finetune(fused, (x, y), synthetic=4, **opts)
+    plain = nf.finetune(fused, (x, y), **opts)
+    for m, s in zip(models + [fused], before, strict=True):
+        assert all(torch.equal(v, s[k]) for k, v in m.state_dict().items())
+    assert a.neurofuse_report["finetune"]["synthesised_for"] == [2, 3]
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in a.state_dict().items())
+    # data that shows every class gets no synthetic input: the same training as without
+    full = nf.finetune(fused, (x_all, y_all), synthetic=4, **opts)
+    same = nf.finetune(fused, (x_all, y_all), **opts)
+    assert full.neurofuse_report["finetune"]["synthesised_for"] == []
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in full.state_dict().items())
+    with pytest.raises(ValueError, match="teachers=models"):
+        nf.finetune(fused, (x, y), synthetic=4)
+    with pytest.raises(ValueError, match="synthetic must be"):
+        nf.finetune(fused, x, teachers=models, synthetic=-1)
+    kd = nf.fuse(models, (x, y), method="kf_linear+kd", kd_epochs=2, kd_synthetic=4, seed=1)
+    assert kd.neurofuse_report["distillation"]["synthesised_for"] == [2, 3]
+
+
 def test_anchor_limits_the_drift_from_the_start(sharded_pair):
     models, x, _, _, _ = sharded_pair
     fused = nf.fuse(models, x, method="kf_linear")

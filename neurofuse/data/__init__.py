@@ -1,4 +1,5 @@
-"""Offline data: dataset loaders, partitions among models, fusion sets and augmentation.
+"""Offline data: dataset loaders, partitions among models, fusion sets, augmentation and inputs
+synthesised from trained models (:mod:`neurofuse.data.inversion`).
 
 Importing this package registers the built-in datasets (``mnist5k``, ``mnist1d``,
 ``synthetic``, ``cifar10``, ``cifar100``, ``npz``); none of them downloads anything.
@@ -15,6 +16,7 @@ from neurofuse.data.datasets import (
     make_splits,
     register_dataset,
 )
+from neurofuse.data.inversion import missing_classes, synthesise
 from neurofuse.data.local_files import load_fusion_file
 from neurofuse.data.partition import (
     PARTITION_SCHEMES,
@@ -40,10 +42,12 @@ __all__ = [
     "load",
     "make_splits",
     "make_synthetic",
+    "missing_classes",
     "partition",
     "random_crop",
     "random_flip",
     "register_dataset",
     "safe_load_pickle",
     "stratified_split",
+    "synthesise",
 ]
