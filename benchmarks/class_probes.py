@@ -3,7 +3,7 @@ help ``auto`` choose, or fuse-then-distill learn?
 
     .venv/bin/python benchmarks/class_probes.py [--suite paper-mlp] [--seeds 0,1,2]
         [--cache benchmarks/.cache] [--splits noniid2,...] [--archs vgg_bn,...]
-        [--out benchmarks/results/class_probes] [--report-only]
+        [--out benchmarks/results/class_probes] [--train] [--report-only]
 
 A fusion set drawn from one owner's data shows only the owner's classes (sharded splits), so
 neither ``auto``'s held-out rows nor its mixup probes can see a candidate forget the others,
@@ -20,7 +20,7 @@ ensemble). Two recipes:
   have BatchNorm.
 
 It measures, on every cell of the suite (base models from its cache; a cell whose models are
-not cached is skipped):
+not cached is skipped, or trained and cached with ``--train``):
 
 1. **Selection**: as ``auto`` does, 25% of the fusion set held out (per label), each default
    portfolio candidate fused on the rest; then each candidate's share of misses on the
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -88,7 +89,7 @@ def invert(
     return torch.cat(out)
 
 
-def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
+def measure_cell(cell: Any, cache: Path, train_missing: bool = False) -> dict[str, Any] | None:
     import neurofuse as nf
     from neurofuse.bench.basemodels import prepare
     from neurofuse.data.inversion import synthesise
@@ -98,9 +99,9 @@ def measure_cell(cell: Any, cache: Path) -> dict[str, Any] | None:
     from neurofuse.methods.ensemble import ensemble_log_probs
 
     paths = [cache / f"{cell.models_id}_model{i}.safetensors" for i in range(cell.split.n_models)]
-    if not all(p.exists() for p in paths):
+    if not train_missing and not all(p.exists() for p in paths):
         return None
-    s = prepare(cell, cache, "cpu")
+    s = prepare(cell, cache, "cpu")  # trains (and caches) the base models it lacks
     x, y, xt, yt = s.fusion_x, s.fusion_y, s.data.x_test, s.data.y_test
 
     def acc(m: torch.nn.Module) -> float:
@@ -184,7 +185,7 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
     return name, rec["candidates"][name]["accuracy"]
 
 
-def report(records: dict[str, Any], out: Path) -> None:
+def report(records: dict[str, Any], out: Path, commands: str = COMMANDS) -> None:
     from neurofuse.utils import atomic_write_text
 
     seeds: dict[str, list[str]] = {}  # the cells of each architecture and split
@@ -197,7 +198,7 @@ def report(records: dict[str, Any], out: Path) -> None:
     lines = [
         "# Class probes: inputs synthesised from the models (issue 11)",
         "",
-        f"Commands: {COMMANDS}; machine: {platform.machine()}, torch {torch.__version__}, CPU, "
+        f"Commands: {commands}; machine: {platform.machine()}, torch {torch.__version__}, CPU, "
         "2 threads. What the inputs are and how each number is made: the docstring of "
         "`benchmarks/class_probes.py`. Test accuracy in %, mean over the seeds of each split "
         f"({', '.join(f'{s}: {len(v)}' for s, v in seeds.items())} cells).",
@@ -301,6 +302,9 @@ def main() -> None:
     parser.add_argument("--archs", default="", help="architecture labels to run (default all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--train", action="store_true", help="train (and cache) base models not in the cache"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from neurofuse.bench.suites import get_suite
@@ -322,7 +326,7 @@ def main() -> None:
         if cell.cell_id in records:
             continue
         start = time.perf_counter()
-        rec = measure_cell(cell, args.cache)
+        rec = measure_cell(cell, args.cache, args.train)
         if rec is None:
             print(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped", flush=True)
             continue
@@ -335,7 +339,11 @@ def main() -> None:
             f"({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    report(records, args.out)
+    default = args.out.resolve() == (HERE / "results" / "class_probes").resolve()
+    argv = " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    report(
+        records, args.out, COMMANDS if default else f"`python benchmarks/class_probes.py {argv}`"
+    )
     print(f"report: {args.out / 'report.md'}")
 
 
