@@ -13,10 +13,11 @@ trailing (spatial) dimensions, ``b`` the background value of the reference input
 term matching, at every BatchNorm layer of every model, the batch statistics of the layer's
 input to the running statistics the layer stored in training. This is DeepInversion (Yin et
 al. 2020, "Dreaming to distill: data-free knowledge transfer via DeepInversion"); its
-BatchNorm term is what makes the inputs resemble the training data. Without it the inputs are
-whatever excites the class: distilling on them did not help VGG-small without BatchNorm and
-cost the MLPs of ``paper-mlp`` 3-4 points in the sharded splits, where VGG-small with
-BatchNorm gained 2.5 and 8.6 (``benchmarks/results/class_probes``).
+BatchNorm term pulls the inputs towards the statistics of the training data. Distilling on
+them lifted fused VGG-small models in 16 of 20 sharded-4 / 6 cells (3.5 points on average,
+with and without BatchNorm) and cost the MLPs of ``paper-mlp`` 3-4 points, whose inversions
+are whatever excites the class (``benchmarks/results/class_probes`` and
+``class_probes_seeds34``).
 
 Written here rather than taken from a library: the reference DeepInversion code is a research
 script for ImageNet ResNets (multi-resolution, jitter, Adam schedules), not a package; the loop
