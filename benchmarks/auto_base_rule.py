@@ -55,14 +55,13 @@ def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -
 
 def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] | None:
     import neurofuse as nf
-    from neurofuse.bench.basemodels import prepare
+    from neurofuse.bench.basemodels import models_cached, prepare
     from neurofuse.evaluate import evaluate
     from neurofuse.finetuning import mixup_inputs
     from neurofuse.methods.auto import PORTFOLIO, holdout_split
     from neurofuse.methods.ensemble import ensemble_log_probs
 
-    paths = [cache / f"{cell.models_id}_model{i}.safetensors" for i in range(cell.split.n_models)]
-    if not train and not all(p.exists() for p in paths):
+    if not train and not models_cached(cell, cache):
         return None
     s = prepare(cell, cache, "cpu")
     x, y, xt, yt = s.fusion_x, s.fusion_y, s.data.x_test, s.data.y_test

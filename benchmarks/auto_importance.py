@@ -39,7 +39,7 @@ def main() -> None:
     import torch
 
     import neurofuse as nf
-    from neurofuse.bench.basemodels import prepare
+    from neurofuse.bench.basemodels import models_cached, prepare
     from neurofuse.bench.command import parse_seeds
     from neurofuse.bench.suites import get_suite
     from neurofuse.evaluate import evaluate
@@ -55,11 +55,7 @@ def main() -> None:
     store = args.out / "records.json"
     records: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
     for i, cell in enumerate(cells, 1):
-        paths = [
-            args.cache / f"{cell.models_id}_model{k}.safetensors"
-            for k in range(cell.split.n_models)
-        ]
-        if not all(p.exists() for p in paths):
+        if not models_cached(cell, args.cache):
             print(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped")
             continue
         setup = None

@@ -91,15 +91,14 @@ def invert(
 
 def measure_cell(cell: Any, cache: Path, train_missing: bool = False) -> dict[str, Any] | None:
     import neurofuse as nf
-    from neurofuse.bench.basemodels import prepare
+    from neurofuse.bench.basemodels import models_cached, prepare
     from neurofuse.data.inversion import synthesise
     from neurofuse.evaluate import evaluate, evaluate_ensemble
     from neurofuse.finetuning import mixup_inputs
     from neurofuse.methods.auto import PORTFOLIO, holdout_split
     from neurofuse.methods.ensemble import ensemble_log_probs
 
-    paths = [cache / f"{cell.models_id}_model{i}.safetensors" for i in range(cell.split.n_models)]
-    if not train_missing and not all(p.exists() for p in paths):
+    if not train_missing and not models_cached(cell, cache):
         return None
     s = prepare(cell, cache, "cpu")  # trains (and caches) the base models it lacks
     x, y, xt, yt = s.fusion_x, s.fusion_y, s.data.x_test, s.data.y_test

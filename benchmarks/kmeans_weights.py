@@ -37,7 +37,7 @@ def run(suites: list[str], seeds: str, out: Path, threads: int) -> dict[str, Any
     import torch
 
     import neurofuse as nf
-    from neurofuse.bench.basemodels import prepare
+    from neurofuse.bench.basemodels import models_cached, prepare
     from neurofuse.bench.command import parse_seeds
     from neurofuse.bench.suites import get_suite
     from neurofuse.evaluate import evaluate
@@ -52,10 +52,7 @@ def run(suites: list[str], seeds: str, out: Path, threads: int) -> dict[str, Any
         cache = CACHES.get(suite, HERE / ".cache")
         cells = get_suite(suite).cells(parse_seeds(seeds))
         for i, cell in enumerate(cells, 1):
-            n = cell.split.n_models
-            if not all(
-                (cache / f"{cell.models_id}_model{k}.safetensors").exists() for k in range(n)
-            ):
+            if not models_cached(cell, cache):
                 print(f"[{suite} {i}/{len(cells)}] {cell.cell_id}: models not cached, skipped")
                 continue
             setup = None

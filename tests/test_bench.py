@@ -669,3 +669,16 @@ def test_code_stamp_names_this_checkouts_commit():
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     assert stamp["commit"] == head.stdout.strip() and isinstance(stamp["dirty"], bool)
+
+
+def test_models_cached_follows_the_cache_names_prepare_uses(tmp_path):
+    from neurofuse.bench.basemodels import model_path, models_cached
+    from neurofuse.checkpoint import checkpoint_paths
+
+    cell = get_suite("paper-mlp").cells([0])[0]
+    assert not models_cached(cell, tmp_path)
+    for i in range(cell.split.n_models - 1):
+        checkpoint_paths(model_path(cell, tmp_path, i))[0].write_bytes(b"")
+    assert not models_cached(cell, tmp_path)  # one model is still missing
+    checkpoint_paths(model_path(cell, tmp_path, cell.split.n_models - 1))[0].write_bytes(b"")
+    assert models_cached(cell, tmp_path)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from neurofuse.bench.spec import WEAK_OWNER_SAMPLES, Arch, Cell
-from neurofuse.checkpoint import load_checkpoint, save_checkpoint
+from neurofuse.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from neurofuse.data import DataSplits, Partition, fusion_indices, load, partition
 from neurofuse.models import build
 from neurofuse.train import TrainConfig, train_model
@@ -152,13 +152,25 @@ def fusion_set(cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
     return _fusion_set(cell, data, parts, part)
 
 
+def model_path(cell: Cell, cache: Path, index: int) -> Path:
+    """Where :func:`prepare` caches the cell's base model ``index`` (a checkpoint stem)."""
+    return cache / f"{cell.models_id}_model{index}"
+
+
+def models_cached(cell: Cell, cache: Path) -> bool:
+    """Whether every base model of the cell is in ``cache`` (so :func:`prepare` trains none)."""
+    return all(
+        checkpoint_paths(model_path(cell, cache, i))[0].exists() for i in range(cell.split.n_models)
+    )
+
+
 def prepare(cell: Cell, cache: Path, device: Any) -> Setup:
     """Train the cell's base models or load them from ``cache``; draw its fusion set."""
     data = dataset(cell.dataset)
     parts, part = split_data(cell, data)
     models, info = [], []
     for i, idx in enumerate(parts):
-        path = cache / f"{cell.models_id}_model{i}"
+        path = model_path(cell, cache, i)
         model, train = load_or_train(
             path, cell.arch, data, idx, 1000 * cell.seed + i, device, {"cell": cell.describe()}
         )
