@@ -33,13 +33,19 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def _batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The model's BatchNorm layers that keep running statistics (the prior's references)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
+    ]
+
+
 def has_batch_norm(models: Sequence[nn.Module]) -> bool:
     """Whether every model has a BatchNorm layer with running statistics (DeepInversion's
     prior needs them)."""
-    return all(
-        any(isinstance(m, _BatchNorm) and m.running_mean is not None for m in model.modules())
-        for model in models
-    )
+    return all(_batch_norm_layers(model) for model in models)
 
 
 def missing_classes(
@@ -104,8 +110,7 @@ def synthesise(
     background = float(like.flatten(1).median(1).values.median())
     spread = float(like.std()) or 1.0
     spatial = like.dim() >= 3  # (N, C, L) or (N, C, H, W): TV along the trailing dimensions
-    layers = [m for model in models for m in model.modules() if isinstance(m, _BatchNorm)]
-    layers = [m for m in layers if m.running_mean is not None and m.running_var is not None]
+    layers = [m for model in models for m in _batch_norm_layers(model)]
     terms: list[Tensor] = []
 
     def record(module: nn.Module, inputs: tuple[Tensor, ...], _: Tensor) -> None:
@@ -113,7 +118,8 @@ def synthesise(
         dims = [0, *range(2, a.dim())]
         mean, var = a.mean(dims), a.var(dims, unbiased=False)
         run_mean, run_var = module.running_mean, module.running_var
-        assert isinstance(run_mean, Tensor) and isinstance(run_var, Tensor)  # kept: see above
+        # only layers with running statistics are hooked (_batch_norm_layers)
+        assert isinstance(run_mean, Tensor) and isinstance(run_var, Tensor)
         terms.append(((mean - run_mean) ** 2).sum() + ((var - run_var) ** 2).sum())
 
     hooks = [m.register_forward_hook(record) for m in layers] if bn else []
