@@ -151,7 +151,11 @@ def measure_cell(cell: Any, cache: Path, train_missing: bool = False) -> dict[st
         ("+KD, prior probes", lambda: synthesise(s.models, x, every, 40, seed=cell.seed)),
     ):
         inputs = x if extra is None else torch.cat([x, extra()])
-        rec["distill"][name] = acc(nf.finetune(fused, inputs, teachers=s.models, seed=cell.seed))
+        # synthetic=0: these rows distil on their inputs only (the default synthesises for
+        # BatchNorm teachers since 2026-12-07; the last row measures that option)
+        rec["distill"][name] = acc(
+            nf.finetune(fused, inputs, teachers=s.models, seed=cell.seed, synthetic=0)
+        )
     rec["distill"]["+KD, synthetic=40"] = acc(
         nf.finetune(fused, (x, y), teachers=s.models, seed=cell.seed, synthetic=40)
     )

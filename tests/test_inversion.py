@@ -1,10 +1,11 @@
-"""Inputs synthesised from trained models (neurofuse.data.inversion)."""
+"""Inputs synthesised from trained models (neurofuse.data.inversion) and their use by
+``finetune``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from toys import cnn_bn, train
+from toys import cnn_bn, mlp, train
 
 from neurofuse.data.inversion import has_batch_norm, missing_classes, synthesise
 from neurofuse.methods.ensemble import ensemble_log_probs
@@ -82,3 +83,32 @@ def test_synthesis_refuses_what_it_cannot_do(image_models):
         synthesise(models, x, [0], per_class=0)
     with pytest.raises(ValueError, match="steps"):
         synthesise(models, x, [0], per_class=2, steps=0)
+
+
+def test_finetune_synthesises_by_default_for_batchnorm_teachers_only(image_models):
+    """``synthetic="auto"`` (the default): ``SYNTHETIC_PER_CLASS`` inputs per missing class
+    for BatchNorm teachers, none for teachers without BatchNorm, none where every class is
+    shown; an explicit count overrides it."""
+    import neurofuse as nf
+    from neurofuse.finetuning import SYNTHETIC_PER_CLASS, synthetic_per_class
+
+    models, x, y = image_models
+    two = (y == 0) | (y == 2)
+    start = models[0]
+    tuned = nf.finetune(start, (x[two], y[two]), teachers=models, epochs=1, seed=0)
+    report = tuned.neurofuse_report["finetune"]
+    assert report["synthesised_for"] == [1]
+    assert report["synthesised_per_class"] == SYNTHETIC_PER_CLASS
+    off = nf.finetune(start, (x[two], y[two]), teachers=models, epochs=1, seed=0, synthetic=0)
+    assert "synthesised_for" not in off.neurofuse_report["finetune"]
+    assert any(not torch.equal(v, off.state_dict()[k]) for k, v in tuned.state_dict().items())
+    shown = nf.finetune(start, (x, y), teachers=models, epochs=1, seed=0)
+    assert shown.neurofuse_report["finetune"]["synthesised_for"] == []
+    plain = [mlp(64, (16,), 3), mlp(64, (16,), 3)]
+    flat = x.flatten(1)
+    assert synthetic_per_class("auto", plain, flat) == 0
+    assert synthetic_per_class("auto", models, x) == SYNTHETIC_PER_CLASS
+    assert synthetic_per_class("auto", models, x.long()) == 0  # token ids: no gradient steps
+    assert synthetic_per_class(7, plain, flat) == 7
+    with pytest.raises(ValueError, match="synthetic must be"):
+        nf.finetune(start, x, teachers=models, synthetic="always")

@@ -391,6 +391,35 @@ def test_auto_options_are_checked():
         nf.fuse([m, m], x, method="auto", portfolio=["auto"])
     with pytest.raises(ValueError, match="include_base must be False, True or 'others'"):
         nf.fuse([m, m], x, method="auto", include_base="others!")
+    with pytest.raises(ValueError, match="min_shown must be a number in"):
+        nf.fuse([m, m], x, method="auto", min_shown=1.5)
+
+
+def test_auto_scores_only_distilled_candidates_when_most_classes_are_missing(sharded_pair):
+    """A fusion set of class 0 alone shows 1 of the models' 4 classes: only the portfolio's
+    ``+kd`` candidates are scored (and no base model); ``min_shown=0`` scores them all; the
+    set that shows 2 of 4 (half) is scored in full; without a distilled candidate in the
+    portfolio the rule does not act."""
+    models, x, y, _, _ = sharded_pair
+    one = y == 0
+    portfolio = ["kf_linear", "kf_linear+kd"]
+    blind = nf.fuse(models, (x[one], y[one]), method="auto", portfolio=portfolio, include_base=True)
+    report = blind.neurofuse_report["auto"]
+    assert report["distilled_only"] and report["classes_shown"] == [0]
+    assert report["scores"] == {"kf_linear+kd": "the only candidate: not scored"}
+    assert report["chosen"] == "kf_linear+kd"
+    assert blind.neurofuse_report["auto"]["chosen_report"]["method"] == "kf_linear+kd"
+    free = nf.fuse(models, (x[one], y[one]), method="auto", portfolio=portfolio, min_shown=0)
+    assert not free.neurofuse_report["auto"]["distilled_only"]
+    assert set(free.neurofuse_report["auto"]["scores"]) == {"kf_linear", "kf_linear+kd"}
+    half = nf.fuse(models, (x, y), method="auto", portfolio=portfolio)
+    assert half.neurofuse_report["auto"]["classes_shown"] == [0, 1]
+    assert set(half.neurofuse_report["auto"]["scores"]) == {"kf_linear", "kf_linear+kd"}
+    unlabelled = nf.fuse(models, x[one], method="auto", portfolio=portfolio)
+    assert unlabelled.neurofuse_report["auto"]["distilled_only"]
+    plain = nf.fuse(models, (x[one], y[one]), method="auto", portfolio=["kf_linear"])
+    assert not plain.neurofuse_report["auto"]["distilled_only"]
+    assert set(plain.neurofuse_report["auto"]["scores"]) == {"kf_linear"}
 
 
 def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
@@ -416,13 +445,14 @@ def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
         models,
         (x, y),
         method="auto",
-        portfolio=["kf_linear"],
+        portfolio=["kf_linear", "vanilla"],
         augment="crop=2",
         augment_copies=3,
         seed=5,
     )
     train, held = holdout_split(40, 0.25, y, seed=5)
-    _, (xc, yc), (xf, yf) = calls  # (the first: the call above itself)
+    _, (xc, yc), (xv, _), (xf, yf) = calls  # (the first: the call above itself)
+    assert torch.equal(xv, xc)  # every candidate is fitted on the same rows
     assert len(xc) == 4 * len(train) and torch.equal(xc[: len(train)], x[train])
     assert torch.equal(yc, y[train].repeat(4))
     copies = xc[len(train) :]
@@ -434,8 +464,12 @@ def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
     assert report["augment"] == {"spec": "crop=2", "copies": 3}
     assert report["fitted_rows"] == 4 * len(train)
     calls.clear()
-    plain = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear"], seed=5)
-    assert [len(d[0]) for d in calls] == [40, len(train), 40]
+    plain = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"], seed=5)
+    assert [len(d[0]) for d in calls] == [40, len(train), len(train), 40]
+    calls.clear()  # a single candidate: no trial fit, the whole set fused once
+    one = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear"], seed=5)
+    assert [len(d[0]) for d in calls] == [40, 40]
+    assert one.neurofuse_report["auto"]["scores"] == {"kf_linear": "the only candidate: not scored"}
     assert "augment" not in plain.neurofuse_report["auto"]
 
 
