@@ -243,6 +243,31 @@ def test_run_suite_writes_cells_and_resumes_without_recomputing(tmp_path: Path, 
     }
 
 
+def test_rerun_fuses_the_named_runs_again_in_finished_cells(tmp_path: Path, counted):
+    suite = _tiny_suite("tiny-rerun")
+    paths = runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, threads=None)
+    assert counted == {"fuse": 6, "train": 6}
+    before = [json.loads(p.read_text()) for p in paths]
+    for p, rec in zip(paths, before, strict=True):  # mark the old KF Linear rows
+        rec["methods"]["KF Linear | uniform"]["marker"] = True
+        p.write_text(json.dumps(rec))
+    runner.run_suite(
+        suite, [0], tmp_path, device="cpu", progress=False, threads=None, rerun=["kf_linear"]
+    )
+    assert counted == {"fuse": 8, "train": 6}  # KF Linear in both cells; models from cache
+    for p, rec in zip(paths, before, strict=True):
+        new = json.loads(p.read_text())
+        assert "marker" not in new["methods"]["KF Linear | uniform"]
+        assert new["methods"]["KF Linear | uniform"]["status"] == "ok"
+        assert (
+            new["methods"]["Vanilla averaging | uniform"]
+            == rec["methods"]["Vanilla averaging | uniform"]
+        )
+    assert not list(tmp_path.glob("cells/*.partial.json"))
+    with pytest.raises(ValueError, match="unknown method"):
+        runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, rerun=["kf_lineer"])
+
+
 def test_runs_added_to_a_cell_are_never_merged_with_runs_of_other_base_models(
     tmp_path: Path, counted, monkeypatch: pytest.MonkeyPatch
 ):

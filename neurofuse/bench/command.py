@@ -35,11 +35,14 @@ def bench(
     splits: str | None = None,
     report_only: bool = False,
     threads: int = 2,
+    rerun: str | None = None,
 ) -> Path:
     """Run ``suite`` into ``out`` (default ``benchmarks/results/<suite>``) and return the
     path of its ``report.md`` (``report_only``: only rewrite the report from finished
     cells). Finished cells are reused when ``resume``; trained base models are cached in
-    ``cache`` (default ``out/cache``; suites may share one). ``threads``: torch CPU threads."""
+    ``cache`` (default ``out/cache``; suites may share one). ``threads``: torch CPU threads.
+    ``rerun``: comma-separated methods/labels fused again in finished cells (rows whose code
+    changed); the report's command leaves it out, since a run from scratch makes every row."""
     spec = get_suite(suite)
     seed_list = parse_seeds(seeds) or list(spec.default_seeds)
     out = Path(out) if out is not None else Path("benchmarks/results") / suite
@@ -75,6 +78,7 @@ def bench(
             splits=split_list,
             cache=Path(cache) if cache else None,
             threads=threads,
+            rerun=[m for m in rerun.split(",") if m.strip()] if rerun else None,
         )
     expected = len(select_cells(spec.cells(seed_list), split_list))
     return write_report(spec, out, command, expected, len(spec.cells(seed_list)))

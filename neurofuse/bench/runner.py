@@ -7,7 +7,7 @@ in :mod:`neurofuse.bench.records`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -31,18 +31,23 @@ def run_suite(
     log: Callable[[str], None] | None = None,
     cache: Path | None = None,
     splits: Sequence[str] | None = None,
+    rerun: Sequence[str] | None = None,
 ) -> list[Path]:
     """Run every cell of ``suite`` for ``seeds``; return the result files (one per cell).
 
     ``methods`` keeps only the runs whose method name or label is listed; ``splits`` only the
     cells whose split key (``noniid2``, ``sharded6``, ``full2`` ...) is listed. With ``resume``, a
     cell whose result file exists is not recomputed, except for runs its record lacks (added to
-    the suite since) or recorded as errors, which are fused with the cached base models.
+    the suite since) or recorded as errors, which are fused with the cached base models, and
+    the runs named in ``rerun`` (method names or labels, among the selected runs: rows whose
+    method changed since), which are fused again and replace their old entries. A finished
+    cell made from other base models than the cache holds is recomputed whole either way.
     """
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     runs = select_runs(suite.methods, methods)
+    again = {r.key for r in select_runs(runs, rerun)} if rerun else set()
     cells = select_cells(suite.cells(seeds), splits)
     kinds = {kind: get_kind(kind) for kind in {c.kind for c in cells}}  # unknown: ValueError
     paths: list[Path] = []
@@ -52,11 +57,14 @@ def run_suite(
     with progress_bar(progress, f"bench {suite.name}", len(cells)) as update:
         for done, cell in enumerate(cells, 1):
             path = result_path(out, cell)
-            if resume and path.exists() and not _missing_runs(path, runs):
+            if resume and path.exists() and not _missing_runs(path, runs, again):
                 status = "cached"
             else:
                 if resume and path.exists():  # a finished cell gains the runs added since
-                    write_record(partial_path(out, cell), json.loads(path.read_text()))
+                    record = json.loads(path.read_text())
+                    for key in again:
+                        record.get("methods", {}).pop(key, None)
+                    write_record(partial_path(out, cell), record)
                 try:
                     record = kinds[cell.kind].run(
                         suite, cell, runs, out, cache or out / "cache", dev
@@ -80,14 +88,18 @@ def run_suite(
     return paths
 
 
-def _missing_runs(path: Path, runs: Sequence[MethodRun]) -> list[MethodRun]:
-    """The runs that a finished cell's record lacks (methods added to the suite since) or
-    recorded as errors (rerun, e.g. after a fix)."""
+def _missing_runs(
+    path: Path, runs: Sequence[MethodRun], again: Collection[str] = ()
+) -> list[MethodRun]:
+    """The runs that a finished cell's record lacks (methods added to the suite since),
+    recorded as errors (rerun, e.g. after a fix) or whose key is in ``again``."""
     try:
         done = json.loads(path.read_text()).get("methods", {})
     except (OSError, ValueError):
         return list(runs)
-    return [r for r in runs if done.get(r.key, {}).get("status", "error") == "error"]
+    return [
+        r for r in runs if r.key in again or done.get(r.key, {}).get("status", "error") == "error"
+    ]
 
 
 def select_runs(runs: Sequence[MethodRun], methods: Sequence[str] | None) -> list[MethodRun]:

@@ -45,6 +45,13 @@ def bench(
     report_only: Annotated[
         bool, typer.Option(help="only rewrite report.md and plots from finished cells")
     ] = False,
+    rerun: Annotated[
+        str | None,
+        typer.Option(
+            help="fuse these methods/labels again in finished cells (rows whose code changed), "
+            "comma-separated"
+        ),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -76,5 +83,6 @@ def bench(
         splits=splits,
         report_only=report_only,
         threads=threads,
+        rerun=rerun,
     )
     typer.echo(f"report: {path}")
