@@ -396,10 +396,10 @@ def test_auto_options_are_checked():
 
 
 def test_auto_scores_only_distilled_candidates_when_most_classes_are_missing(sharded_pair):
-    """A fusion set of class 0 alone shows 1 of the models' 4 classes: only the portfolio's
-    ``+kd`` candidates are scored (and no base model); ``min_shown=0`` scores them all; the
-    set that shows 2 of 4 (half) is scored in full; without a distilled candidate in the
-    portfolio the rule does not act."""
+    """A fusion set of class 0 alone shows 1 of the models' 4 classes: each candidate is
+    replaced by its distilled version (once) and no base model is scored; ``min_shown=0``
+    scores the portfolio as it is; the set that shows 2 of 4 (half) is scored in full; a
+    portfolio without a method that has a distilled version is left alone."""
     models, x, y, _, _ = sharded_pair
     one = y == 0
     portfolio = ["kf_linear", "kf_linear+kd"]
@@ -417,9 +417,13 @@ def test_auto_scores_only_distilled_candidates_when_most_classes_are_missing(sha
     assert set(half.neurofuse_report["auto"]["scores"]) == {"kf_linear", "kf_linear+kd"}
     unlabelled = nf.fuse(models, x[one], method="auto", portfolio=portfolio)
     assert unlabelled.neurofuse_report["auto"]["distilled_only"]
-    plain = nf.fuse(models, (x[one], y[one]), method="auto", portfolio=["kf_linear"])
+    both = nf.fuse(
+        models, (x[one], y[one]), method="auto", portfolio=["kf_linear", "vanilla", "hf_linear"]
+    )
+    assert set(both.neurofuse_report["auto"]["scores"]) == {"kf_linear+kd", "hf_linear+kd"}
+    plain = nf.fuse(models, (x[one], y[one]), method="auto", portfolio=["vanilla"])
     assert not plain.neurofuse_report["auto"]["distilled_only"]
-    assert set(plain.neurofuse_report["auto"]["scores"]) == {"kf_linear"}
+    assert set(plain.neurofuse_report["auto"]["scores"]) == {"vanilla"}
 
 
 def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
