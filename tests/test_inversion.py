@@ -112,3 +112,19 @@ def test_finetune_synthesises_by_default_for_batchnorm_teachers_only(image_model
     assert synthetic_per_class(7, plain, flat) == 7
     with pytest.raises(ValueError, match="synthetic must be"):
         nf.finetune(start, x, teachers=models, synthetic="always")
+
+
+def test_distilled_fusion_synthesises_by_default_for_batchnorm_models(image_models):
+    """The ``+kd`` methods carry the default through ``kd_synthetic``: without labels in the
+    distillation, the class the ensemble never names on the fusion set gets inputs."""
+    import neurofuse as nf
+    from neurofuse.finetuning import SYNTHETIC_PER_CLASS
+
+    models, x, y = image_models
+    two = (y == 0) | (y == 2)
+    fused = nf.fuse(models, (x[two], y[two]), method="kf_linear+kd", kd_epochs=1, seed=0)
+    report = fused.neurofuse_report["distillation"]
+    assert report["synthesised_for"] == [1]
+    assert report["synthesised_per_class"] == SYNTHETIC_PER_CLASS
+    off = nf.fuse(models, (x[two], y[two]), method="kf_linear+kd", kd_epochs=1, kd_synthetic=0)
+    assert "synthesised_for" not in off.neurofuse_report["distillation"]
