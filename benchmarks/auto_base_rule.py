@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -217,28 +216,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from neurofuse.bench.records import measure_cells
     from neurofuse.bench.suites import get_suite
     from neurofuse.utils import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.suite}_seed{args.seed}.json"
-    records = json.loads(path.read_text()) if path.exists() else {}
     cells = [] if args.report_only else get_suite(args.suite).cells([args.seed])
-    for i, cell in enumerate(cells, 1):
-        if cell.cell_id in records:
-            continue
-        start = time.perf_counter()
-        rec = measure_cell(cell, args.cache, args.train)
-        if rec is None:
-            print(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped", flush=True)
-            continue
-        records[cell.cell_id] = rec
-        atomic_write_text(path, json.dumps(records))
-        picks = {rule: choose(rec, rule)[0] for rule in RULES}
-        print(
-            f"[{i}/{len(cells)}] {cell.cell_id}: {picks} ({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
+    measure_cells(
+        cells,
+        args.out / f"{args.suite}_seed{args.seed}.json",
+        lambda cell: measure_cell(cell, args.cache, args.train),
+        lambda rec: str({rule: choose(rec, rule)[0] for rule in RULES}),
+        log=lambda line: print(line, flush=True),
+    )
     atomic_write_text(args.out / "report.md", report(args.out))
     print(f"report: {args.out / 'report.md'}")
 

@@ -43,10 +43,8 @@ Records accumulate in ``<out>/records.json`` (a killed run resumes); ``<out>/rep
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -310,12 +308,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from neurofuse.bench.records import measure_cells
     from neurofuse.bench.suites import get_suite
-    from neurofuse.utils import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "records.json"
-    records = json.loads(path.read_text()) if path.exists() else {}
     seeds = [int(v) for v in args.seeds.split(",")]
     cells = [] if args.report_only else get_suite(args.suite).cells(seeds)
     splits, archs = args.splits.split(","), [a for a in args.archs.split(",") if a]
@@ -325,23 +321,18 @@ def main() -> None:
         if c.split.key in splits
         and (not archs or any(f"_{a}_{c.split.key}_" in c.cell_id for a in archs))
     ]
-    for i, cell in enumerate(cells, 1):
-        if cell.cell_id in records:
-            continue
-        start = time.perf_counter()
-        rec = measure_cell(cell, args.cache, args.train)
-        if rec is None:
-            print(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped", flush=True)
-            continue
-        records[cell.cell_id] = rec
-        atomic_write_text(path, json.dumps(records))
+
+    def summary(rec: dict[str, Any]) -> str:
         picks = {rule: choose(rec, rule)[0] for rule in RULES}
-        print(
-            f"[{i}/{len(cells)}] {cell.cell_id}: {picks}, distill "
-            f"{ {k: round(v, 1) for k, v in rec['distill'].items()} } "
-            f"({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
+        return f"{picks}, distill { {k: round(v, 1) for k, v in rec['distill'].items()} }"
+
+    records = measure_cells(
+        cells,
+        args.out / "records.json",
+        lambda cell: measure_cell(cell, args.cache, args.train),
+        summary,
+        log=lambda line: print(line, flush=True),
+    )
     default = args.out.resolve() == (HERE / "results" / "class_probes").resolve()
     argv = " ".join(a for a in sys.argv[1:] if a != "--report-only")
     report(

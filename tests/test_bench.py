@@ -268,6 +268,25 @@ def test_rerun_fuses_the_named_runs_again_in_finished_cells(tmp_path: Path, coun
         runner.run_suite(suite, [0], tmp_path, device="cpu", progress=False, rerun=["kf_lineer"])
 
 
+def test_measure_cells_keeps_one_file_of_records_and_resumes(tmp_path: Path):
+    from neurofuse.bench.records import measure_cells
+
+    cells = _tiny_suite("tiny-measure").cells([0])  # two cells
+    store, lines, calls = tmp_path / "records.json", [], []
+
+    def measure(cell):
+        calls.append(cell.cell_id)
+        return None if "noniid4" in cell.cell_id else {"value": len(calls)}
+
+    records = measure_cells(cells, store, measure, lambda r: f"v={r['value']}", lines.append)
+    assert records == {cells[0].cell_id: {"value": 1}} == json.loads(store.read_text())
+    assert lines[0].startswith(f"[1/2] {cells[0].cell_id}: v=1 (")
+    assert lines[1] == f"[2/2] {cells[1].cell_id}: base models not cached, skipped"
+    again = measure_cells(cells, store, measure, log=lines.append)  # resumes: cell 0 kept
+    assert calls == [cells[0].cell_id, cells[1].cell_id, cells[1].cell_id]
+    assert again == records
+
+
 def test_runs_added_to_a_cell_are_never_merged_with_runs_of_other_base_models(
     tmp_path: Path, counted, monkeypatch: pytest.MonkeyPatch
 ):

@@ -9,6 +9,8 @@ loses at most the method that was running.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,32 @@ def without_errors(record: dict[str, Any]) -> dict[str, Any]:
 def write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(to_jsonable(record), indent=1, sort_keys=True))
+
+
+def measure_cells(
+    cells: Sequence[Cell],
+    store: Path,
+    measure: Callable[[Cell], dict[str, Any] | None],
+    summary: Callable[[dict[str, Any]], str] = lambda record: "done",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The records of a benchmark script that keeps one JSON file of per-cell records keyed
+    by cell id (``store``): each cell not in it yet is measured (``measure`` returns its
+    record, or ``None`` when the cell's base models are not cached) and the file rewritten
+    atomically after it, so a killed run resumes at the next cell; ``log`` gets a line per
+    cell (``summary`` of its record and the time). Returns every record, old and new."""
+    records: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
+    for i, cell in enumerate(cells, 1):
+        if cell.cell_id in records:
+            continue
+        start = time.perf_counter()
+        record = measure(cell)
+        if record is None:
+            log(f"[{i}/{len(cells)}] {cell.cell_id}: base models not cached, skipped")
+            continue
+        records[cell.cell_id] = record
+        atomic_write_text(store, json.dumps(records))
+        log(
+            f"[{i}/{len(cells)}] {cell.cell_id}: {summary(record)} ({time.perf_counter() - start:.0f} s)"
+        )
+    return records
