@@ -276,13 +276,11 @@ def distilled_versions(
     return out
 
 
-def _classes_shown(ctx: FusionContext) -> dict[str, Any]:
+def _classes_shown(ctx: FusionContext, classes: int) -> dict[str, Any]:
     """The output classes the fusion set shows (its labels, else the probability ensemble's
-    top classes on its inputs) and their share of the models' output classes."""
+    top classes on its inputs) and their share of the models' ``classes`` output classes."""
     from neurofuse.data.inversion import missing_classes
 
-    with torch.no_grad():
-        classes = int(ctx.models[0](ctx.inputs[:1]).shape[-1])
     lacking = set(missing_classes(ctx.models, ctx.inputs, ctx.labels))
     shown = [c for c in range(classes) if c not in lacking]
     return {"shown": shown, "share": len(shown) / classes}
@@ -373,7 +371,7 @@ def auto(ctx: FusionContext) -> nn.Module:
         )
 
     entries = candidates(ctx, opt)
-    blind = _classes_shown(ctx)
+    blind = _classes_shown(ctx, int(target.shape[-1]))
     distilled = distilled_versions(entries)
     restricted = blind["share"] < opt.min_shown and bool(distilled)
     if restricted:
