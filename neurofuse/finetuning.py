@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from neurofuse.checks import integer, number
 from neurofuse.fitting import TrainingOptions, fit_gradient
 
 #: Inputs synthesised per missing class by ``synthetic="auto"`` (where it synthesises).
@@ -101,18 +102,12 @@ class FinetuneOptions(TrainingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.anchor, bool) or not isinstance(self.anchor, int | float):
-            raise ValueError(f"anchor must be a number >= 0, got {self.anchor!r}")
-        if not self.anchor >= 0:
-            raise ValueError(f"anchor must be a number >= 0, got {self.anchor!r}")
-        if isinstance(self.mixup, bool) or not isinstance(self.mixup, int) or self.mixup < 0:
-            raise ValueError(f"mixup must be an integer >= 0, got {self.mixup!r}")
-        if self.synthetic != "auto" and (
-            isinstance(self.synthetic, bool)
-            or not isinstance(self.synthetic, int)
-            or self.synthetic < 0
-        ):
-            raise ValueError(f"synthetic must be an integer >= 0 or 'auto', got {self.synthetic!r}")
+        number("anchor", self.anchor, at_least=0)
+        self.mixup = integer("mixup", self.mixup, 0)
+        if self.synthetic != "auto":
+            self.synthetic = integer(
+                "synthetic", self.synthetic, 0, requirement="an integer >= 0 or 'auto'"
+            )
 
 
 def mixup_inputs(x: Tensor, copies: int, seed: int) -> Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurofuse.affine import affine_inputs, affine_output_rows, set_affine_weights
+from neurofuse.checks import integer, number
 from neurofuse.closed_form import BLOCK_ROWS, Factor, LeastSquares, least_squares
 from neurofuse.optimizers import OptimizerName, check_optimizer, make_optimizer
 from neurofuse.progress import progress_bar
@@ -96,15 +97,10 @@ class TrainingOptions:
     def __post_init__(self) -> None:
         check_optimizer(self.optimizer)
         for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if isinstance(self.weight_decay, bool) or not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+            number(name, getattr(self, name), above=0)
+        number("weight_decay", self.weight_decay, at_least=0)
         for name in ("epochs", "batch_size", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, integer(name, getattr(self, name), 1))
         self.config()  # validates val_split
 
     def config(

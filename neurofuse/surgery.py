@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from neurofuse.checks import integer
+
 
 class SpaceLike(Protocol):
     """What surgery needs of a space (:class:`neurofuse.alignment.Space` has it)."""
@@ -175,10 +177,7 @@ def resize(
     """
     _check_names(list(new_sizes), spaces, "new_sizes")
     for name, size in new_sizes.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(
-                f"new width of space {name!r} must be a positive integer, got {size!r}"
-            )
+        integer(f"new width of space {name!r}", size, 1)
     wide = copy.deepcopy(model)
     touched: dict[int, nn.Module] = {}
     for key, items in _touching(spaces).items():

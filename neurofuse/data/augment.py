@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neurofuse.checks import integer
+
 __all__ = [
     "Augment",
     "augmented_copies",
@@ -236,8 +238,7 @@ def augmented_copies(
     (Table 6). The augmentation should be one the models were trained with (the random shifts of
     ``"crop=2"`` for the bundled digits), so that the copies lie where the models are reliable.
     """
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
-        raise ValueError(f"copies must be an integer >= 0, got {copies!r}")
+    integer("copies", copies, 0)
     aug = augment if isinstance(augment, Augment) else Augment.from_spec(augment)
     if copies:
         changing_augmentation(aug)

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from neurofuse.checks import integer
+
 
 def _batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The model's BatchNorm layers that keep running statistics (the prior's references)."""
@@ -103,10 +105,8 @@ def synthesise(
             f"inputs are synthesised by gradient steps, so they must be floating point; the "
             f"reference inputs are {like.dtype} (token ids?): leave synthetic inputs off"
         )
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    integer("per_class", per_class, 1)
+    integer("steps", steps, 1)
     models = list(models)
     lo, hi = float(like.min()), float(like.max())
     background = float(like.flatten(1).median(1).values.median())

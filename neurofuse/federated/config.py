@@ -15,6 +15,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from neurofuse.checks import integer, number
+
 FUSION_SOURCES = ("client", "server")
 
 #: methods the strategy refuses: their result is not one network of the clients' architecture
@@ -103,10 +105,8 @@ class FederationConfig:
             "seed": (self.seed, 0),
         }
         for name, (value, low) in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            setattr(self, name, integer(name, value, low, requirement=f"an integer >= {low}"))
+        number("lr", self.lr, above=0)
         if self.partition not in PARTITION_SCHEMES:
             raise ValueError(
                 f"unknown partition {self.partition!r}; use one of "

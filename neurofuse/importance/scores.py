@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neurofuse.checks import positive_int
 from neurofuse.graph import GraphCache
 from neurofuse.importance import attribution as attr
 from neurofuse.importance import reference
@@ -107,12 +108,6 @@ class ActivationScores(NodeScores):
         return attr.reduce_output(self.graphs(model), name, output, self.stat)
 
 
-def _positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 @register_importance("uniform", "every neuron weighs the same")
 def uniform(models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None) -> Any:
     def score(model: nn.Module, name: str, output: Tensor | None) -> Tensor:
@@ -126,14 +121,14 @@ def uniform(models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None) 
 def activation(
     models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None, *, batch_size: int = 256
 ) -> NodeScores:
-    return ActivationScores(inputs, labels, "abs", _positive("batch_size", batch_size))
+    return ActivationScores(inputs, labels, "abs", positive_int("batch_size", batch_size))
 
 
 @register_importance("variance", "variance of each neuron's activation (forward pass only)")
 def variance(
     models: Sequence[nn.Module], inputs: Tensor, labels: Tensor | None, *, batch_size: int = 256
 ) -> NodeScores:
-    return ActivationScores(inputs, labels, "variance", _positive("batch_size", batch_size))
+    return ActivationScores(inputs, labels, "variance", positive_int("batch_size", batch_size))
 
 
 @register_importance(
@@ -147,7 +142,7 @@ def grad_x_activation(
     target: str = "auto",
     batch_size: int = 256,
 ) -> NodeScores:
-    batch_size = _positive("batch_size", batch_size)
+    batch_size = positive_int("batch_size", batch_size)
     return NodeScores(
         inputs,
         labels,
@@ -179,8 +174,8 @@ def conductance(
     memory, and small chunks stay in cache.
     ``backend="fused"`` attributes every node in one pass; ``"captum"`` calls Captum's
     ``LayerConductance`` once per node (same numbers, slower; for reference)."""
-    _positive("n_steps", n_steps)
-    _positive("internal_batch_size", internal_batch_size)
+    positive_int("n_steps", n_steps)
+    positive_int("internal_batch_size", internal_batch_size)
     attr.path_alphas(2, method)  # validates the method name
     x0 = attr.resolve_baseline(baseline, inputs)
     backends = {"fused": attr.conductance, "captum": reference.captum_conductance}
@@ -208,7 +203,7 @@ def deeplift(
 ) -> NodeScores:
     """``backend="fused"`` attributes every node in one pass; ``"captum"`` calls Captum's
     ``LayerDeepLift`` once per node (same numbers, slower; for reference)."""
-    batch_size = _positive("batch_size", batch_size)
+    batch_size = positive_int("batch_size", batch_size)
     x0 = attr.resolve_baseline(baseline, inputs)
     backends = {"fused": attr.deeplift, "captum": reference.captum_deeplift}
     if backend not in backends:

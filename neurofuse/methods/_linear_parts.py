@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from neurofuse import patch_moments
 from neurofuse._sparse import entries, sparse_matrix
+from neurofuse.checks import integer
 from neurofuse.fitting import LeastSquares, affine_inputs, set_affine_weights
 from neurofuse.graph import NORM_TYPES, module_of
 from neurofuse.grouping import restarts
@@ -29,10 +30,8 @@ PRODUCT_RIDGE = {"float64": 1e-9, "float32": 1e-6}
 def check_sample_chunk(value: object) -> None:
     """Raise a clear error unless ``value`` is ``None`` or a positive number of samples (the
     ``sample_chunk`` of the Linear and Gradient variants)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(
-            f"sample_chunk must be a positive number of samples or None, got {value!r}"
-        )
+    if value is not None:
+        integer("sample_chunk", value, 1, requirement="a positive number of samples or None")
 
 
 @dataclass

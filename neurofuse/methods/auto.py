@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neurofuse.checks import integer, number
 from neurofuse.finetuning import mixup_inputs
 from neurofuse.graph import Levels
 from neurofuse.methods.ensemble import ensemble_log_probs
@@ -148,30 +149,16 @@ class AutoOptions:
     min_shown: float = 0.5
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.min_shown, bool)
-            or not isinstance(self.min_shown, int | float)
-            or not 0.0 <= self.min_shown <= 1.0
-        ):
-            raise ValueError(f"min_shown must be a number in [0, 1], got {self.min_shown!r}")
+        number("min_shown", self.min_shown, at_least=0, at_most=1)
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
         if not (isinstance(self.include_base, bool) or self.include_base == "others"):
             raise ValueError(
                 f"include_base must be False, True or 'others', got {self.include_base!r}"
             )
-        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int | float):
-            raise ValueError(f"holdout must be a number in (0, 1), got {self.holdout!r}")
-        if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"holdout must be a number in (0, 1), got {self.holdout!r}")
-        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 0:
-            raise ValueError(f"probes must be an integer >= 0, got {self.probes!r}")
-        if (
-            isinstance(self.augment_copies, bool)
-            or not isinstance(self.augment_copies, int)
-            or self.augment_copies < 1
-        ):
-            raise ValueError(f"augment_copies must be an integer >= 1, got {self.augment_copies!r}")
+        number("holdout", self.holdout, above=0, below=1)
+        self.probes = integer("probes", self.probes, 0)
+        self.augment_copies = integer("augment_copies", self.augment_copies, 1)
         if self.augment is not None:
             from neurofuse.data.augment import changing_augmentation
 

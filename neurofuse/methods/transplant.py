@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from neurofuse.alignment import Space, repair
 from neurofuse.alignment.repair import StatsTarget, neuron_stats, neuron_stats_in_chunks
+from neurofuse.checks import integer, number
 from neurofuse.fitting import GradientConfig, fit_gradient
 from neurofuse.graph import GraphRunner, trace
 from neurofuse.methods._averaging import finish
@@ -113,13 +114,10 @@ class TransplantOptions:
             raise ValueError(
                 f"finetune_target must be one of {FINETUNE_TARGETS}, got {self.finetune_target!r}"
             )
-        if isinstance(self.finetune_epochs, bool) or not isinstance(self.finetune_epochs, int):
-            raise ValueError(f"finetune_epochs must be an integer, got {self.finetune_epochs!r}")
-        if self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        self.finetune_epochs = integer("finetune_epochs", self.finetune_epochs, 0)
         check_optimizer(self.optimizer)
-        if not self.temperature > 0 or not self.lr > 0:
-            raise ValueError("temperature and lr must be positive")
+        number("temperature", self.temperature, above=0)
+        number("lr", self.lr, above=0)
         self.config(1.0)
 
     def config(self, temperature: float) -> GradientConfig:

@@ -1,4 +1,5 @@
-"""Argument checks and small building blocks shared by the architectures."""
+"""Small building blocks shared by the architectures (their argument checks come from
+:mod:`neurofuse.checks`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from neurofuse.checks import positive_int
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -16,27 +19,6 @@ def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]()
-
-
-def positive_int(name: str, value: Any) -> int:
-    """Return `value` if it is an int >= 1 (bools rejected), else raise a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def boolean(name: str, value: Any) -> bool:
-    """Return `value` if it is a bool, else raise a ValueError naming it (no truthy strings)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def probability(name: str, value: Any) -> float:
-    """Return `value` as a float if it lies in [0, 1), else raise a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def positive_ints(name: str, values: Any) -> list[int]:

@@ -7,13 +7,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from neurofuse.models._common import (
-    NamedSequential,
-    boolean,
-    linear_relu_stack,
-    positive_int,
-    positive_ints,
-)
+from neurofuse.checks import boolean, positive_int
+from neurofuse.models._common import NamedSequential, linear_relu_stack, positive_ints
 from neurofuse.models.registry import register_architecture
 
 

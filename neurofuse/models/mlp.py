@@ -8,13 +8,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from neurofuse.models._common import (
-    NamedSequential,
-    boolean,
-    make_activation,
-    positive_int,
-    positive_ints,
-)
+from neurofuse.checks import boolean, positive_int
+from neurofuse.models._common import NamedSequential, make_activation, positive_ints
 from neurofuse.models.registry import register_architecture
 
 

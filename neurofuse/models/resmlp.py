@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from neurofuse.models._common import NamedSequential, make_activation, positive_int, positive_ints
+from neurofuse.checks import positive_int
+from neurofuse.models._common import NamedSequential, make_activation, positive_ints
 from neurofuse.models.registry import register_architecture
 
 

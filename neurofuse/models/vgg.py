@@ -7,12 +7,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from neurofuse.checks import boolean, positive_int
 from neurofuse.models._common import (
     NamedSequential,
-    boolean,
     image_size_pair,
     linear_relu_stack,
-    positive_int,
     positive_ints,
 )
 from neurofuse.models.registry import register_architecture

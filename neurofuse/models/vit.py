@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurofuse.models._common import NamedSequential, positive_int, probability
+from neurofuse.checks import positive_int, probability
+from neurofuse.models._common import NamedSequential
 from neurofuse.models.registry import register_architecture
 
 
