@@ -243,31 +243,53 @@ def test_auto_picks_the_clearly_best_candidate(sharded_pair):
     report = fused.neurofuse_report["auto"]
     assert report["chosen"] == "kf_linear", report
     assert set(report["scores"]) == {"model 0", "model 1", "kf_linear", "vanilla"}
+    # by default (include_base="covered") the base models are not scored here: the fusion
+    # set shows 2 of the models' 4 classes
     default = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
     assert set(default.neurofuse_report["auto"]["scores"]) == {"kf_linear", "vanilla"}
+    assert default.neurofuse_report["auto"]["bases_scored"] is False
+    assert report["bases_scored"] is True
     best_base = max(accuracy(m, xt, yt) for m in models)
     assert accuracy(fused, xt, yt) > best_base + 0.1
 
 
-def test_auto_returns_a_base_model_when_it_is_best():
+@pytest.mark.parametrize("include_base", ["covered", True])
+def test_auto_returns_a_base_model_when_it_is_best(include_base):
     """Two models trained apart on the same data, and a portfolio of plain weight averaging
     only (which breaks them): a base model is far closer to their ensemble, so auto returns
-    a copy of one of them, never below the best base model."""
+    a copy of one of them, never below the best base model. The fusion set shows all three
+    classes, so the default (``"covered"``) scores the base models as ``True`` does, with
+    labels or without (then the ensemble's top classes count as shown)."""
     x, y = toy_task(n=900, d=10, classes=3, seed=1)
     models = []
     for seed in (0, 7):
         torch.manual_seed(seed)
         models.append(train(mlp(), x[:600], y[:600], epochs=30))
+    kwargs = {} if include_base == "covered" else {"include_base": include_base}
     fused = nf.fuse(
-        models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], include_base=True
+        models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], **kwargs
     )
     report = fused.neurofuse_report["auto"]
     chosen = report["chosen"]
     assert chosen in ("model 0", "model 1"), report
+    assert report["bases_scored"] is True and report["classes_shown"] == [0, 1, 2]
     base = models[int(chosen[-1])]
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in fused.state_dict().items())
     assert fused is not base
     assert report["scores"][chosen]["disagreement"] < report["scores"]["vanilla"]["disagreement"]
+    unlabelled = nf.fuse(models, x[600:700], method="auto", portfolio=["vanilla"], **kwargs)
+    assert unlabelled.neurofuse_report["auto"]["chosen"] in ("model 0", "model 1")
+    off = nf.fuse(
+        models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], include_base=False
+    )
+    assert off.neurofuse_report["auto"]["scores"].keys() == {"vanilla"}
+    assert off.neurofuse_report["auto"]["bases_scored"] is False
+    # a fusion set without class 2: "covered" leaves the base models out, True does not
+    no2 = y[600:700] != 2
+    part = nf.fuse(
+        models, (x[600:700][no2], y[600:700][no2]), method="auto", portfolio=["vanilla"], **kwargs
+    )
+    assert part.neurofuse_report["auto"]["bases_scored"] is (include_base is True)
 
 
 def test_auto_scores_each_base_model_against_the_other_models(sharded_pair):
@@ -336,6 +358,7 @@ def test_auto_checks_held_out_inputs_against_their_labels(monkeypatch):
             portfolio=["kf_linear", "vanilla"],
             probes=0,
             criterion=criterion,
+            include_base=False,  # (the fused candidates' criterion is the question)
         )
         kept[criterion] = fused.neurofuse_report["auto"]
     assert kept["labels"]["chosen"] == "vanilla" and kept["labels"]["labels_scored"]
@@ -343,12 +366,16 @@ def test_auto_checks_held_out_inputs_against_their_labels(monkeypatch):
     assert kept["labels"]["scores"]["kf_linear"]["disagreement"] == 1.0
     assert kept["ensemble"]["chosen"] == "kf_linear" and not kept["ensemble"]["labels_scored"]
     # with one probe per held-out input: each candidate is wrong on exactly one half
-    both = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
+    both = nf.fuse(
+        models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"], include_base=False
+    )
     scores = both.neurofuse_report["auto"]["scores"]
     assert scores["vanilla"]["disagreement"] == pytest.approx(0.5, abs=0.05)
     assert scores["kf_linear"]["disagreement"] == pytest.approx(0.5, abs=0.05)
     # without labels there is nothing but the ensemble to check against
-    unlabelled = nf.fuse(models, x, method="auto", portfolio=["kf_linear", "vanilla"], probes=0)
+    unlabelled = nf.fuse(
+        models, x, method="auto", portfolio=["kf_linear", "vanilla"], probes=0, include_base=False
+    )
     assert unlabelled.neurofuse_report["auto"]["chosen"] == "kf_linear"
     with pytest.raises(ValueError, match="criterion must be one of"):
         nf.fuse(models, (x, y), method="auto", criterion="accuracy")
@@ -389,7 +416,7 @@ def test_auto_options_are_checked():
         nf.fuse([m, m], x, method="auto", portfolio=["kf_lineer"])
     with pytest.raises(ValueError, match="cannot contain 'auto'"):
         nf.fuse([m, m], x, method="auto", portfolio=["auto"])
-    with pytest.raises(ValueError, match="include_base must be False, True or 'others'"):
+    with pytest.raises(ValueError, match="include_base must be False, True, 'covered' or 'others'"):
         nf.fuse([m, m], x, method="auto", include_base="others!")
     with pytest.raises(ValueError, match="min_shown must be a number in"):
         nf.fuse([m, m], x, method="auto", min_shown=1.5)
@@ -453,6 +480,7 @@ def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
         augment="crop=2",
         augment_copies=3,
         seed=5,
+        include_base=False,  # (a fused winner, refitted on the set and its copies)
     )
     train, held = holdout_split(40, 0.25, y, seed=5)
     _, (xc, yc), (xv, _), (xf, yf) = calls  # (the first: the call above itself)
@@ -468,10 +496,19 @@ def test_auto_fits_augmented_copies_of_the_kept_part_only(monkeypatch):
     assert report["augment"] == {"spec": "crop=2", "copies": 3}
     assert report["fitted_rows"] == 4 * len(train)
     calls.clear()
-    plain = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"], seed=5)
+    plain = nf.fuse(
+        models,
+        (x, y),
+        method="auto",
+        portfolio=["kf_linear", "vanilla"],
+        seed=5,
+        include_base=False,
+    )
     assert [len(d[0]) for d in calls] == [40, len(train), len(train), 40]
     calls.clear()  # a single candidate: no trial fit, the whole set fused once
-    one = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear"], seed=5)
+    one = nf.fuse(
+        models, (x, y), method="auto", portfolio=["kf_linear"], seed=5, include_base=False
+    )
     assert [len(d[0]) for d in calls] == [40, 40]
     assert one.neurofuse_report["auto"]["scores"] == {"kf_linear": "the only candidate: not scored"}
     assert "augment" not in plain.neurofuse_report["auto"]
