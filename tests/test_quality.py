@@ -243,8 +243,6 @@ def test_auto_picks_the_clearly_best_candidate(sharded_pair):
     report = fused.neurofuse_report["auto"]
     assert report["chosen"] == "kf_linear", report
     assert set(report["scores"]) == {"model 0", "model 1", "kf_linear", "vanilla"}
-    # by default (include_base="covered") the base models are not scored here: the fusion
-    # set shows 2 of the models' 4 classes
     default = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
     assert set(default.neurofuse_report["auto"]["scores"]) == {"kf_linear", "vanilla"}
     assert default.neurofuse_report["auto"]["bases_scored"] is False
@@ -258,14 +256,15 @@ def test_auto_returns_a_base_model_when_it_is_best(include_base):
     """Two models trained apart on the same data, and a portfolio of plain weight averaging
     only (which breaks them): a base model is far closer to their ensemble, so auto returns
     a copy of one of them, never below the best base model. The fusion set shows all three
-    classes, so the default (``"covered"``) scores the base models as ``True`` does, with
-    labels or without (then the ensemble's top classes count as shown)."""
+    classes, so ``"covered"`` scores the base models as ``True`` does, with labels or without
+    (then the ensemble's top classes count as shown); the default scores fused candidates
+    only."""
     x, y = toy_task(n=900, d=10, classes=3, seed=1)
     models = []
     for seed in (0, 7):
         torch.manual_seed(seed)
         models.append(train(mlp(), x[:600], y[:600], epochs=30))
-    kwargs = {} if include_base == "covered" else {"include_base": include_base}
+    kwargs = {"include_base": include_base}
     fused = nf.fuse(
         models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], **kwargs
     )
@@ -279,9 +278,7 @@ def test_auto_returns_a_base_model_when_it_is_best(include_base):
     assert report["scores"][chosen]["disagreement"] < report["scores"]["vanilla"]["disagreement"]
     unlabelled = nf.fuse(models, x[600:700], method="auto", portfolio=["vanilla"], **kwargs)
     assert unlabelled.neurofuse_report["auto"]["chosen"] in ("model 0", "model 1")
-    off = nf.fuse(
-        models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], include_base=False
-    )
+    off = nf.fuse(models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"])
     assert off.neurofuse_report["auto"]["scores"].keys() == {"vanilla"}
     assert off.neurofuse_report["auto"]["bases_scored"] is False
     # a fusion set without class 2: "covered" leaves the base models out, True does not

@@ -109,6 +109,8 @@ def vit_methods(importances: Sequence[str] = PAPER_IMPORTANCE) -> tuple[MethodRu
         # auto with the base models as candidates, each scored against the other models
         # (issue 11; opt-in until every suite has this row)
         MethodRun("auto, bases vs others", "auto", options=(("include_base", "others"),)),
+        # ... and the base models scored only where the fusion set shows every class
+        MethodRun("auto, bases if covered", "auto", options=(("include_base", "covered"),)),
     ]
     return tuple(runs) + quality_runs()
 
