@@ -319,6 +319,61 @@ def test_runs_added_to_a_cell_are_never_merged_with_runs_of_other_base_models(
     assert all(e["status"] == "ok" for e in new["methods"].values())
 
 
+def test_a_subset_of_runs_never_replaces_a_cell_made_from_other_base_models(
+    tmp_path: Path, counted, monkeypatch: pytest.MonkeyPatch
+):
+    """``--methods`` / ``--rerun`` on a finished cell whose base models are not at hand (an
+    empty cache, or one holding other models) would recompute the cell from new base models
+    with the selected runs alone, dropping the others' rows: the cell fails instead, its
+    record untouched, and without training when the cache lacks the models."""
+    suite = _tiny_suite("tiny-keep")
+    one = dataclasses.replace(suite, cells=lambda seeds: suite.cells(seeds)[:1])
+    (path,) = runner.run_suite(one, [0], tmp_path, device="cpu", progress=False, threads=None)
+    before = path.read_text()
+    assert counted == {"fuse": 3, "train": 2}
+    lines: list[str] = []
+    kwargs = dict(device="cpu", progress=False, threads=None, log=lines.append)
+    runner.run_suite(
+        one,
+        [0],
+        tmp_path,
+        methods=["kf_linear"],
+        rerun=["kf_linear"],
+        cache=tmp_path / "empty",
+        **kwargs,
+    )
+    assert counted == {"fuse": 3, "train": 2}  # refused before training or fusing
+    assert "FAILED ValueError" in lines[-1] and "would drop 2 other rows" in lines[-1]
+    assert "Vanilla averaging | uniform" in lines[-1] and "lacks them" in lines[-1]
+    assert path.read_text() == before
+    # a cache with other models: refused once their digest is known
+    counted_train = basemodels.prepare.__globals__["_train_one"]
+    monkeypatch.setitem(
+        basemodels.prepare.__globals__,
+        "_train_one",
+        lambda arch, data, idx, seed, device: counted_train(arch, data, idx, seed + 1, device),
+    )
+    basemodels.prepare(one.cells([0])[0], tmp_path / "other", "cpu")  # other weights, cached
+    runner.run_suite(
+        one,
+        [0],
+        tmp_path,
+        methods=["kf_linear"],
+        rerun=["kf_linear"],
+        cache=tmp_path / "other",
+        **kwargs,
+    )
+    assert counted == {"fuse": 3, "train": 4} and "holds others" in lines[-1]
+    assert path.read_text() == before
+    # every run selected (and one to redo): the cell is recomputed whole from the models at hand
+    rec = json.loads(before)
+    rec["methods"]["Vanilla averaging | uniform"]["status"] = "error"
+    path.write_text(json.dumps(rec))
+    runner.run_suite(one, [0], tmp_path, cache=tmp_path / "other", **kwargs)
+    assert counted == {"fuse": 6, "train": 4}
+    assert json.loads(path.read_text())["base_digest"] != json.loads(before)["base_digest"]
+
+
 def test_method_errors_are_recorded_not_raised(tmp_path: Path):
     suite = _tiny_suite("tiny-error")
     bad = MethodRun("FedAvg", "fedavg", options=(("sample_counts", [1]),))

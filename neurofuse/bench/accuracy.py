@@ -15,7 +15,7 @@ import torch
 import neurofuse as nf
 from neurofuse.bench import plots, tables
 from neurofuse.bench.aggregate import summarise
-from neurofuse.bench.basemodels import Setup, models_digest, prepare
+from neurofuse.bench.basemodels import Setup, models_cached, models_digest, prepare
 from neurofuse.bench.records import partial_path, resumable_record, without_errors, write_record
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
@@ -95,10 +95,15 @@ def run_accuracy_cell(
     """Train/load the base models, evaluate them and their ensemble, fuse with every run."""
     partial = partial_path(out, cell)
     start = time.perf_counter()
+    recorded = resumable_record(out, cell)  # whatever base models its rows came from
+    if recorded and not models_cached(cell, cache):  # (refused before any training)
+        _refuse_dropping_rows(suite, cell, runs, recorded, f"the cache {cache} lacks them")
     setup = prepare(cell, cache, device)
     digest = models_digest(setup.models)
     base = [_metrics(m, setup, device) for m in setup.models]
     earlier = resumable_record(out, cell, digest, base)
+    if recorded and not earlier:
+        _refuse_dropping_rows(suite, cell, runs, recorded, f"the cache {cache} holds others")
     done = without_errors(earlier)
     record: dict[str, Any] = {
         "cell": cell.describe(),
@@ -125,6 +130,25 @@ def run_accuracy_cell(
     record["device"] = str(device)
     record["torch_threads"] = torch.get_num_threads()
     return record
+
+
+def _refuse_dropping_rows(
+    suite: Suite, cell: Cell, runs: Sequence[MethodRun], recorded: dict[str, Any], why: str
+) -> None:
+    """A recorded cell whose base models are not at hand is recomputed whole, from new base
+    models; when only some of the suite's runs are selected (``--methods``) that would replace
+    its record by those runs alone, so refuse, naming the rows that would be lost."""
+    selected = {r.key for r in runs}
+    in_suite = {r.key for r in suite.methods}
+    lost = sorted(k for k in recorded.get("methods", {}) if k in in_suite - selected)
+    if lost:
+        shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
+        raise ValueError(
+            f"{cell.cell_id}: its recorded rows were fused from base models that are not at "
+            f"hand ({why}); recomputing it with the selected runs alone would drop {len(lost)} "
+            f"other rows ({shown}). Run the cell with all of the suite's runs (no --methods / "
+            "--rerun) to recompute it whole, or pass the --cache that holds its base models"
+        )
 
 
 def accuracy_report(suite: Suite, records: list[dict[str, Any]], out: Path) -> list[str]:

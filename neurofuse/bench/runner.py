@@ -41,7 +41,9 @@ def run_suite(
     the suite since) or recorded as errors, which are fused with the cached base models, and
     the runs named in ``rerun`` (method names or labels, among the selected runs: rows whose
     method changed since), which are fused again and replace their old entries. A finished
-    cell made from other base models than the cache holds is recomputed whole either way.
+    cell made from other base models than the cache holds is recomputed whole when every run
+    of the suite is selected; with only some selected it fails (logged, its record kept as
+    it was): recomputing it would drop the other runs' rows.
     """
     if threads:
         torch.set_num_threads(threads)
