@@ -58,8 +58,9 @@ DISTILL = ("KF Linear", "+KD", "+KD, data probes", "+KD, prior probes", "+KD, sy
 #: the runs whose records the committed report holds
 COMMANDS = (
     "`python benchmarks/class_probes.py` (paper-mlp), `python benchmarks/class_probes.py "
-    "--suite paper-cnn --archs vgg_bn --splits sharded4,sharded6,sharded2,noniid2` and "
-    "`python benchmarks/class_probes.py --suite paper-cnn --archs vgg --splits sharded4,sharded6`"
+    "--suite paper-cnn --archs vgg_bn --splits sharded4,sharded6,sharded2,noniid2`, "
+    "`python benchmarks/class_probes.py --suite paper-cnn --archs vgg --splits sharded4,sharded6` "
+    "and `python benchmarks/class_probes.py --suite paper-cnn --archs vgg_bn --splits noniid4`"
 )
 SPLITS = ("noniid2", "noniid4", "sharded2", "sharded4", "sharded6", "weakowner2")
 
