@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/auto_base_rule.py --suite paper-vit --seed 0
         --cache benchmarks/.cache/paper-vit [--out benchmarks/results/auto_base_rule] [--train]
+        [--splits noniid2,full2,...]
 
 For every cell of a registered accuracy suite (one seed; base models loaded from the suite's
 cache; a cell whose models are not cached is skipped, or trained and cached with ``--train``)
@@ -19,7 +20,7 @@ compares four rules on the same candidates:
   the models (the fusion set's owner votes for itself);
 - ``others`` (``include_base="others"``): each base model against the ensemble of the other
   models, fused candidates against the whole ensemble;
-- ``covered`` (``include_base="covered"``, the default since 2026-12-07): ``fused, labels``
+- ``covered`` (``include_base="covered"``, an option since 2026-12-07): ``fused, labels``
   with the base models scored as in ``all`` (against the whole ensemble on every row) when
   the fusion set's labels show every class, ``fused, labels`` alone when they do not.
 
@@ -148,14 +149,17 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
     return name, cands[name][1]
 
 
-def report(out: Path) -> str:
+def report(out: Path, splits: str = "") -> str:
     from neurofuse.bench.suites import get_suite
 
+    default = out.resolve() == (HERE / "results" / "auto_base_rule").resolve()
+    where = "" if default else f" --out {out.resolve().relative_to(HERE.parent)}"
+    where += f" --splits {splits}" if splits else ""
     lines = [
         "# `auto`'s selection rules: the held-out labels, the base models as candidates (issue 11)",
         "",
         "Command: `.venv/bin/python benchmarks/auto_base_rule.py --suite SUITE --seed K "
-        "--cache CACHE [--train]` per record file below; machine: "
+        f"--cache CACHE --train{where}` per record file below; machine: "
         f"{platform.machine()}, torch {torch.__version__}, CPU. Test accuracy (%) of the "
         "candidate each rule picks, fused on 75% of the fusion set (before `auto`'s refit on "
         "all of it); `!`: below the best base model where the ensemble is above it. Rules: "
@@ -165,10 +169,14 @@ def report(out: Path) -> str:
         "since); `all` and `others`, `fused only` with the base models as candidates "
         '(`include_base=True` / `"others"`); `covered`, `fused, labels` with the base models '
         "scored as in `all` where the fusion set shows every class (`include_base="
-        '"covered"`, the default since late on 2026-12-07). The records of `paper-cnn_seed1` and '
-        "`paper-vit_seed0` come from the base models of an earlier machine (their held-out "
-        "labels recomputed from the data, the split and the seed); the others from the base "
-        "models cached on this one.",
+        '"covered"`, an option since late on 2026-12-07).'
+        + (
+            " The records of `paper-cnn_seed1` and `paper-vit_seed0` come from the base models "
+            "of an earlier machine (their held-out labels recomputed from the data, the split "
+            "and the seed); the others from the base models cached on this one."
+            if default
+            else " Base models trained on this machine for these records."
+        ),
         "",
     ]
     totals = {r: [0, 0.0, 0, 0] for r in RULES}  # below, accuracy, cells, below in BAR_SPLITS
@@ -239,6 +247,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "auto_base_rule")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--splits", default="", help="only these split keys (default all)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--train", action="store_true", help="train (and cache) base models not in the cache"
@@ -251,6 +260,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cells = [] if args.report_only else get_suite(args.suite).cells([args.seed])
+    if args.splits:
+        cells = [c for c in cells if c.split.key in args.splits.split(",")]
     measure_cells(
         cells,
         args.out / f"{args.suite}_seed{args.seed}.json",
@@ -258,7 +269,7 @@ def main() -> None:
         lambda rec: str({rule: choose(rec, rule)[0] for rule in RULES}),
         log=lambda line: print(line, flush=True),
     )
-    atomic_write_text(args.out / "report.md", report(args.out))
+    atomic_write_text(args.out / "report.md", report(args.out, args.splits))
     print(f"report: {args.out / 'report.md'}")
 
 
