@@ -23,10 +23,10 @@ compares four rules on the same candidates:
 - ``covered`` (``include_base="covered"``, an option since 2026-12-07): ``fused, labels``
   with the base models scored as in ``all`` (against the whole ensemble on every row) when
   the fusion set's labels show every class, ``fused, labels`` alone when they do not;
-- ``covered, owner out`` (not in ``auto`` yet): ``covered`` without the base model that is
-  right on most held-out fusion rows (ties: the higher log-likelihood there), presumed to be
-  the one trained on them (the fusion set's owner), whose accuracy there is a training
-  accuracy.
+- ``covered, owner out`` (not in ``auto``: refuted on fresh seeds, REPORT.md claim 9):
+  ``covered`` without the base model that is right on most held-out fusion rows (ties: the
+  higher log-likelihood there), presumed to be the one trained on them (the fusion set's
+  owner), whose accuracy there is a training accuracy.
 
 It reports the test accuracy of the candidate each rule picks (the candidate fused on 75% of
 the fusion set: ``auto`` then refits the choice on all of it, which these rows leave out),
@@ -188,7 +188,7 @@ def report(out: Path, splits: str = "") -> str:
         "scored as in `all` where the fusion set shows every class (`include_base="
         '"covered"`, an option since late on 2026-12-07); `covered, owner out`, `covered` '
         "without the base model right on most held-out fusion rows (presumed their owner; not "
-        "in `auto` yet)."
+        "in `auto`: on seeds 9-12 it left out the better model instead)."
         + (
             " The records of `paper-cnn_seed1` and `paper-vit_seed0` come from the base models "
             "of an earlier machine (their held-out labels recomputed from the data, the split "

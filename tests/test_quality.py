@@ -289,28 +289,6 @@ def test_auto_returns_a_base_model_when_it_is_best(include_base):
     assert part.neurofuse_report["auto"]["bases_scored"] is (include_base is True)
 
 
-def test_auto_non_owner_leaves_out_the_model_trained_on_the_fusion_set():
-    """``include_base="non_owner"``: where the fusion set shows every class, the base models
-    are scored as with ``"covered"`` except the one right on most held-out fusion rows (here
-    model 0, trained on them); without labels no base model is scored."""
-    x, y = toy_task(n=900, d=10, classes=3, seed=2)
-    torch.manual_seed(0)
-    owner = train(mlp(), x[:300], y[:300], epochs=40)
-    torch.manual_seed(1)
-    other = train(mlp(), x[300:900], y[300:900], epochs=40)
-    models = [owner, other]
-    data = (x[:120], y[:120])  # drawn from model 0's training data
-    fused = nf.fuse(models, data, method="auto", portfolio=["vanilla"], include_base="non_owner")
-    report = fused.neurofuse_report["auto"]
-    assert report["presumed_owner"] == 0 and report["bases_scored"] is True
-    assert set(report["scores"]) == {"model 1", "vanilla"}
-    covered = nf.fuse(models, data, method="auto", portfolio=["vanilla"], include_base="covered")
-    assert set(covered.neurofuse_report["auto"]["scores"]) == {"model 0", "model 1", "vanilla"}
-    bare = nf.fuse(models, x[:120], method="auto", portfolio=["vanilla"], include_base="non_owner")
-    assert bare.neurofuse_report["auto"]["bases_scored"] is False
-    assert "presumed_owner" not in bare.neurofuse_report["auto"]
-
-
 def test_auto_scores_each_base_model_against_the_other_models(sharded_pair):
     """``include_base="others"``: model k is scored against the ensemble of the models other
     than k (for two models: the other model alone), so the owner of the fusion set, whose
@@ -435,9 +413,7 @@ def test_auto_options_are_checked():
         nf.fuse([m, m], x, method="auto", portfolio=["kf_lineer"])
     with pytest.raises(ValueError, match="cannot contain 'auto'"):
         nf.fuse([m, m], x, method="auto", portfolio=["auto"])
-    with pytest.raises(
-        ValueError, match="include_base must be False, True, 'covered', 'non_owner' or 'others'"
-    ):
+    with pytest.raises(ValueError, match="include_base must be False, True, 'covered' or 'others'"):
         nf.fuse([m, m], x, method="auto", include_base="others!")
     with pytest.raises(ValueError, match="min_shown must be a number in"):
         nf.fuse([m, m], x, method="auto", min_shown=1.5)

@@ -111,8 +111,6 @@ def vit_methods(importances: Sequence[str] = PAPER_IMPORTANCE) -> tuple[MethodRu
         MethodRun("auto, bases vs others", "auto", options=(("include_base", "others"),)),
         # ... and the base models scored only where the fusion set shows every class
         MethodRun("auto, bases if covered", "auto", options=(("include_base", "covered"),)),
-        # ... and without the base model presumed to own the fusion set
-        MethodRun("auto, non-owner bases", "auto", options=(("include_base", "non_owner"),)),
     ]
     return tuple(runs) + quality_runs()
 
