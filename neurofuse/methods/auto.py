@@ -66,13 +66,14 @@ ViT owner that lacks a digit, at 79.5% against the best model's 93.7%). On the 9
 ``benchmarks/results/auto_base_rule`` (candidates fused on 75% of the fusion set) it left
 ``auto`` below the best base model in 15 cells against 24 (non-IID, sharded and weak-owner
 splits: 6 against 14), mean 81.93% against 81.31%, mostly by returning the best ViT where
-every fusion trails it by 2-8 points. It is not the default because the owner can still win
+the fusions trail it by 1-11 points. It is not the default because the owner can still win
 where it is worse: its own data is where it is good, and the ensemble it is part of leans
-towards it there. Rerun in ``paper-vit-auto`` (other base models than those cells), it
+towards it there. In ``paper-vit-auto``, with the refit (its seed-0 base models are not those
+of the 96 cells), it
 returned the weak-owner-2 owner of seed 0 at 70.1% where the best base model has 93.6% and the
-default returns KF Gradient at 90.4%: on the fusion set the owner is right on 94% of the rows
-and the better model on 90%, both disagree with the ensemble on 8.5% of the scored rows, and
-the tie went to the owner's lower KL. On 20 ViT cells of fresh seeds it is below the best base
+default returns KF Gradient at 90.4%: on the fusion set (a scratch run of that cell) the owner
+is right on 94% of the rows and the better model on 90%, both disagree with the ensemble on
+8.5% of the scored rows, and the tie went to the owner's lower KL. On 20 ViT cells of fresh seeds it is below the best base
 model in 8 against the default's 16, mean 90.7% against 89.0%, but at non-IID 2 (two models:
 the owner is half of the ensemble) it returned the owner in every cell of seeds 9-12, 0.4-3.5
 points below the default (REPORT.md, claim 9).
