@@ -106,23 +106,16 @@ def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] 
     return rec
 
 
-def held_labels(cell: Any) -> list[int]:
-    """The labels of the held-out part of ``cell``'s fusion set (records made before they were
-    stored get them from the data, the split and the seed)."""
+def fusion_facts(cell: Any, classes: int) -> tuple[list[int], bool]:
+    """The labels of the held-out part of ``cell``'s fusion set and whether the set shows
+    every one of the ``classes`` output classes (by its labels, as ``auto`` counts them),
+    from the data, the split and the seed (for records made before they were stored)."""
     from neurofuse.bench.basemodels import fusion_set
     from neurofuse.methods.auto import holdout_split
 
     _, y = fusion_set(cell)
-    return y[holdout_split(len(y), HOLDOUT, y, cell.seed)[1]].tolist()
-
-
-def covers(cell: Any, classes: int) -> bool:
-    """Whether ``cell``'s fusion set shows every one of the ``classes`` output classes (by
-    its labels, as ``auto`` counts them)."""
-    from neurofuse.bench.basemodels import fusion_set
-
-    _, y = fusion_set(cell)
-    return len(set(y.tolist())) == classes
+    held = y[holdout_split(len(y), HOLDOUT, y, cell.seed)[1]].tolist()
+    return held, len(set(y.tolist())) == classes
 
 
 def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
@@ -209,8 +202,8 @@ def report(out: Path, splits: str = "") -> str:
             cells = {c.cell_id: c for c in get_suite(suite).cells([int(seed)])}
             for c in missing:
                 rec = records[c]
-                rec.setdefault("held_labels", held_labels(cells[c]))
-                rec["covered"] = covers(cells[c], len(rec["bases"][0]["logp"][0]))
+                held, rec["covered"] = fusion_facts(cells[c], len(rec["bases"][0]["logp"][0]))
+                rec.setdefault("held_labels", held)
         lines += [
             f"## {path.stem}",
             "",

@@ -116,10 +116,16 @@ def measure(cell: Any, cache: Path) -> dict[str, Any] | None:
     return rec
 
 
-def report(records: dict[str, Any], command: str) -> str:
+def by_split(records: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The records grouped by split (the cell id without its seed)."""
     splits: dict[str, list[dict[str, Any]]] = {}
     for cell_id, rec in records.items():
         splits.setdefault(cell_id.rsplit("_seed", 1)[0], []).append(rec)
+    return splits
+
+
+def report(records: dict[str, Any], command: str) -> str:
+    splits = by_split(records)
     head = ("best base", "logit ensemble", "probability ensemble") + COLUMNS
     lines = [
         "# The output layer's target: mean logits or the probability ensemble (issue 11)",
@@ -154,9 +160,7 @@ def plot(records: dict[str, Any], path: Path) -> None:
 
     from neurofuse.utils import atomic_write_bytes
 
-    splits: dict[str, list[dict[str, Any]]] = {}
-    for cell_id, rec in records.items():
-        splits.setdefault(cell_id.rsplit("_seed", 1)[0], []).append(rec)
+    splits = by_split(records)
     names = ("logit ensemble", "probability ensemble") + COLUMNS[1:]
     fig = Figure(figsize=(9, 4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)

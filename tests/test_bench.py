@@ -333,15 +333,19 @@ def test_a_subset_of_runs_never_replaces_a_cell_made_from_other_base_models(
     assert counted == {"fuse": 3, "train": 2}
     lines: list[str] = []
     kwargs = dict(device="cpu", progress=False, threads=None, log=lines.append)
-    runner.run_suite(
-        one,
-        [0],
-        tmp_path,
-        methods=["kf_linear"],
-        rerun=["kf_linear"],
-        cache=tmp_path / "empty",
-        **kwargs,
-    )
+
+    def rerun_kf_linear_from(cache: str) -> None:
+        runner.run_suite(
+            one,
+            [0],
+            tmp_path,
+            methods=["kf_linear"],
+            rerun=["kf_linear"],
+            cache=tmp_path / cache,
+            **kwargs,
+        )
+
+    rerun_kf_linear_from("empty")
     assert counted == {"fuse": 3, "train": 2}  # refused before training or fusing
     assert "FAILED ValueError" in lines[-1] and "would drop 2 other rows" in lines[-1]
     assert "Vanilla averaging | uniform" in lines[-1] and "lacks them" in lines[-1]
@@ -354,15 +358,7 @@ def test_a_subset_of_runs_never_replaces_a_cell_made_from_other_base_models(
         lambda arch, data, idx, seed, device: counted_train(arch, data, idx, seed + 1, device),
     )
     basemodels.prepare(one.cells([0])[0], tmp_path / "other", "cpu")  # other weights, cached
-    runner.run_suite(
-        one,
-        [0],
-        tmp_path,
-        methods=["kf_linear"],
-        rerun=["kf_linear"],
-        cache=tmp_path / "other",
-        **kwargs,
-    )
+    rerun_kf_linear_from("other")
     assert counted == {"fuse": 3, "train": 4} and "holds others" in lines[-1]
     assert path.read_text() == before
     # every run selected (and one to redo): the cell is recomputed whole from the models at hand

@@ -16,7 +16,13 @@ import neurofuse as nf
 from neurofuse.bench import plots, tables
 from neurofuse.bench.aggregate import summarise
 from neurofuse.bench.basemodels import Setup, models_cached, models_digest, prepare
-from neurofuse.bench.records import partial_path, resumable_record, without_errors, write_record
+from neurofuse.bench.records import (
+    partial_path,
+    resumable_record,
+    same_base_models,
+    without_errors,
+    write_record,
+)
 from neurofuse.bench.spec import Cell, MethodRun
 from neurofuse.bench.suites import Suite
 from neurofuse.evaluate import evaluate, evaluate_ensemble
@@ -101,7 +107,8 @@ def run_accuracy_cell(
     setup = prepare(cell, cache, device)
     digest = models_digest(setup.models)
     base = [_metrics(m, setup, device) for m in setup.models]
-    earlier = resumable_record(out, cell, digest, base)
+    # (the record read above, if it was made from these base models: no second read)
+    earlier = recorded if recorded and same_base_models(recorded, digest, base) else {}
     if recorded and not earlier:
         _refuse_dropping_rows(suite, cell, runs, recorded, f"the cache {cache} holds others")
     done = without_errors(earlier)

@@ -22,25 +22,25 @@ hyperparameter sets. ``auto`` answers it with a documented selection rule:
    the scores and the choice are in ``fused.neurofuse_report["auto"]``.
 
 One rule comes before the scores: when the fusion set shows fewer than ``min_shown`` (half) of
-the models' output classes (its labels, else the ensemble's top classes on it), every
-candidate is replaced by its distilled version (``kf_linear`` by ``kf_linear+kd``,
-``kf_gradient`` by ``kf_gradient+kd``, ...; a method without one is dropped) and the base
-models are not scored; the scores then choose which fusion to distil. The held-out rows then speak for a
-minority of the task, and what a candidate does on the classes they never show, where the
-distilled candidates learn from the models that know them and the others do not, is most of
-its accuracy; no score made from the fusion set sees it (the probes made from the models did
-not either: benchmarks/REPORT.md, "What would close the gaps"). On the sharded-4 / 6 splits
-of ``benchmarks/results/class_probes`` (26 cells, 2-3 of 10 classes shown) the rule gains
-3.4 points on MLPs and 7.0 and 9.6 on VGG-small without and with BatchNorm (distilled with
+the models' output classes (its labels, else the ensemble's top classes on it), every candidate
+is replaced by its distilled version (``kf_linear`` by ``kf_linear+kd``, ``kf_gradient`` by
+``kf_gradient+kd``, ...; a method without one is dropped) and the base models are not scored;
+the scores then choose which fusion to distil. The held-out rows then speak for a minority of
+the task, and what a candidate does on the classes they never show, where the distilled
+candidates learn from the models that know them and the others do not, is most of its accuracy;
+no score made from the fusion set sees it (the probes made from the models did not either:
+benchmarks/REPORT.md, "What would close the gaps"). On the sharded-4 / 6 splits of
+``benchmarks/results/class_probes`` (26 cells, 2-3 of 10 classes shown) the rule gains 3.4
+points on MLPs and 7.0 and 9.6 on VGG-small without and with BatchNorm (distilled with
 synthetic inputs, :class:`~neurofuse.finetuning.FinetuneOptions`), on average over the cells,
-against the scored choice; it loses in 6 of the 26, by up to 13.2 points (VGG sharded 4 seed
-2, where KF Linear alone was right). At sharded 2 (5 of 10 classes shown) it would have lost
-1.8 points on MLPs and gained 3.1 on VGG-small with BatchNorm (11.3 in one cell, a loss in
-the two others); the threshold leaves that split to the scores. It was set after those
-cells were seen, so they do not test it; the suites' reruns report what it does. On ViTs,
-where KF Gradient is the stronger fusion, distilling KF Linear alone cost 1.2 points at
-sharded 4 (``paper-vit-auto``); scoring the distilled version of every candidate gained 3.4
-there over that (3 seeds, scratch run), hence the replacement rather than a filter.
+against the scored choice; it loses in 6 of the 26, by up to 13.2 points (VGG sharded 4 seed 2,
+where KF Linear alone was right). At sharded 2 (5 of 10 classes shown) it would have lost 1.8
+points on MLPs and gained 3.1 on VGG-small with BatchNorm (11.3 in one cell, a loss in the two
+others); the threshold leaves that split to the scores. It was set after those cells were seen,
+so they do not test it; the suites' reruns report what it does. On ViTs, where KF Gradient is
+the stronger fusion, distilling KF Linear alone cost 1.2 points at sharded 4
+(``paper-vit-auto``); scoring the distilled version of every candidate gained 3.4 there over
+that (3 seeds, scratch run), hence the replacement rather than a filter.
 
 Why not accuracy on the held-out rows alone: they show only the owner's classes, so a
 candidate that forgets the other classes looks as good as one that does not; the probes, which
@@ -60,23 +60,22 @@ by how much, and the benchmark reports measure where the choice is wrong (REPORT
 Why the base models are not candidates by default: the owner of the fusion set agrees with the
 ensemble on its own data (its confident predictions are the ensemble's there), so any score
 made from that data can prefer it to a better model. ``include_base="covered"`` scores them
-only where the fusion set shows every class, which removes the owner's wins through the
-classes the set never shows (a sharded-2 owner at 49% where fusion reached 71-78%; a non-IID
-ViT owner that lacks a digit, at 79.5% against the best model's 93.7%). On the 96 cells of
+only where the fusion set shows every class, which removes the owner's wins through the classes
+the set never shows (a sharded-2 owner at 49% where fusion reached 71-78%; a non-IID ViT owner
+that lacks a digit, at 79.5% against the best model's 93.7%). On the 96 cells of
 ``benchmarks/results/auto_base_rule`` (candidates fused on 75% of the fusion set) it left
 ``auto`` below the best base model in 15 cells against 24 (non-IID, sharded and weak-owner
-splits: 6 against 14), mean 81.93% against 81.31%, mostly by returning the best ViT where
-the fusions trail it by 1-11 points. It is not the default because the owner can still win
-where it is worse: its own data is where it is good, and the ensemble it is part of leans
-towards it there. In ``paper-vit-auto``, with the refit (its seed-0 base models are not those
-of the 96 cells), it
-returned the weak-owner-2 owner of seed 0 at 70.1% where the best base model has 93.6% and the
-default returns KF Gradient at 90.4%: on the fusion set (a scratch run of that cell) the owner
-is right on 94% of the rows and the better model on 90%, both disagree with the ensemble on
-8.5% of the scored rows, and the tie went to the owner's lower KL. On 20 ViT cells of fresh seeds it is below the best base
-model in 8 against the default's 16, mean 90.7% against 89.0%, but at non-IID 2 (two models:
-the owner is half of the ensemble) it returned the owner in every cell of seeds 9-12, 0.4-3.5
-points below the default (REPORT.md, claim 9).
+splits: 6 against 14), mean 81.93% against 81.31%, mostly by returning the best ViT where the
+fusions trail it by 1-11 points. It is not the default because the owner can still win where it
+is worse: its own data is where it is good, and the ensemble it is part of leans towards it
+there. In ``paper-vit-auto``, with the refit (its seed-0 base models are not those of the 96
+cells), it returned the weak-owner-2 owner of seed 0 at 70.1% where the best base model has
+93.6% and the default returns KF Gradient at 90.4%: on the fusion set (a scratch run of that
+cell) the owner is right on 94% of the rows and the better model on 90%, both disagree with the
+ensemble on 8.5% of the scored rows, and the tie went to the owner's lower KL. On 20 ViT cells
+of fresh seeds it is below the best base model in 8 against the default's 16, mean 90.7%
+against 89.0%, but at non-IID 2 (two models: the owner is half of the ensemble) it returned the
+owner in every cell of seeds 9-12, 0.4-3.5 points below the default (REPORT.md, claim 9).
 """
 
 from __future__ import annotations
@@ -124,26 +123,24 @@ class AutoOptions:
             (two models of equal width), ``kf_gradient``.
         include_base: also score the base models and return a copy of one if it wins.
             ``False`` (default): fused candidates only. ``"covered"``: as ``True`` when the
-            fusion set shows every output class of the models (its labels, else the
-            ensemble's top classes), else as ``False`` (see the module's docstring: it can
-            return a weak owner that is good on its own data). ``True``: each base model is
-            scored like a fused candidate, against the ensemble of all the models, whatever
-            classes the fusion set shows; this favours the model whose training data the
-            fusion set is (the paper's setting, and most users'): on its own data its
-            confident predictions are the ensemble's, so it agrees with the ensemble whatever
-            it is worth elsewhere (it returned the fusion-set owner below the best base model
-            at VGG-BN non-IID 2 of ``paper-cnn``, and a sharded-2 owner at 49% where fusion
-            reached 71-78% on ``paper-vit``; the first can happen with ``"covered"`` too).
-            ``"others"``: each
+            fusion set shows every output class of the models (its labels, else the ensemble's
+            top classes), else as ``False`` (see the module's docstring: it can return a weak
+            owner that is good on its own data). ``True``: each base model is scored like a
+            fused candidate, against the ensemble of all the models, whatever classes the
+            fusion set shows; this favours the model whose training data the fusion set is (the
+            paper's setting, and most users'): on its own data its confident predictions are
+            the ensemble's, so it agrees with the ensemble whatever it is worth elsewhere (it
+            returned the fusion-set owner below the best base model at VGG-BN non-IID 2 of
+            ``paper-cnn``, and a sharded-2 owner at 49% where fusion reached 71-78% on
+            ``paper-vit``; the first can happen with ``"covered"`` too). ``"others"``: each
             base model is scored against the ensemble of the *other* models (its own opinion
             does not vote for it), fused candidates against the whole ensemble as before; a
             base model then wins only where the other models agree with it better than any
-            fusion agrees with all of them. The probes still come from the fusion set: a
-            model that lacks a class the fusion set lacks too looks as good as one that has
-            it (the fusion-set owner of a non-IID ViT split won at 79.5% where the best model
-            had 93.7%; benchmarks/REPORT.md, claim 9).
-            Use ``True`` only when the fusion set is held out from every model's training
-            data.
+            fusion agrees with all of them. The probes still come from the fusion set: a model
+            that lacks a class the fusion set lacks too looks as good as one that has it (the
+            fusion-set owner of a non-IID ViT split won at 79.5% where the best model had
+            93.7%; benchmarks/REPORT.md, claim 9). Use ``True`` only when the fusion set is
+            held out from every model's training data.
         augment: an augmentation the models were trained with (a spec such as ``"crop=2"``,
             see :class:`neurofuse.data.Augment`), or ``None`` (default). Given, every candidate
             is fused on the kept part of the fusion set followed by ``augment_copies``
@@ -387,12 +384,13 @@ def auto(ctx: FusionContext) -> nn.Module:
         )
 
     entries = candidates(ctx, opt)
-    blind = _classes_shown(ctx, int(target.shape[-1]))
+    classes = int(target.shape[-1])
+    blind = _classes_shown(ctx, classes)
     distilled = distilled_versions(entries)
     restricted = blind["share"] < opt.min_shown and bool(distilled)
     if restricted:
         entries = distilled
-    covered = len(blind["shown"]) == int(target.shape[-1])
+    covered = len(blind["shown"]) == classes
     bases = (
         opt.include_base is True
         or opt.include_base == "others"
