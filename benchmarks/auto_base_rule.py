@@ -26,7 +26,14 @@ compares four rules on the same candidates:
 - ``covered, owner out`` (not in ``auto``: refuted on fresh seeds, REPORT.md claim 9):
   ``covered`` without the base model that is right on most held-out fusion rows (ties: the
   higher log-likelihood there), presumed to be the one trained on them (the fusion set's
-  owner), whose accuracy there is a training accuracy.
+  owner), whose accuracy there is a training accuracy;
+- ``covered, balanced``: ``covered`` with one base model only, the one whose class-balanced
+  accuracy on the whole fusion set (the mean over classes of its accuracy on each class's
+  rows) is highest (``benchmarks/owner_signals.py``: on the ViT cells of seeds 0-12 that show
+  every class it ranks the best base model first in 30 of 39, plain accuracy in 24). Records
+  made before it store no such accuracies: ``--backfill`` adds them where the cached base
+  models are the record's own (their test accuracies equal the recorded ones); elsewhere
+  the column reads ``n/a`` and the totals count only the cells it applies to.
 
 It reports the test accuracy of the candidate each rule picks (the candidate fused on 75% of
 the fusion set: ``auto`` then refits the choice on all of it, which these rows leave out),
@@ -48,7 +55,15 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-RULES = ("fused only", "fused, labels", "all", "others", "covered", "covered, owner out")
+RULES = (
+    "fused only",
+    "fused, labels",
+    "all",
+    "others",
+    "covered",
+    "covered, owner out",
+    "covered, balanced",
+)
 #: the splits of the issue's bar "never below the best base model"
 BAR_SPLITS = ("noniid", "sharded", "weakowner")
 #: the share of the fusion set held out, as ``auto``'s default
@@ -60,6 +75,13 @@ def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -
     with torch.no_grad():
         out = F.log_softmax(model(probe).to(target), -1)
     return out.tolist()
+
+
+def balanced_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``model``'s accuracy on each class's rows of ``(x, y)``, averaged over the classes."""
+    with torch.no_grad():
+        right = (model(x).argmax(-1) == y).double()
+    return float(torch.stack([right[y == c].mean() for c in y.unique()]).mean())
 
 
 def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] | None:
@@ -88,7 +110,11 @@ def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] 
     }
     for m in s.models:
         rec["bases"].append(
-            {"logp": _scores(target, m, probe), "acc": evaluate(m, xt, yt).accuracy}
+            {
+                "logp": _scores(target, m, probe),
+                "acc": evaluate(m, xt, yt).accuracy,
+                "balanced": balanced_accuracy(m, x, y),
+            }
         )
     for label, method, options in PORTFOLIO:
         with warnings.catch_warnings():
@@ -118,16 +144,34 @@ def fusion_facts(cell: Any, classes: int) -> tuple[list[int], bool]:
     return held, len(set(y.tolist())) == classes
 
 
-def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
-    """The candidate ``rule`` picks and its test accuracy (scored as ``auto`` scores);
-    ``covered`` reads ``rec["covered"]`` (whether the fusion set shows every class)."""
+def backfill(cell: Any, rec: dict[str, Any], cache: Path) -> bool:
+    """Add each base model's class-balanced fusion-set accuracy to an older record of
+    ``cell`` if the cached base models are the record's own (the same test accuracies)."""
+    from neurofuse.bench.basemodels import models_cached, prepare
+    from neurofuse.evaluate import evaluate
+
+    if not models_cached(cell, cache):
+        return False
+    s = prepare(cell, cache, "cpu")
+    accs = [evaluate(m, s.data.x_test, s.data.y_test).accuracy for m in s.models]
+    if accs != [b["acc"] for b in rec["bases"]]:
+        return False
+    for b, m in zip(rec["bases"], s.models, strict=True):
+        b["balanced"] = balanced_accuracy(m, s.fusion_x, s.fusion_y)
+    return True
+
+
+def choose(rec: dict[str, Any], rule: str) -> tuple[str, float] | None:
+    """The candidate ``rule`` picks and its test accuracy (scored as ``auto`` scores), or
+    ``None`` where the record lacks what the rule reads; ``covered`` reads ``rec["covered"]``
+    (whether the fusion set shows every class)."""
     from neurofuse.methods.auto import log_prob_divergence, reference_classes
 
     bases = [torch.tensor(b["logp"], dtype=torch.float64) for b in rec["bases"]]
     full = torch.stack([b.exp() for b in bases]).mean(0).log()
     top = (
         reference_classes(full, torch.tensor(rec["held_labels"]))
-        if rule in ("fused, labels", "covered", "covered, owner out")
+        if rule in ("fused, labels", "covered", "covered, owner out", "covered, balanced")
         else None
     )
     cands = {
@@ -138,6 +182,11 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
         for name, c in rec["fused"].items()
     }
     left_out = -1  # "covered, owner out": the base model presumed to own the fusion set
+    only = -1  # "covered, balanced": the one base model scored
+    if rule == "covered, balanced":
+        if any("balanced" not in b for b in rec["bases"]):
+            return None
+        only = max(range(len(bases)), key=lambda k: (rec["bases"][k]["balanced"], -k))
     if rule == "covered, owner out":
         labels = torch.tensor(rec["held_labels"])
         held = [b[: len(labels)] for b in bases]  # (the probes start with the held-out rows)
@@ -150,7 +199,7 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float]:
         )
     if rule in ("all", "others") or rule.startswith("covered") and rec["covered"]:
         for k, b in enumerate(bases):
-            if k == left_out:
+            if k == left_out or only >= 0 and k != only:
                 continue
             others = [o for j, o in enumerate(bases) if j != k]
             ref = full if rule != "others" else torch.stack([o.exp() for o in others]).mean(0).log()
@@ -181,7 +230,9 @@ def report(out: Path, splits: str = "") -> str:
         "scored as in `all` where the fusion set shows every class (`include_base="
         '"covered"`, an option since late on 2026-12-07); `covered, owner out`, `covered` '
         "without the base model right on most held-out fusion rows (presumed their owner; not "
-        "in `auto`: on seeds 9-12 it left out the better model instead)."
+        "in `auto`: on seeds 9-12 it left out the better model instead); `covered, balanced`, "
+        "`covered` with only the base model of the highest class-balanced accuracy on the "
+        "whole fusion set (`n/a`: a record without those accuracies)."
         + (
             " The records of `paper-cnn_seed1` and `paper-vit_seed0` come from the base models "
             "of an earlier machine (their held-out labels recomputed from the data, the split "
@@ -215,6 +266,7 @@ def report(out: Path, splits: str = "") -> str:
             best = max(b["acc"] for b in rec["bases"])
             row = [cell, f"{100 * best:.1f}", f"{100 * rec['ensemble']:.1f}"]
             before, after = choose(rec, "fused only"), choose(rec, "fused, labels")
+            assert before is not None and after is not None
             if before[0] != after[0]:
                 changed.append(
                     f"| {cell} | {100 * best:.1f} | {100 * rec['ensemble']:.1f} | {before[0]} "
@@ -222,7 +274,11 @@ def report(out: Path, splits: str = "") -> str:
                     f"{100 * (after[1] - before[1]):+.1f} |"
                 )
             for rule in RULES:
-                name, acc = choose(rec, rule)
+                picked = choose(rec, rule)
+                if picked is None:
+                    row.append("n/a")
+                    continue
+                name, acc = picked
                 below = rec["ensemble"] > best and acc < best
                 t = totals[rule]
                 t[0], t[1], t[2] = t[0] + below, t[1] + acc, t[2] + 1
@@ -262,6 +318,12 @@ def main() -> None:
     parser.add_argument("--splits", default="", help="only these split keys (default all)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--backfill",
+        action="store_true",
+        help="add the base models' class-balanced fusion-set accuracies to older records of "
+        "--suite/--seed whose base models are cached",
+    )
+    parser.add_argument(
         "--train", action="store_true", help="train (and cache) base models not in the cache"
     )
     args = parser.parse_args()
@@ -271,14 +333,23 @@ def main() -> None:
     from neurofuse.utils import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
-    cells = [] if args.report_only else get_suite(args.suite).cells([args.seed])
+    store = args.out / f"{args.suite}_seed{args.seed}.json"
+    if args.backfill and store.exists():
+        records = json.loads(store.read_text())
+        for cell in get_suite(args.suite).cells([args.seed]):
+            rec = records.get(cell.cell_id)
+            if rec is not None and any("balanced" not in b for b in rec["bases"]):
+                done = backfill(cell, rec, args.cache)
+                print(f"{cell.cell_id}: {'backfilled' if done else 'base models not at hand'}")
+        atomic_write_text(store, json.dumps(records))
+    cells = [] if args.report_only or args.backfill else get_suite(args.suite).cells([args.seed])
     if args.splits:
         cells = [c for c in cells if c.split.key in args.splits.split(",")]
     measure_cells(
         cells,
-        args.out / f"{args.suite}_seed{args.seed}.json",
+        store,
         lambda cell: measure_cell(cell, args.cache, args.train),
-        lambda rec: str({rule: choose(rec, rule)[0] for rule in RULES}),
+        lambda rec: str({rule: (choose(rec, rule) or ("n/a",))[0] for rule in RULES}),
         log=lambda line: print(line, flush=True),
     )
     atomic_write_text(args.out / "report.md", report(args.out, args.splits))
