@@ -77,19 +77,12 @@ def _scores(target: torch.Tensor, model: torch.nn.Module, probe: torch.Tensor) -
     return out.tolist()
 
 
-def balanced_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """``model``'s accuracy on each class's rows of ``(x, y)``, averaged over the classes."""
-    with torch.no_grad():
-        right = (model(x).argmax(-1) == y).double()
-    return float(torch.stack([right[y == c].mean() for c in y.unique()]).mean())
-
-
 def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] | None:
     import neurofuse as nf
     from neurofuse.bench.basemodels import models_cached, prepare
     from neurofuse.evaluate import evaluate
     from neurofuse.finetuning import mixup_inputs
-    from neurofuse.methods.auto import PORTFOLIO, holdout_split
+    from neurofuse.methods.auto import PORTFOLIO, class_balanced_accuracy, holdout_split
     from neurofuse.methods.ensemble import ensemble_log_probs
 
     if not train and not models_cached(cell, cache):
@@ -113,7 +106,7 @@ def measure_cell(cell: Any, cache: Path, train: bool = False) -> dict[str, Any] 
             {
                 "logp": _scores(target, m, probe),
                 "acc": evaluate(m, xt, yt).accuracy,
-                "balanced": balanced_accuracy(m, x, y),
+                "balanced": class_balanced_accuracy(m, x, y),
             }
         )
     for label, method, options in PORTFOLIO:
@@ -149,6 +142,7 @@ def backfill(cell: Any, rec: dict[str, Any], cache: Path) -> bool:
     ``cell`` if the cached base models are the record's own (the same test accuracies)."""
     from neurofuse.bench.basemodels import models_cached, prepare
     from neurofuse.evaluate import evaluate
+    from neurofuse.methods.auto import class_balanced_accuracy
 
     if not models_cached(cell, cache):
         return False
@@ -157,7 +151,7 @@ def backfill(cell: Any, rec: dict[str, Any], cache: Path) -> bool:
     if accs != [b["acc"] for b in rec["bases"]]:
         return False
     for b, m in zip(rec["bases"], s.models, strict=True):
-        b["balanced"] = balanced_accuracy(m, s.fusion_x, s.fusion_y)
+        b["balanced"] = class_balanced_accuracy(m, s.fusion_x, s.fusion_y)
     return True
 
 

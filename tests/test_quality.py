@@ -23,7 +23,7 @@ from toys import (
 import neurofuse as nf
 from neurofuse.finetuning import mixup_inputs
 from neurofuse.fitting import LeastSquares
-from neurofuse.methods.auto import holdout_split
+from neurofuse.methods.auto import class_balanced_accuracy, holdout_split
 from neurofuse.models import build
 
 # --------------------------------------------------------------------------- prior-centred LS
@@ -278,7 +278,9 @@ def test_auto_returns_a_base_model_when_it_is_best(include_base):
     assert report["scores"][chosen]["disagreement"] < report["scores"]["vanilla"]["disagreement"]
     unlabelled = nf.fuse(models, x[600:700], method="auto", portfolio=["vanilla"], **kwargs)
     assert unlabelled.neurofuse_report["auto"]["chosen"] in ("model 0", "model 1")
-    off = nf.fuse(models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"])
+    off = nf.fuse(
+        models, (x[600:700], y[600:700]), method="auto", portfolio=["vanilla"], include_base=False
+    )
     assert off.neurofuse_report["auto"]["scores"].keys() == {"vanilla"}
     assert off.neurofuse_report["auto"]["bases_scored"] is False
     # a fusion set without class 2: "covered" leaves the base models out, True does not
@@ -287,6 +289,37 @@ def test_auto_returns_a_base_model_when_it_is_best(include_base):
         models, (x[600:700][no2], y[600:700][no2]), method="auto", portfolio=["vanilla"], **kwargs
     )
     assert part.neurofuse_report["auto"]["bases_scored"] is (include_base is True)
+
+
+def test_auto_default_scores_only_the_base_model_of_best_class_balanced_accuracy():
+    """The default ``include_base="balanced"``: with a labelled fusion set that shows every
+    class, only the base model whose accuracy averaged over the classes is highest is scored.
+    Here model 0 always says class 0 (right on the 80 rows of class 0: accuracy 0.8, balanced
+    1/3) and model 1 is right on classes 1 and 2 only (accuracy 0.2, balanced 2/3), so plain
+    accuracy would rank them the other way round; without labels no base model is scored."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.zeros(80), torch.ones(10), torch.full((10,), 2.0)]).long()
+    x = torch.eye(3)[y] + 0.05 * torch.randn(100, 3, generator=g)
+    models = [nn.Sequential(nn.Linear(3, 3)) for _ in range(2)]
+    with torch.no_grad():
+        for m, bias in zip(models, ([10.0, 0.0, 0.0], [-10.0, 0.0, 0.0]), strict=True):
+            m[0].weight.copy_(torch.eye(3))
+            m[0].bias.copy_(torch.tensor(bias))
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    fused = nf.fuse(models, (x, y), method="auto", portfolio=["vanilla"])
+    report = fused.neurofuse_report["auto"]
+    assert report["bases_scored"] is True
+    assert report["class_balanced_accuracy"] == pytest.approx([1 / 3, 2 / 3])
+    assert set(report["scores"]) == {"model 1", "vanilla"}
+    assert class_balanced_accuracy(models[0], x, y) == pytest.approx(1 / 3)
+    unlabelled = nf.fuse(models, x, method="auto", portfolio=["vanilla"])
+    assert unlabelled.neurofuse_report["auto"]["bases_scored"] is False
+    assert "class_balanced_accuracy" not in unlabelled.neurofuse_report["auto"]
+    assert all(
+        torch.equal(v, b[k])
+        for m, b in zip(models, before, strict=True)
+        for k, v in m.state_dict().items()
+    )
 
 
 def test_auto_scores_each_base_model_against_the_other_models(sharded_pair):
@@ -413,7 +446,9 @@ def test_auto_options_are_checked():
         nf.fuse([m, m], x, method="auto", portfolio=["kf_lineer"])
     with pytest.raises(ValueError, match="cannot contain 'auto'"):
         nf.fuse([m, m], x, method="auto", portfolio=["auto"])
-    with pytest.raises(ValueError, match="include_base must be False, True, 'covered' or 'others'"):
+    with pytest.raises(
+        ValueError, match="include_base must be False, True, 'balanced', 'covered' or 'others'"
+    ):
         nf.fuse([m, m], x, method="auto", include_base="others!")
     with pytest.raises(ValueError, match="min_shown must be a number in"):
         nf.fuse([m, m], x, method="auto", min_shown=1.5)

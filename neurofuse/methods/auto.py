@@ -57,7 +57,8 @@ those rows are the owner's training data, on which the owner is always right. Wh
 criterion cannot see is a class that no probe resembles: the report says which candidate won
 by how much, and the benchmark reports measure where the choice is wrong (REPORT.md).
 
-Why the base models are not candidates by default: the owner of the fusion set agrees with the
+Why the base models are scored only in part by default (``include_base="balanced"``): the
+owner of the fusion set agrees with the
 ensemble on its own data (its confident predictions are the ensemble's there), so any score
 made from that data can prefer it to a better model. ``include_base="covered"`` scores them
 only where the fusion set shows every class, which removes the owner's wins through the classes
@@ -104,7 +105,7 @@ PORTFOLIO: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 
 #: The string values of ``include_base`` (besides ``True`` / ``False``).
-BASE_RULES = ("covered", "others")
+BASE_RULES = ("balanced", "covered", "others")
 
 #: What a fused candidate's top class is checked against on the held-out inputs.
 CRITERIA = ("labels", "ensemble")
@@ -167,7 +168,7 @@ class AutoOptions:
     holdout: float = 0.25
     probes: int = 1
     portfolio: tuple[str, ...] | None = None
-    include_base: bool | str = False
+    include_base: bool | str = "balanced"
     augment: str | None = None
     augment_copies: int = 4
     criterion: str = "labels"
@@ -179,7 +180,7 @@ class AutoOptions:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
         if not (isinstance(self.include_base, bool) or self.include_base in BASE_RULES):
             raise ValueError(
-                "include_base must be False, True, 'covered' or 'others', got "
+                "include_base must be False, True, 'balanced', 'covered' or 'others', got "
                 f"{self.include_base!r}"
             )
         number("holdout", self.holdout, above=0, below=1)
@@ -299,6 +300,16 @@ def _classes_shown(ctx: FusionContext, classes: int) -> dict[str, Any]:
     return {"shown": shown, "share": len(shown) / classes}
 
 
+def class_balanced_accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 512) -> float:
+    """``model``'s accuracy on the rows of each class of ``(x, y)``, averaged over the classes
+    present (the accuracy a balanced test set would see, if the rows were unseen)."""
+    with torch.no_grad():
+        top = torch.cat([model(x[s : s + chunk]).argmax(-1) for s in range(0, len(x), chunk)])
+    right = (top == y.to(top.device)).double()
+    y = y.to(top.device)
+    return float(torch.stack([right[y == c].mean() for c in y.unique()]).mean())
+
+
 def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
@@ -395,13 +406,20 @@ def auto(ctx: FusionContext) -> nn.Module:
         opt.include_base is True
         or opt.include_base == "others"
         or (opt.include_base == "covered" and covered)
+        or (opt.include_base == "balanced" and covered and ctx.labels is not None)
     )
     bases = bases and not restricted and _same_shapes(ctx.models[0], ctx.target)
     table: dict[str, Any] = {}
     best: tuple[tuple[float, float], str, Any] | None = None
+    ranking: list[float] = []
     with ctx.timer("selection"):
+        if bases and opt.include_base == "balanced":
+            assert ctx.labels is not None
+            ranking = [class_balanced_accuracy(m, ctx.inputs, ctx.labels) for m in ctx.models]
         if bases:
             for i, m in enumerate(ctx.models):
+                if ranking and i != max(range(len(ranking)), key=lambda k: (ranking[k], -k)):
+                    continue  # "balanced": only the first base model by that ranking is scored
                 ref = target
                 if opt.include_base == "others":
                     others = [o for j, o in enumerate(ctx.models) if j != i]
@@ -446,6 +464,9 @@ def auto(ctx: FusionContext) -> nn.Module:
         + (
             "; a base model against the ensemble of the other models on every row"
             if bases and opt.include_base == "others"
+            else "; the base model of the highest class-balanced accuracy on the whole fusion "
+            "set against the ensemble on every row"
+            if bases and ranking
             else "; a base model against the ensemble on every row"
             if bases
             else ""
@@ -458,6 +479,8 @@ def auto(ctx: FusionContext) -> nn.Module:
         "distilled_only": restricted,
         "bases_scored": bases,
     }
+    if ranking:
+        ctx.report["auto"]["class_balanced_accuracy"] = ranking
     if opt.augment is not None:
         ctx.report["auto"]["augment"] = {"spec": opt.augment, "copies": opt.augment_copies}
     with ctx.timer("refit"):
