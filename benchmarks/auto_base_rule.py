@@ -14,7 +14,8 @@ compares four rules on the same candidates:
 - ``fused only`` (``include_base=False``, ``criterion="ensemble"``: the default before
   2026-12-07): the fused candidate with the fewest top-class disagreements with the
   probability ensemble (ties: lower KL);
-- ``fused, labels`` (``include_base=False``, ``criterion="labels"``: the default since): the
+- ``fused, labels`` (``include_base=False``, ``criterion="labels"``: the default from
+  2026-12-07 to 2026-12-08): the
   held-out inputs checked against their labels instead, the probes against the ensemble;
 - ``all`` (``include_base=True``): base models scored the same way, against the ensemble of all
   the models (the fusion set's owner votes for itself);
@@ -27,7 +28,8 @@ compares four rules on the same candidates:
   ``covered`` without the base model that is right on most held-out fusion rows (ties: the
   higher log-likelihood there), presumed to be the one trained on them (the fusion set's
   owner), whose accuracy there is a training accuracy;
-- ``covered, balanced``: ``covered`` with one base model only, the one whose class-balanced
+- ``covered, balanced`` (``include_base="balanced"``, the default since 2026-12-08, fixed before
+  ``auto_base_rule_fresh2`` was run): ``covered`` with one base model only, the one whose class-balanced
   accuracy on the whole fusion set (the mean over classes of its accuracy on each class's
   rows) is highest (``benchmarks/owner_signals.py``: on the ViT cells of seeds 0-12 that show
   every class it ranks the best base model first in 30 of 39, plain accuracy in 24). Records
@@ -219,14 +221,15 @@ def report(out: Path, splits: str = "") -> str:
         "`fused only`, the fused candidates checked against the probability ensemble on the "
         "held-out inputs and the probes (`auto`'s default until 2026-12-07); `fused, labels`, "
         "against the held-out inputs' labels and the ensemble on the probes (the default "
-        "since); `all` and `others`, `fused only` with the base models as candidates "
+        "from 2026-12-07 to 2026-12-08); `all` and `others`, `fused only` with the base models as candidates "
         '(`include_base=True` / `"others"`); `covered`, `fused, labels` with the base models '
         "scored as in `all` where the fusion set shows every class (`include_base="
         '"covered"`, an option since late on 2026-12-07); `covered, owner out`, `covered` '
         "without the base model right on most held-out fusion rows (presumed their owner; not "
         "in `auto`: on seeds 9-12 it left out the better model instead); `covered, balanced`, "
         "`covered` with only the base model of the highest class-balanced accuracy on the "
-        "whole fusion set (`n/a`: a record without those accuracies)."
+        'whole fusion set (`include_base="balanced"`, the default since 2026-12-08; `n/a`: a '
+        "record without those accuracies)."
         + (
             " The records of `paper-cnn_seed1` and `paper-vit_seed0` come from the base models "
             "of an earlier machine (their held-out labels recomputed from the data, the split "

@@ -57,26 +57,38 @@ those rows are the owner's training data, on which the owner is always right. Wh
 criterion cannot see is a class that no probe resembles: the report says which candidate won
 by how much, and the benchmark reports measure where the choice is wrong (REPORT.md).
 
-Why the base models are scored only in part by default (``include_base="balanced"``): the
-owner of the fusion set agrees with the
-ensemble on its own data (its confident predictions are the ensemble's there), so any score
-made from that data can prefer it to a better model. ``include_base="covered"`` scores them
-only where the fusion set shows every class, which removes the owner's wins through the classes
-the set never shows (a sharded-2 owner at 49% where fusion reached 71-78%; a non-IID ViT owner
-that lacks a digit, at 79.5% against the best model's 93.7%). On the 96 cells of
-``benchmarks/results/auto_base_rule`` (candidates fused on 75% of the fusion set) it left
-``auto`` below the best base model in 15 cells against 24 (non-IID, sharded and weak-owner
-splits: 6 against 14), mean 81.93% against 81.31%, mostly by returning the best ViT where the
-fusions trail it by 1-11 points. It is not the default because the owner can still win where it
-is worse: its own data is where it is good, and the ensemble it is part of leans towards it
-there. In ``paper-vit-auto``, with the refit (its seed-0 base models are not those of the 96
-cells), it returned the weak-owner-2 owner of seed 0 at 70.1% where the best base model has
-93.6% and the default returns KF Gradient at 90.4%: on the fusion set (a scratch run of that
-cell) the owner is right on 94% of the rows and the better model on 90%, both disagree with the
-ensemble on 8.5% of the scored rows, and the tie went to the owner's lower KL. On 20 ViT cells
-of fresh seeds it is below the best base model in 8 against the default's 16, mean 90.7%
-against 89.0%, but at non-IID 2 (two models: the owner is half of the ensemble) it returned the
-owner in every cell of seeds 9-12, 0.4-3.5 points below the default (REPORT.md, claim 9).
+Why only one base model, and only sometimes, is a candidate by default
+(``include_base="balanced"``): the owner of the fusion set agrees with the ensemble on its own
+data (its confident predictions are the ensemble's there), so any score made from that data can
+prefer it to a better model. ``include_base="covered"`` scores every base model, but only where
+the fusion set shows every class, which removes the owner's wins through the classes the set
+never shows (a sharded-2 owner at 49% where fusion reached 71-78%; a non-IID ViT owner that
+lacks a digit, at 79.5% against the best model's 93.7%); yet the owner still wins where it is
+worse, as its own data is where it is good and the ensemble it is part of leans towards it there
+(a weak-owner-2 ViT owner at 70.1% where the best base model has 93.6%, on a tie of the score,
+in ``paper-vit-auto``; at 67.0% and 63.7%, 21-23 points below the fused choice, on fresh seeds
+15 and 20 of ``benchmarks/results/auto_base_rule_fresh2``). ``"balanced"`` (the default since
+2026-12-08) keeps ``"covered"``'s condition, needs labels, and scores one base model: the one
+whose accuracy on the fusion set, averaged over the classes (each class's rows weigh the same,
+as in a balanced test set), is highest. A weak owner is weak on the classes it saw least, which
+are few of its rows; the average over classes gives them the weight of the others. Among the
+base models it ranks the best one first on 30 of 39 ViT cells that show every class (plain
+accuracy on the fusion set: 24), but on 18 of 28 VGG-small and 9 of 20 MLP cells only
+(``benchmarks/results/owner_signals``); the scores against the fused candidates then decide, and
+on MLPs and CNNs they keep the fusion in almost every cell. On the four record sets of
+``auto_base_rule`` (140 cells whose base models it could rank; candidates fused on 75% of the
+fusion set) it leaves ``auto`` below the best base model in 36 cells against 63 with fused
+candidates only, with 37 gains and 10 losses of up to 5.9 points; on ViT seeds 13-20, run after
+the rule was fixed (24 cells), in 16 against 21, mean 86.96% against 85.86%; its losses there
+are at non-IID 4 (-2.6 to -5.9, where it ranked the owner first over a better model) and
+non-IID 2 seed 18 (-1.8, the owner, best of the base models, over a better fusion). It cannot
+help where the fused candidates win the score but trail the best base model (ViT weak-owner 2
+seeds 13-16 and 18-20: 1.2-11.1 points below). In the suites, with the refit, it returns the
+best base model in 8 of the 9 ViT non-IID and weak-owner cells of ``paper-vit-auto`` (+1.8 to
++7.6 each), changes no MLP cell, and on CNNs (``paper-cnn-auto``, 30 cells) gains 0.1-0.5 in
+three cells and loses in four, once 8.1 points: it returned a VGG-BN weak owner at 89.0% (the
+best base model 97.6%). Pass ``include_base=False`` where fusion usually beats the base models. ``True`` and ``"others"`` are kept for the cases their
+docs name (REPORT.md, claim 9).
 """
 
 from __future__ import annotations
@@ -122,25 +134,30 @@ class AutoOptions:
         portfolio: method names to try (each with the call's importance score and with
             uniform); ``None`` for the default ``kf_linear``, ``kf_linear+kd``, ``hf_linear``
             (two models of equal width), ``kf_gradient``.
-        include_base: also score the base models and return a copy of one if it wins.
-            ``False`` (default): fused candidates only. ``"covered"``: as ``True`` when the
-            fusion set shows every output class of the models (its labels, else the ensemble's
-            top classes), else as ``False`` (see the module's docstring: it can return a weak
-            owner that is good on its own data). ``True``: each base model is scored like a
+        include_base: also score base models and return a copy of one if it wins.
+            ``"balanced"`` (default): where the fusion set has labels and shows every output
+            class of the models, the one base model whose accuracy on the fusion set averaged
+            over the classes is highest (:func:`class_balanced_accuracy`) is scored as ``True``
+            scores them; otherwise fused candidates only (see the module's docstring for what
+            it gains and loses). ``False``: fused candidates only (the default until
+            2026-12-08). ``"covered"``: as ``True`` when the fusion set shows every output
+            class (its labels, else the ensemble's top classes), else as ``False``; it can
+            return a weak owner that is good on its own data (21-23 points below the fused
+            choice in two of 24 fresh ViT cells). ``True``: each base model is scored like a
             fused candidate, against the ensemble of all the models, whatever classes the
             fusion set shows; this favours the model whose training data the fusion set is (the
             paper's setting, and most users'): on its own data its confident predictions are
             the ensemble's, so it agrees with the ensemble whatever it is worth elsewhere (it
             returned the fusion-set owner below the best base model at VGG-BN non-IID 2 of
             ``paper-cnn``, and a sharded-2 owner at 49% where fusion reached 71-78% on
-            ``paper-vit``; the first can happen with ``"covered"`` too). ``"others"``: each
-            base model is scored against the ensemble of the *other* models (its own opinion
-            does not vote for it), fused candidates against the whole ensemble as before; a
-            base model then wins only where the other models agree with it better than any
-            fusion agrees with all of them. The probes still come from the fusion set: a model
-            that lacks a class the fusion set lacks too looks as good as one that has it (the
-            fusion-set owner of a non-IID ViT split won at 79.5% where the best model had
-            93.7%; benchmarks/REPORT.md, claim 9). Use ``True`` only when the fusion set is
+            ``paper-vit``; the first can happen with ``"covered"`` and ``"balanced"`` too).
+            ``"others"``: each base model is scored against the ensemble of the *other* models
+            (its own opinion does not vote for it), fused candidates against the whole ensemble
+            as before; a base model then wins only where the other models agree with it better
+            than any fusion agrees with all of them. The probes still come from the fusion set:
+            a model that lacks a class the fusion set lacks too looks as good as one that has
+            it (the fusion-set owner of a non-IID ViT split won at 79.5% where the best model
+            had 93.7%; benchmarks/REPORT.md, claim 9). Use ``True`` only when the fusion set is
             held out from every model's training data.
         augment: an augmentation the models were trained with (a spec such as ``"crop=2"``,
             see :class:`neurofuse.data.Augment`), or ``None`` (default). Given, every candidate
