@@ -402,7 +402,7 @@ def fuse(
             f"the models' outputs differ in shape {widths[:-1]} (fused template: {widths[-1]}); "
             "fusion needs models with the same classes"
         )
-    if y is not None and (info.caps.labels != "unused" or not _is_uniform(importance)):
+    if y is not None:  # checked even where unused: a second input batch is no labels
         y = _check_labels(y, widths[0][-1] if widths[0] else 1)
     y = y.to(dev) if y is not None else None
     _warn_small(info, template, x)

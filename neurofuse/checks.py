@@ -13,6 +13,7 @@ class for what these lines do.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -48,8 +49,9 @@ def number(
     below: float | None = None,
     at_most: float | None = None,
 ) -> float:
-    """``value`` as a ``float`` if it is a real number (bools and NaN refused) within the
-    bounds given: ``> above`` or ``>= at_least``, ``< below`` or ``<= at_most``."""
+    """``value`` as a ``float`` if it is a finite real number (bools, NaN and infinities
+    refused) within the bounds given: ``> above`` or ``>= at_least``, ``< below`` or
+    ``<= at_most``."""
     if above is not None and at_least is not None or below is not None and at_most is not None:
         raise TypeError("give at most one bound on each side (above or at_least, below or at_most)")
     low = above if above is not None else at_least
@@ -70,7 +72,7 @@ def number(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _bad(name, requirement, value)
     v = float(value)
-    ok = v == v  # (NaN fails every comparison, and is refused)
+    ok = math.isfinite(v)  # (an infinite learning rate or temperature is no setting either)
     ok = ok and (above is None or v > above) and (at_least is None or v >= at_least)
     ok = ok and (below is None or v < below) and (at_most is None or v <= at_most)
     if not ok:

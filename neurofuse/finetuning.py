@@ -165,7 +165,7 @@ def finetune(
         The trained copy in eval mode, with ``neurofuse_report["finetune"]`` (options and
         losses) added to the starting model's report.
     """
-    from neurofuse.api import as_fusion_data
+    from neurofuse.api import _check_labels, as_fusion_data
     from neurofuse.methods.ensemble import ensemble_log_probs
 
     names = [f.name for f in dataclasses.fields(FinetuneOptions)]
@@ -179,6 +179,10 @@ def finetune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     student = copy.deepcopy(model).to(dev).eval()
+    with torch.no_grad():
+        classes = int(student(x[:1]).shape[-1])
+    if y is not None:  # whole class indices in range, one per sample
+        y = _check_labels(y, classes)
     lacking: list[int] = []
     per_class = 0
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
@@ -193,14 +197,20 @@ def finetune(
                 "fine-tuning without teachers trains on labels: give data as (inputs, labels), "
                 "or pass teachers=models to distil them instead"
             )
-        targets = y.to(dev).long()
-        classes = int(student(x[:1]).shape[-1])
-        if targets.min() < 0 or targets.max() >= classes:
-            raise ValueError(f"labels must lie in 0..{classes - 1} (the model's output classes)")
+        targets = y.to(dev)
     else:
+        if isinstance(teachers, nn.Module):  # (an nn.Sequential would iterate its layers)
+            raise TypeError("teachers must be a list of models; for one teacher pass [model]")
         if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
             raise TypeError("teachers must be a non-empty list of nn.Module (or None)")
         copies = [copy.deepcopy(t).to(dev).eval() for t in teachers]
+        with torch.no_grad():
+            for i, t in enumerate(copies):
+                if int(t(x[:1]).shape[-1]) != classes:
+                    raise ValueError(
+                        f"teacher {i} has {int(t(x[:1]).shape[-1])} output classes, the model "
+                        f"{classes}; distil teachers with the model's classes"
+                    )
         per_class = synthetic_per_class(opt.synthetic, copies, x)
         if per_class:
             from neurofuse.data.inversion import missing_classes, synthesise

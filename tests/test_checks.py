@@ -63,6 +63,8 @@ def test_number_bounds_and_their_phrases():
         ({}, True, "x must be a number, got True"),
         ({}, "1", "x must be a number, got '1'"),
         ({}, math.nan, "x must be a number, got nan"),
+        ({}, math.inf, "x must be a number, got inf"),
+        (dict(above=0), -math.inf, "x must be a positive number, got -inf"),
     ]
     for bounds, value, message in cases:
         with pytest.raises(ValueError) as err:
@@ -94,6 +96,9 @@ def test_option_classes_use_the_checks():
         TrainingOptions(weight_decay=-1)
     with pytest.raises(ValueError, match="anchor must be a number >= 0"):
         FinetuneOptions(anchor=-0.1)
+    for name in ("temperature", "lr", "anchor"):  # an infinite setting trains nothing
+        with pytest.raises(ValueError, match=f"{name} must be .*, got inf"):
+            FinetuneOptions(**{name: math.inf})
     with pytest.raises(ValueError, match="mixup must be an integer >= 0, got 1.5"):
         FinetuneOptions(mixup=1.5)
     assert type(FinetuneOptions(synthetic=np.int32(2)).synthetic) is int

@@ -372,12 +372,16 @@ def test_models_returning_a_tuple_are_a_clear_error() -> None:
         nf.fuse([Pair(), Pair()], _inputs("mlp"))
 
 
-def test_labels_out_of_range_are_a_clear_error_where_used() -> None:
+def test_labels_out_of_range_are_a_clear_error_even_where_unused() -> None:
+    """Labels are checked whether or not the method reads them: labels no method could use
+    are a mistake (a second batch of inputs in their place was once dropped silently)."""
     models, x = _pair()
     y = torch.full((N,), 7)
     with pytest.raises(ValueError, match=r"labels range over 7..7.*3 classes"):
         nf.fuse(models, (x, y), importance="grad_x_activation")
-    nf.fuse(models, (x, y))  # kf_linear with uniform importance does not read the labels
+    with pytest.raises(ValueError, match=r"labels range over 7..7.*3 classes"):
+        nf.fuse(models, (x, y))  # kf_linear with uniform importance does not read them
+    nf.fuse(models, (x, torch.zeros(N, dtype=torch.long)))
 
 
 @pytest.mark.parametrize(

@@ -229,6 +229,13 @@ def test_holdout_split_is_stratified_disjoint_and_seeded():
     assert len(set(tr.tolist()) & set(ho.tolist())) == 0 and len(tr) + len(ho) == 60
     assert int((y[ho] == 0).sum()) == 10 and int((y[ho] == 1).sum()) == 5
     assert torch.equal(ho, holdout_split(60, 0.25, y, seed=0)[1])
+    for labels, share in ((torch.arange(10), 0.6), (torch.arange(5).repeat(2), 0.75)):
+        # tiny classes: every class keeps a row to fit on where it can, and two rows remain
+        tr, ho = holdout_split(10, share, labels, seed=0)
+        assert len(tr) >= 2 and len(set(tr.tolist()) & set(ho.tolist())) == 0
+        assert len(tr) + len(ho) == 10
+    tr, _ = holdout_split(10, 0.75, torch.arange(5).repeat(2), seed=0)
+    assert set(torch.arange(5).repeat(2)[tr].tolist()) == set(range(5))
     probes = mixup_inputs(torch.randn(5, 3), 2, seed=0)
     assert probes.shape == (15, 3)
 
@@ -557,3 +564,65 @@ def test_auto_augment_options_are_checked():
         nf.fuse([m, m], x, method="auto", augment=2)
     with pytest.raises(ValueError, match="unknown augmentation"):
         nf.fuse([m, m], x, method="auto", augment="rotate=3")
+
+
+def test_auto_passes_every_kind_of_importance_and_honours_target_and_levels(sharded_pair):
+    """A callable importance reaches the candidates that read importance (it was dropped for
+    all but named scores); a portfolio that reads none refuses a score as it refuses levels;
+    a template (``target=``) leaves out the candidates that build their own model; the
+    report says whether the levels given shaped the model returned."""
+    models, x, y, _, _ = sharded_pair
+    calls = []
+
+    def score(model, name, out):
+        calls.append(name)
+        return out.detach().abs().reshape(-1, out.shape[-1]).mean(0) + 1.0
+
+    fused = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear"], importance=score)
+    assert calls and "kf_linear (callable)" in fused.neurofuse_report["auto"]["scores"]
+    with pytest.raises(ValueError, match="no method of auto's portfolio reads importance"):
+        nf.fuse(models, (x, y), method="auto", portfolio=["vanilla"], importance="activation")
+    narrow = mlp(10, (16, 16), 4)
+    small = nf.fuse(
+        models, (x, y), method="auto", portfolio=["ensemble", "kf_linear"], target=narrow
+    )
+    assert set(small.neurofuse_report["auto"]["scores"]) == {"kf_linear"}
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in narrow.parameters())
+    levels = nf.fuse(
+        models,
+        (x, y),
+        method="auto",
+        portfolio=["kf_linear", "kf_gradient"],
+        levels=["1", "3"],
+        include_base=False,
+    )
+    report = levels.neurofuse_report["auto"]
+    assert report["levels_used"] is (report["chosen"].startswith("kf_gradient"))
+
+
+def test_finetune_refuses_bad_teachers_and_labels(sharded_pair):
+    models, x, y, _, _ = sharded_pair
+    with pytest.raises(TypeError, match=r"for one teacher pass \[model\]"):
+        nf.finetune(models[0], x, teachers=models[1], epochs=1)
+    with pytest.raises(ValueError, match="teacher 0 has 3 output classes, the model 4"):
+        nf.finetune(models[0], x, teachers=[mlp(10, (8,), 3)], epochs=1)
+    with pytest.raises(ValueError, match="not whole numbers"):
+        nf.finetune(models[0], (x, y.float() + 0.5), epochs=1)
+    with pytest.raises(ValueError, match="labels have shape"):
+        nf.finetune(models[0], (x, torch.nn.functional.one_hot(y, 4)), epochs=1)
+
+
+def test_labels_are_checked_even_where_the_method_ignores_them():
+    """``fuse(models, [x1, x2])`` read ``x2`` as labels and dropped it silently."""
+    a, b = mlp(), mlp()
+    x1, x2 = torch.randn(16, 10), torch.randn(16, 10)
+    with pytest.raises(ValueError, match="labels"):
+        nf.fuse([a, b], [x1, x2], method="vanilla")
+
+
+def test_fuse_then_distill_reports_labels_given_to_its_importance_score(sharded_pair):
+    models, x, y, _, _ = sharded_pair
+    plain = nf.fuse(models, (x, y), method="kf_linear+kd", kd_epochs=1)
+    scored = nf.fuse(models, (x, y), method="kf_linear+kd", importance="activation", kd_epochs=1)
+    assert plain.neurofuse_report["labels_used"] is False
+    assert scored.neurofuse_report["labels_used"] is True

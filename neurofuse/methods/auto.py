@@ -224,7 +224,8 @@ class AutoOptions:
 
 
 def holdout_split(n: int, share: float, labels: Tensor | None, seed: int) -> tuple[Tensor, Tensor]:
-    """``(train, held)`` indices: ``share`` of the rows held out, per label when given."""
+    """``(train, held)`` indices: ``share`` of the rows held out, per label when given (each
+    label then keeps at least one row to fit on), and at least two rows left to fit on."""
     g = torch.Generator().manual_seed(seed)
     k = min(max(4, int(round(share * n))), n - 2)
     if k < 1:
@@ -237,10 +238,11 @@ def holdout_split(n: int, share: float, labels: Tensor | None, seed: int) -> tup
     for c in y.unique():
         rows = (y == c).nonzero().squeeze(1)
         rows = rows[torch.randperm(len(rows), generator=g)]
-        held.append(rows[: int(round(share * len(rows)))])
+        held.append(rows[: min(int(round(share * len(rows))), len(rows) - 1)])
     h = torch.cat(held)
     if len(h) < min(4, n - 2):
         h = torch.randperm(n, generator=g)[:k]
+    h = h[: n - 2]
     mask = torch.ones(n, dtype=torch.bool)
     mask[h] = False
     return mask.nonzero().squeeze(1), h.sort().values
@@ -339,8 +341,8 @@ def candidates(ctx: FusionContext, opt: AutoOptions) -> list[tuple[str, str, str
     names = [(m, m, {}) for m in opt.portfolio] if opt.portfolio else list(PORTFOLIO)
     scores = ["uniform"]
     spec = ctx.importance.spec
-    if not ctx.importance.uniform and isinstance(spec.score, str):
-        scores.append(spec.score)
+    if not ctx.importance.uniform:  # a named score, a callable or precomputed scores
+        scores.append(spec.name)
     equal = len(ctx.models) == 2 and _same_shapes(ctx.models[0], ctx.models[1])
     out = []
     for label, method, options in names:
@@ -348,6 +350,8 @@ def candidates(ctx: FusionContext, opt: AutoOptions) -> list[tuple[str, str, str
             continue  # Hungarian fusion: two models of equal width only
         if len(ctx.models) == 1 and not get_method(method).single_model:
             continue
+        if ctx.target_given and get_method(method).caps.target == "none":
+            continue  # it builds its own model (an ensemble): target= cannot be honoured
         for score in scores if get_method(method).caps.importance else ["uniform"]:
             tag = label if score == "uniform" else f"{label} ({score})"
             out.append((tag, method, score, options))
@@ -375,6 +379,14 @@ def auto(ctx: FusionContext) -> nn.Module:
                 "does (kf_gradient) to portfolio=, or drop levels="
             )
         ctx.levels.cut_nodes(ctx.trace(ctx.target))  # a bad name or order is an error here
+    if not ctx.importance.uniform and not any(
+        get_method(m).caps.importance for _, m, _, _ in candidates(ctx, opt)
+    ):
+        raise ValueError(
+            f"importance={ctx.importance.spec.name!r} is given, but no method of auto's portfolio "
+            "reads importance scores; add one that does (kf_linear, kf_gradient) to portfolio=, "
+            "or drop importance="
+        )
     n = ctx.inputs.shape[0]
     train, held = holdout_split(n, opt.holdout, ctx.labels, ctx.seed)
     train, held = train.to(ctx.inputs.device), held.to(ctx.inputs.device)
@@ -408,6 +420,7 @@ def auto(ctx: FusionContext) -> nn.Module:
             target=ctx.target if ctx.target_given and caps.target != "none" else None,
             seed=ctx.seed,
             device=ctx.device,
+            progress=ctx.progress,
             **options,
         )
 
@@ -500,6 +513,10 @@ def auto(ctx: FusionContext) -> nn.Module:
         ctx.report["auto"]["class_balanced_accuracy"] = ranking
     if opt.augment is not None:
         ctx.report["auto"]["augment"] = {"spec": opt.augment, "copies": opt.augment_copies}
+    if ctx.levels != Levels():  # say whether the levels given shaped the model returned
+        ctx.report["auto"]["levels_used"] = not isinstance(choice, int) and bool(
+            get_method(choice[0]).caps.levels
+        )
     with ctx.timer("refit"):
         if isinstance(choice, int):
             return copy.deepcopy(ctx.models[choice]).eval()

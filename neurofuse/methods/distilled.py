@@ -91,7 +91,9 @@ def register_distilled(
         # torch types a module attribute its class does not declare as Tensor | Module
         report = cast(dict[str, Any], student.neurofuse_report)
         ctx.report["distillation"] = report["finetune"]
-        ctx.report["labels_used"] = False
+        # the distillation reads no labels; the fusion's importance score gets them (an
+        # attribution's target class) when they are given and the score is not uniform
+        ctx.report["labels_used"] = ctx.labels is not None and not ctx.importance.uniform
         return student
 
     register(
