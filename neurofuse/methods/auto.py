@@ -75,7 +75,8 @@ are few of its rows; the average over classes gives them the weight of the other
 base models it ranks the best one first on 30 of 39 ViT cells that show every class (plain
 accuracy on the fusion set: 24), but on 18 of 28 VGG-small and 9 of 20 MLP cells only
 (``benchmarks/results/owner_signals``); the scores against the fused candidates then decide, and
-on MLPs and CNNs they keep the fusion in almost every cell. On the four record sets of
+in the records below they keep the fusion in 65 of the 69 MLP and CNN cells (in
+``paper-cnn-auto``, with the refit, in 23 of 30). On the four record sets of
 ``auto_base_rule`` (140 cells whose base models it could rank; candidates fused on 75% of the
 fusion set) it leaves ``auto`` below the best base model in 36 cells against 63 with fused
 candidates only, with 37 gains and 10 losses of up to 5.9 points; on ViT seeds 13-20, run after
@@ -83,7 +84,7 @@ the rule was fixed (24 cells), in 16 against 21, mean 86.96% against 85.86%; its
 are at non-IID 4 (-2.6 to -5.9, where it ranked the owner first over a better model) and
 non-IID 2 seed 18 (-1.8, the owner, best of the base models, over a better fusion). It cannot
 help where the fused candidates win the score but trail the best base model (ViT weak-owner 2
-seeds 13-16 and 18-20: 1.2-11.1 points below). In the suites, with the refit, it returns the
+seeds 13, 15, 16 and 20: 1.2-8.6 points below), nor where the fusion set lacks a class. In the suites, with the refit, it returns the
 best base model in 8 of the 9 ViT non-IID and weak-owner cells of ``paper-vit-auto`` (+1.8 to
 +7.6 each), changes no MLP cell, and on CNNs (``paper-cnn-auto``, 30 cells) gains 0.1-0.5 in
 three cells and loses in four, once 8.1 points: it returned a VGG-BN weak owner at 89.0% (the
