@@ -322,6 +322,9 @@ def test_auto_default_scores_only_the_base_model_of_best_class_balanced_accuracy
     unlabelled = nf.fuse(models, x, method="auto", portfolio=["vanilla"])
     assert unlabelled.neurofuse_report["auto"]["bases_scored"] is False
     assert "class_balanced_accuracy" not in unlabelled.neurofuse_report["auto"]
+    no2 = y != 2  # a fusion set without class 2: no base model is scored
+    part = nf.fuse(models, (x[no2], y[no2]), method="auto", portfolio=["vanilla"])
+    assert part.neurofuse_report["auto"]["bases_scored"] is False
     assert all(
         torch.equal(v, b[k])
         for m, b in zip(models, before, strict=True)
