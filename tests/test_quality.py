@@ -567,6 +567,8 @@ def test_auto_augment_options_are_checked():
         nf.fuse([m, m], x, method="auto", augment=2)
     with pytest.raises(ValueError, match="unknown augmentation"):
         nf.fuse([m, m], x, method="auto", augment="rotate=3")
+    with pytest.raises(ValueError, match="shifted copies need signals or images"):
+        nf.fuse([m, m], x, method="auto", augment="crop=2")  # feature vectors
 
 
 def test_auto_passes_every_kind_of_importance_and_honours_target_and_levels(sharded_pair):

@@ -56,7 +56,10 @@ def random_crop(
         padding: pixels added on each side; 0 returns a copy of ``x``.
     """
     if x.ndim not in (3, 4):
-        raise ValueError(f"random_crop expects (B, C, L) or (B, C, H, W), got {tuple(x.shape)}")
+        raise ValueError(
+            f"random_crop expects (B, C, L) or (B, C, H, W) inputs, got {tuple(x.shape)}: "
+            "shifted copies need signals or images; for feature vectors drop the crop (augment=)"
+        )
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
     if padding == 0:
