@@ -250,6 +250,7 @@ def test_auto_picks_the_clearly_best_candidate(sharded_pair):
     report = fused.neurofuse_report["auto"]
     assert report["chosen"] == "kf_linear", report
     assert set(report["scores"]) == {"model 0", "model 1", "kf_linear", "vanilla"}
+    assert report["candidates_fitted"] == 2 and report["labels_scored"] is True
     default = nf.fuse(models, (x, y), method="auto", portfolio=["kf_linear", "vanilla"])
     assert set(default.neurofuse_report["auto"]["scores"]) == {"kf_linear", "vanilla"}
     assert default.neurofuse_report["auto"]["bases_scored"] is False
@@ -476,6 +477,7 @@ def test_auto_scores_only_distilled_candidates_when_most_classes_are_missing(sha
     report = blind.neurofuse_report["auto"]
     assert report["distilled_only"] and report["classes_shown"] == [0]
     assert report["scores"] == {"kf_linear+kd": "the only candidate: not scored"}
+    assert report["candidates_fitted"] == 0 and report["labels_scored"] is False
     assert report["chosen"] == "kf_linear+kd"
     assert blind.neurofuse_report["auto"]["chosen_report"]["method"] == "kf_linear+kd"
     free = nf.fuse(models, (x[one], y[one]), method="auto", portfolio=portfolio, min_shown=0)

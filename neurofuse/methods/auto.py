@@ -441,6 +441,7 @@ def auto(ctx: FusionContext) -> nn.Module:
     )
     bases = bases and not restricted and _same_shapes(ctx.models[0], ctx.target)
     table: dict[str, Any] = {}
+    fitted = 0  # candidates fused on the kept rows and scored
     best: tuple[tuple[float, float], str, Any] | None = None
     ranking: list[float] = []
     with ctx.timer("selection"):
@@ -474,6 +475,7 @@ def auto(ctx: FusionContext) -> nn.Module:
             except (ValueError, NotImplementedError) as exc:  # a candidate that does not apply
                 table[tag] = f"skipped: {exc}"
                 continue
+            fitted += 1
             score = divergence(target, model, probe, top=top)
             table[tag] = {"disagreement": score[0], "kl": score[1]}
             if best is None or score < best[0]:
@@ -502,7 +504,8 @@ def auto(ctx: FusionContext) -> nn.Module:
             if bases
             else ""
         ),
-        "labels_scored": labelled,
+        "labels_scored": labelled and fitted > 0,
+        "candidates_fitted": fitted,
         "held_out": int(len(held)),
         "probes": int(len(probe)),
         "fitted_rows": int(len(x_tr)),
