@@ -161,7 +161,7 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float] | None:
     """The candidate ``rule`` picks and its test accuracy (scored as ``auto`` scores), or
     ``None`` where the record lacks what the rule reads; ``covered`` reads ``rec["covered"]``
     (whether the fusion set shows every class)."""
-    from neurofuse.methods.auto import log_prob_divergence, reference_classes
+    from neurofuse.methods.auto import log_prob_divergence, ranked_first, reference_classes
 
     bases = [torch.tensor(b["logp"], dtype=torch.float64) for b in rec["bases"]]
     full = torch.stack([b.exp() for b in bases]).mean(0).log()
@@ -182,7 +182,7 @@ def choose(rec: dict[str, Any], rule: str) -> tuple[str, float] | None:
     if rule == "covered, balanced":
         if any("balanced" not in b for b in rec["bases"]):
             return None
-        only = max(range(len(bases)), key=lambda k: (rec["bases"][k]["balanced"], -k))
+        only = ranked_first([b["balanced"] for b in rec["bases"]])
     if rule == "covered, owner out":
         labels = torch.tensor(rec["held_labels"])
         held = [b[: len(labels)] for b in bases]  # (the probes start with the held-out rows)

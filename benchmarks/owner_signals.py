@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neurofuse.methods.auto import ranked_first
+
 HERE = Path(__file__).resolve().parent
 NOISE = (0.5, 1.0, 1.5)
 SHIFT = 3
@@ -131,11 +133,6 @@ def measure(cell: Any, cache: Path) -> dict[str, Any] | None:
     }
 
 
-def first(values: list[float]) -> int:
-    """The index of the largest value (the first of equals)."""
-    return max(range(len(values)), key=lambda k: (values[k], -k))
-
-
 def split_key(cell_id: str) -> str:
     """The split of a cell id (``mnist5k_vit_noniid2_seed3`` -> ``noniid2``)."""
     return cell_id.rsplit("_seed", 1)[0].rsplit("_", 1)[1]
@@ -153,7 +150,7 @@ def tally(records: dict[str, Any], split: str | None = None) -> dict[str, list[A
         best = max(test)
         for name, values in rec["signals"].items():
             t = out.setdefault(name, [0, 0, 0.0, 0.0])
-            loss = best - test[first(values)]
+            loss = best - test[ranked_first(values)]
             t[0] += loss == 0
             t[1] += 1
             t[2] += loss
@@ -183,7 +180,8 @@ def report(out: Path) -> str:
             "| signal | picks the best base model | mean loss (pp) | worst loss (pp) |",
             "|---|---:|---:|---:|",
         ]
-        for name, (hits, n, loss, worst) in tally(records).items():
+        overall = tally(records)
+        for name, (hits, n, loss, worst) in overall.items():
             lines.append(f"| {name} | {hits} of {n} | {100 * loss / n:.2f} | {100 * worst:.1f} |")
         splits = sorted({split_key(c) for c in covered})
         per = {k: tally(records, k) for k in splits}
@@ -194,7 +192,7 @@ def report(out: Path) -> str:
             "| signal | " + " | ".join(splits) + " |",
             "|---|" + "---:|" * len(splits),
         ]
-        for name in tally(records):
+        for name in overall:
             cells = [per[k][name] for k in splits]
             lines.append(
                 f"| {name} | "
@@ -210,10 +208,10 @@ def report(out: Path) -> str:
             "|---|---|" + "---|" * len(names),
         ]
         for cell, rec in covered.items():
-            best = first(rec["test"])
+            best = ranked_first(rec["test"])
             row = [cell, "/".join(f"{100 * a:.1f}" for a in rec["test"])]
             for values in rec["signals"].values():
-                pick = first(values)
+                pick = ranked_first(values)
                 row.append(f"{pick}{'' if pick == best else ' ✗'}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")

@@ -206,10 +206,11 @@ def finetune(
         copies = [copy.deepcopy(t).to(dev).eval() for t in teachers]
         with torch.no_grad():
             for i, t in enumerate(copies):
-                if int(t(x[:1]).shape[-1]) != classes:
+                own = int(t(x[:1]).shape[-1])
+                if own != classes:
                     raise ValueError(
-                        f"teacher {i} has {int(t(x[:1]).shape[-1])} output classes, the model "
-                        f"{classes}; distil teachers with the model's classes"
+                        f"teacher {i} has {own} output classes, the model {classes}; distil "
+                        "teachers with the model's classes"
                     )
         per_class = synthetic_per_class(opt.synthetic, copies, x)
         if per_class:

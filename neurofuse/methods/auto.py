@@ -325,9 +325,14 @@ def class_balanced_accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int =
     present (the accuracy a balanced test set would see, if the rows were unseen)."""
     with torch.no_grad():
         top = torch.cat([model(x[s : s + chunk]).argmax(-1) for s in range(0, len(x), chunk)])
-    right = (top == y.to(top.device)).double()
     y = y.to(top.device)
+    right = (top == y).double()
     return float(torch.stack([right[y == c].mean() for c in y.unique()]).mean())
+
+
+def ranked_first(values: list[float]) -> int:
+    """The index of the largest of ``values`` (the first of equals)."""
+    return max(range(len(values)), key=lambda k: (values[k], -k))
 
 
 def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
@@ -373,15 +378,16 @@ def auto(ctx: FusionContext) -> nn.Module:
     from neurofuse.methods.registry import get_method
 
     opt: AutoOptions = ctx.options
+    entries = candidates(ctx, opt)
     if ctx.levels != Levels():  # levels were given: they must be valid and used
-        if not any(get_method(m).caps.levels for _, m, _, _ in candidates(ctx, opt)):
+        if not any(get_method(m).caps.levels for _, m, _, _ in entries):
             raise ValueError(
                 "levels= is given, but no method of auto's portfolio uses levels; add one that "
                 "does (kf_gradient) to portfolio=, or drop levels="
             )
         ctx.levels.cut_nodes(ctx.trace(ctx.target))  # a bad name or order is an error here
     if not ctx.importance.uniform and not any(
-        get_method(m).caps.importance for _, m, _, _ in candidates(ctx, opt)
+        get_method(m).caps.importance for _, m, _, _ in entries
     ):
         raise ValueError(
             f"importance={ctx.importance.spec.name!r} is given, but no method of auto's portfolio "
@@ -425,7 +431,6 @@ def auto(ctx: FusionContext) -> nn.Module:
             **options,
         )
 
-    entries = candidates(ctx, opt)
     classes = int(target.shape[-1])
     blind = _classes_shown(ctx, classes)
     distilled = distilled_versions(entries)
@@ -445,13 +450,15 @@ def auto(ctx: FusionContext) -> nn.Module:
     best: tuple[tuple[float, float], str, Any] | None = None
     ranking: list[float] = []
     with ctx.timer("selection"):
+        only = None  # "balanced": the one base model scored, first by that ranking
         if bases and opt.include_base == "balanced":
             assert ctx.labels is not None
             ranking = [class_balanced_accuracy(m, ctx.inputs, ctx.labels) for m in ctx.models]
+            only = ranked_first(ranking)
         if bases:
             for i, m in enumerate(ctx.models):
-                if ranking and i != max(range(len(ranking)), key=lambda k: (ranking[k], -k)):
-                    continue  # "balanced": only the first base model by that ranking is scored
+                if only is not None and i != only:
+                    continue
                 ref = target
                 if opt.include_base == "others":
                     others = [o for j, o in enumerate(ctx.models) if j != i]
